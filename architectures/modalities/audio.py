@@ -1,0 +1,177 @@
+"""Audio: a waveform -> log-mel spectrogram -> patches into a timm ViT (the AST / CLAP audio-tower recipe).
+
+Preprocessing (per sample, in loader workers):
+
+1. decode the member (WAV PCM via the standard library; FLAC/OGG via ``soundfile`` when installed), mix to mono,
+   resample to ``sample_rate`` (band-limited, by FFT);
+2. crop or zero-pad to ``hop_length·(frames-1)`` samples (crop from the start, or at a random offset when
+   ``crop="random"`` and training);
+3. power spectrogram ``|STFT|²`` (Hann window ``n_fft``, hop ``hop_length``, centred) -> ``n_mels`` triangular
+   HTK-mel filters between ``f_min`` and ``f_max`` (``mel(f) = 2595·log10(1 + f/700)``) -> ``log(x + 1e-6)``;
+4. normalise ``(x - norm_mean) / norm_std``; when training with ``spec_augment``, zero two frequency bands of up
+   to ``freq_mask`` bins and two time spans of up to ``time_mask`` frames (SpecAugment, Park et al. 2019).
+
+The result is a ``[1, n_mels, frames]`` image that a ViT cuts into ``patch_size`` patches.
+"""
+
+from __future__ import annotations
+
+import io
+import wave
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig
+from architectures.towers import ArchitectureError, TimmTower
+
+
+@dataclass
+class AudioConfig(TowerConfig):
+    arch: str = "vit_tiny_patch16_224"
+    pool: str = "avg"
+    sample_rate: int = 8000
+    n_fft: int = 400
+    hop_length: int = 160
+    n_mels: int = 64
+    frames: int = 256
+    f_min: float = 0.0
+    f_max: float | None = None
+    patch_size: list[int] = field(default_factory=lambda: [16, 16])
+    norm_mean: float = -6.0
+    norm_std: float = 4.0
+    crop: str = "start"
+    spec_augment: bool = False
+    freq_mask: int = 8
+    time_mask: int = 24
+
+
+def read_waveform(data: bytes) -> tuple[np.ndarray, int]:
+    """Mono float32 samples in [-1, 1] and the sample rate."""
+    if data[:4] == b"RIFF":
+        with wave.open(io.BytesIO(data)) as w:
+            width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
+            raw = w.readframes(w.getnframes())
+        if width == 1:
+            x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+        elif width in (2, 4):
+            dtype = np.int16 if width == 2 else np.int32
+            x = np.frombuffer(raw, dtype).astype(np.float32) / float(np.iinfo(dtype).max)
+        elif width == 3:
+            b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+            v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+            x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
+        else:
+            raise ValueError(f"unsupported WAV sample width {width}")
+        return x.reshape(-1, channels).mean(axis=1), rate
+    try:
+        import soundfile
+    except ImportError:
+        raise ValueError("not a WAV file, and `soundfile` is not installed to read other formats") from None
+    x, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    return x.mean(axis=1), int(rate)
+
+
+def resample(x: Tensor, orig: int, new: int) -> Tensor:
+    """Band-limited resampling by truncating / zero-padding the spectrum (exact for periodic signals)."""
+    if orig == new or x.numel() == 0:
+        return x
+    n_out = max(1, round(x.numel() * new / orig))
+    spec = torch.fft.rfft(x)
+    keep = min(spec.numel(), n_out // 2 + 1)
+    out = torch.zeros(n_out // 2 + 1, dtype=spec.dtype)
+    out[:keep] = spec[:keep]
+    return torch.fft.irfft(out, n=n_out) * (n_out / x.numel())
+
+
+def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float, f_max: float) -> Tensor:
+    """``[n_fft//2 + 1, n_mels]`` triangular filters equally spaced on the HTK mel scale."""
+
+    def mel(f: np.ndarray | float) -> np.ndarray:
+        return 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
+
+    def hz(m: np.ndarray) -> np.ndarray:
+        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+
+    edges = hz(np.linspace(mel(f_min), mel(f_max), n_mels + 2))
+    freqs = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)
+    lower = (freqs[:, None] - edges[None, :-2]) / (edges[1:-1] - edges[:-2])[None, :]
+    upper = (edges[None, 2:] - freqs[:, None]) / (edges[2:] - edges[1:-1])[None, :]
+    return torch.from_numpy(np.maximum(0.0, np.minimum(lower, upper))).float()
+
+
+class LogMel:
+    """Waveform -> normalised log-mel ``[1, n_mels, frames]`` (see the module docstring)."""
+
+    def __init__(self, cfg: AudioConfig, train: bool) -> None:
+        if cfg.crop not in ("start", "random"):
+            raise ArchitectureError(f"audio crop must be 'start' or 'random', got {cfg.crop!r}")
+        self.cfg = cfg
+        self.train = train
+        self.window = torch.hann_window(cfg.n_fft)
+        f_max = cfg.f_max if cfg.f_max is not None else cfg.sample_rate / 2
+        self.filters = mel_filterbank(cfg.n_fft, cfg.n_mels, cfg.sample_rate, cfg.f_min, f_max)
+        self.clip = cfg.hop_length * (cfg.frames - 1)
+
+    def waveform(self, x: Tensor, rng: np.random.Generator) -> Tensor:
+        if x.numel() > self.clip:
+            start = int(rng.integers(0, x.numel() - self.clip + 1)) if self.train and self.cfg.crop == "random" else 0
+            return x[start : start + self.clip]
+        return torch.nn.functional.pad(x, (0, self.clip - x.numel()))
+
+    def __call__(self, data: bytes, rng: np.random.Generator) -> Tensor:
+        cfg = self.cfg
+        samples, rate = read_waveform(data)
+        x = self.waveform(resample(torch.from_numpy(np.ascontiguousarray(samples)), rate, cfg.sample_rate), rng)
+        spec = torch.stft(x, cfg.n_fft, cfg.hop_length, window=self.window, center=True, return_complex=True)
+        mel = torch.log(self.filters.T @ spec.abs().pow(2) + 1e-6)
+        mel = (mel - cfg.norm_mean) / cfg.norm_std
+        if self.train and cfg.spec_augment:
+            mel = spec_augment(mel, rng, cfg.freq_mask, cfg.time_mask)
+        return mel.unsqueeze(0).contiguous()
+
+
+def spec_augment(mel: Tensor, rng: np.random.Generator, freq_mask: int, time_mask: int, n_masks: int = 2) -> Tensor:
+    mel = mel.clone()
+    n_mels, frames = mel.shape
+    for size, length, dim in ((freq_mask, n_mels, 0), (time_mask, frames, 1)):
+        for _ in range(n_masks):
+            width = int(rng.integers(0, min(size, length) + 1))
+            start = int(rng.integers(0, length - width + 1))
+            if dim == 0:
+                mel[start : start + width, :] = 0.0
+            else:
+                mel[:, start : start + width] = 0.0
+    return mel
+
+
+class AudioPlugin(ModalityPlugin):
+    name = "audio"
+    config_cls = AudioConfig
+    extensions = ("wav", "flac", "ogg", "mp3")
+
+    def decoder(self, cfg: AudioConfig, *, train: bool) -> DecoderFn:
+        return LogMel(cfg, train)
+
+    def build_tower(self, cfg: AudioConfig) -> TimmTower:
+        args: dict[str, Any] = {"in_chans": 1, "drop_path_rate": cfg.drop_path}
+        if cfg.arch.startswith(("vit_", "deit_", "eva")):
+            args.update(
+                img_size=[cfg.n_mels, cfg.frames],
+                patch_size=list(cfg.patch_size),
+                embed_dim=cfg.width,
+                depth=cfg.depth,
+                num_heads=cfg.heads,
+                mlp_ratio=cfg.mlp_ratio,
+                global_pool=cfg.pool,
+                proj_drop_rate=cfg.dropout,
+                attn_drop_rate=cfg.dropout,
+            )
+        args.update(cfg.model_args)
+        return TimmTower(cfg.arch, args, pretrained=cfg.pretrained, input_size=(1, cfg.n_mels, cfg.frames))
+
+    def random_example(self, cfg: AudioConfig, batch_size: int) -> Tensor:
+        return torch.randn(batch_size, 1, cfg.n_mels, cfg.frames)

@@ -1,0 +1,71 @@
+"""The modality plug-in contract.
+
+A plug-in owns everything that is specific to one modality:
+
+* its tower configuration (a dataclass: tower size and the preprocessing the tower expects),
+* ``decoder(cfg, train)``: shard member bytes -> tensor (tree), the per-sample preprocessing run in loader workers,
+* ``build_tower(cfg)``: the encoder, from timm or transformers, randomly initialised or from local weights,
+* ``export_assets(cfg, out_dir)``: files an exported encoder needs besides its weights (a tokenizer).
+
+Adding a modality means adding one file that defines a subclass and registering it in ``modalities/__init__.py``.
+Fields whose metadata carries ``{"path": True}`` are file paths: recipe loading resolves and checks them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from torch import Tensor
+
+from architectures.towers import Tower
+
+Decoded = Tensor | dict[str, Tensor]
+DecoderFn = Callable[[bytes, np.random.Generator], Decoded]
+
+
+def path_field(default: str | None = None, help: str = "") -> Any:
+    return field(default=default, metadata={"path": True, "help": help})
+
+
+@dataclass
+class TowerConfig:
+    """Fields every tower has. ``model_args`` passes any further keyword to the library's constructor."""
+
+    arch: str = ""
+    width: int = 192
+    depth: int = 4
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    pool: str = "token"
+    pretrained: str | None = path_field(help="local weights: a directory or a .safetensors file")
+    frozen: bool = False
+    grad_checkpointing: bool = False
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+
+class ModalityPlugin(ABC):
+    name: ClassVar[str]
+    config_cls: ClassVar[type[TowerConfig]]
+    extensions: ClassVar[tuple[str, ...]]  # shard member extensions this modality is read from, by preference
+
+    @abstractmethod
+    def decoder(self, cfg: Any, *, train: bool) -> DecoderFn: ...
+
+    @abstractmethod
+    def build_tower(self, cfg: Any) -> Tower: ...
+
+    def export_assets(self, cfg: Any, out_dir: Path) -> dict[str, Any]:
+        """Copy what the exported encoder needs besides weights into ``out_dir``; return config overrides
+        (paths rewritten relative to ``out_dir``)."""
+        return {}
+
+    def random_example(self, cfg: Any, batch_size: int) -> Decoded:
+        """A batch of valid random inputs (for shape checks, benchmarks and meta-device builds)."""
+        raise NotImplementedError

@@ -1,0 +1,101 @@
+"""Images: PNG/JPEG bytes -> resized, normalised tensor -> any timm model (ViT by default, CNNs too).
+
+Training augmentation (only when ``train`` and enabled): random resized crop (scale ``crop_scale``, aspect ratio
+3/4..4/3) and horizontal flip, drawn from the per-sample generator the stream supplies, so a resumed run
+augments each sample exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig
+from architectures.towers import TimmTower
+
+
+@dataclass
+class ImageConfig(TowerConfig):
+    arch: str = "vit_tiny_patch16_224"
+    image_size: int = 32
+    patch_size: int = 4
+    in_chans: int = 3
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])
+    random_resized_crop: bool = False
+    crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
+    hflip: bool = False
+
+
+class ImageDecoder:
+    def __init__(self, cfg: ImageConfig, train: bool) -> None:
+        self.cfg = cfg
+        self.train = train
+        channels = cfg.in_chans
+        self.mean = torch.tensor((cfg.mean * channels)[:channels]).view(-1, 1, 1)
+        self.std = torch.tensor((cfg.std * channels)[:channels]).view(-1, 1, 1)
+
+    def __call__(self, data: bytes, rng: np.random.Generator) -> Tensor:
+        cfg = self.cfg
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("L" if cfg.in_chans == 1 else "RGB")
+            x = TF.pil_to_tensor(img).float() / 255.0
+        size = [cfg.image_size, cfg.image_size]
+        if self.train and cfg.random_resized_crop:
+            top, left, h, w = _crop_box(x.shape[-2], x.shape[-1], cfg.crop_scale, rng)
+            x = TF.resized_crop(x, top, left, h, w, size, antialias=True)
+        else:
+            x = TF.resize(x, size, antialias=True)
+        if self.train and cfg.hflip and rng.random() < 0.5:
+            x = x.flip(-1)
+        return ((x - self.mean) / self.std).contiguous()
+
+
+def _crop_box(height: int, width: int, scale: list[float], rng: np.random.Generator) -> tuple[int, int, int, int]:
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w = round(math.sqrt(target * ratio))
+        h = round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    return 0, 0, height, width
+
+
+class ImagePlugin(ModalityPlugin):
+    name = "image"
+    config_cls = ImageConfig
+    extensions = ("png", "jpg", "jpeg", "webp")
+
+    def decoder(self, cfg: ImageConfig, *, train: bool) -> DecoderFn:
+        return ImageDecoder(cfg, train)
+
+    def build_tower(self, cfg: ImageConfig) -> TimmTower:
+        args: dict[str, Any] = {"in_chans": cfg.in_chans, "drop_path_rate": cfg.drop_path}
+        if cfg.arch.startswith(("vit_", "deit_", "eva")):
+            args.update(
+                img_size=cfg.image_size,
+                patch_size=cfg.patch_size,
+                embed_dim=cfg.width,
+                depth=cfg.depth,
+                num_heads=cfg.heads,
+                mlp_ratio=cfg.mlp_ratio,
+                global_pool=cfg.pool,
+                proj_drop_rate=cfg.dropout,
+                attn_drop_rate=cfg.dropout,
+            )
+        args.update(cfg.model_args)
+        size = (cfg.in_chans, cfg.image_size, cfg.image_size)
+        return TimmTower(cfg.arch, args, pretrained=cfg.pretrained, input_size=size)
+
+    def random_example(self, cfg: ImageConfig, batch_size: int) -> Tensor:
+        return torch.randn(batch_size, cfg.in_chans, cfg.image_size, cfg.image_size)

@@ -1,0 +1,84 @@
+"""Text: a tokenizer (sentencepiece or Hugging Face) and a transformers encoder built by config.
+
+The tower is ``AutoModel.from_config(AutoConfig.for_model(arch, ...))`` (a BERT-style encoder by default),
+randomly initialised, or ``AutoModel.from_pretrained(pretrained)`` from a local directory. ``vocab_size`` and
+``pad_token_id`` come from the tokenizer; ``max_position_embeddings`` from ``max_len``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, path_field
+from architectures.modalities.tokenizers import Tokenizer, load_tokenizer
+from architectures.towers import ArchitectureError, HFTextTower
+
+
+@dataclass
+class TextConfig(TowerConfig):
+    arch: str = "bert"
+    width: int = 256
+    heads: int = 4
+    pool: str = "cls"
+    tokenizer: str | None = path_field(help="sentencepiece .model, tokenizer.json, or a directory with one")
+    max_len: int = 32
+
+
+class TextDecoder:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, data: bytes, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        return self.tokenizer.encode(data.decode("utf-8").strip())
+
+
+class TextPlugin(ModalityPlugin):
+    name = "text"
+    config_cls = TextConfig
+    extensions = ("txt", "text", "caption")
+
+    def tokenizer(self, cfg: TextConfig) -> Tokenizer:
+        source = cfg.tokenizer or cfg.pretrained
+        if not source:
+            raise ArchitectureError("model.text.tokenizer is not set (a sentencepiece .model or a tokenizer.json)")
+        return load_tokenizer(source, cfg.max_len)
+
+    def decoder(self, cfg: TextConfig, *, train: bool) -> DecoderFn:
+        return TextDecoder(self.tokenizer(cfg))
+
+    def build_tower(self, cfg: TextConfig) -> HFTextTower:
+        if cfg.pretrained:
+            return HFTextTower(pretrained=cfg.pretrained, pool=cfg.pool)
+        from transformers import AutoConfig
+
+        tok = self.tokenizer(cfg)
+        try:
+            hf_config = AutoConfig.for_model(
+                cfg.arch,
+                vocab_size=tok.vocab_size,
+                hidden_size=cfg.width,
+                num_hidden_layers=cfg.depth,
+                num_attention_heads=cfg.heads,
+                intermediate_size=int(cfg.width * cfg.mlp_ratio),
+                max_position_embeddings=cfg.max_len,
+                hidden_dropout_prob=cfg.dropout,
+                attention_probs_dropout_prob=cfg.dropout,
+                pad_token_id=tok.pad_id,
+                **cfg.model_args,
+            )
+        except ValueError as exc:
+            raise ArchitectureError(f"model.text.arch={cfg.arch!r}: {exc}") from None
+        return HFTextTower(config=hf_config, pool=cfg.pool)
+
+    def export_assets(self, cfg: TextConfig, out_dir: Path) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer(cfg).save(out_dir)}
+
+    def random_example(self, cfg: TextConfig, batch_size: int) -> dict[str, torch.Tensor]:
+        vocab = self.tokenizer(cfg).vocab_size
+        ids = torch.randint(4, vocab, (batch_size, cfg.max_len))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -1,0 +1,213 @@
+"""Encoder towers with timm's model contract, built from timm or transformers by name and config.
+
+Every tower exposes ``forward_features(x)`` (token states / feature maps), ``forward_head(x, pre_logits=True)``
+(the pooled feature vector, ``num_features`` wide), ``set_grad_checkpointing``, ``no_weight_decay`` and
+``group_matcher``, so fine-tuning tools treat all modalities alike. ``save_native`` writes the tower in its own
+library's format (``model.safetensors`` + ``config.json``) so that ``timm.create_model("local-dir:DIR")`` or
+``transformers.AutoModel.from_pretrained(DIR)`` rebuilds exactly the same network, with no mmssl code.
+
+Weights are only ever read from local paths: a directory written by ``save_native``/``save_pretrained`` or a
+``.safetensors`` file. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+
+class ArchitectureError(ValueError):
+    """A model configuration that cannot be built (unknown arch, missing weights, modality mismatch)."""
+
+
+class Tower(nn.Module):
+    """Base class: a unimodal encoder following timm's contract."""
+
+    num_features: int
+
+    def forward_features(self, x: Any) -> Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: Tensor, pre_logits: bool = True, **kwargs: Any) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Any) -> Tensor:
+        return self.encode(x)[1]
+
+    def encode(self, x: Any) -> tuple[Tensor, Tensor]:
+        """``(forward_features(x), forward_head(...))`` in one call: token states and the pooled vector."""
+        features = self.forward_features(x)
+        return features, self.forward_head(features)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        raise NotImplementedError
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return {}
+
+    def save_native(self, out_dir: Path, extra: dict[str, Any]) -> None:
+        """Write ``model.safetensors`` + ``config.json`` loadable by the tower's own library; ``extra`` is stored
+        under the config's ``"mmssl"`` key."""
+        raise NotImplementedError
+
+
+def _prefixed(prefix: str, matcher: dict[str, Any]) -> dict[str, Any]:
+    def fix(pattern: Any) -> Any:
+        if isinstance(pattern, str):
+            return "|".join(f"^{prefix}" + p.lstrip("^") for p in pattern.split("|"))
+        if isinstance(pattern, (list, tuple)):
+            return [(fix(p), rest) if isinstance(p, str) else fix(p) for p, rest in pattern]
+        return pattern
+
+    return {k: fix(v) for k, v in matcher.items()}
+
+
+class TimmTower(Tower):
+    """Any timm model (ViT for images and spectrogram patches, CNNs, ...) with its classifier removed."""
+
+    def __init__(self, arch: str, model_args: dict[str, Any], *, pretrained: str | None = None,
+                 input_size: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        if not timm.is_model(arch):
+            raise ArchitectureError(f"unknown timm architecture {arch!r}")
+        self.arch = arch
+        self.model_args = dict(model_args)
+        self.input_size = tuple(input_size) if input_size else None
+        overlay: dict[str, Any] | None = None
+        if pretrained:
+            weights = _weights_file(pretrained)
+            overlay = {"file": str(weights), **({"input_size": self.input_size} if self.input_size else {})}
+        self.model = timm.create_model(
+            arch, pretrained=bool(pretrained), pretrained_cfg_overlay=overlay, num_classes=0, **self.model_args
+        )
+        self.num_features = int(self.model.num_features)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.model.forward_features(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = True, **kwargs: Any) -> Tensor:
+        return self.model.forward_head(x, pre_logits=True)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        names = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
+        return {f"model.{n}" for n in names}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        if not hasattr(self.model, "group_matcher"):
+            return {}
+        return _prefixed("model.", self.model.group_matcher(coarse))
+
+    def timm_config(self) -> dict[str, Any]:
+        pretrained_cfg: dict[str, Any] = {"num_classes": 0}
+        if self.input_size:
+            pretrained_cfg["input_size"] = list(self.input_size)
+        return {
+            "architecture": self.arch,
+            "num_classes": 0,
+            "num_features": self.num_features,
+            "model_args": _jsonable(self.model_args),
+            "pretrained_cfg": pretrained_cfg,
+        }
+
+    def save_native(self, out_dir: Path, extra: dict[str, Any]) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(out_dir / "model.safetensors"))
+        (out_dir / "config.json").write_text(json.dumps({**self.timm_config(), "mmssl": extra}, indent=2) + "\n")
+
+
+class HFTextTower(Tower):
+    """A transformers encoder (BERT-style by default) over ``{"input_ids", "attention_mask"}``.
+
+    ``pool="cls"`` takes the first token's state; ``pool="mean"`` averages the states of real (unmasked) tokens.
+    The model's own pooler, if it has one, is dropped: pooling is the tower's job.
+    """
+
+    def __init__(self, *, config: Any = None, pretrained: str | None = None, pool: str = "cls") -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        if pool not in ("cls", "mean"):
+            raise ArchitectureError(f"text pool must be 'cls' or 'mean', got {pool!r}")
+        if pretrained:
+            path = Path(pretrained)
+            if not (path / "config.json").is_file():
+                raise ArchitectureError(f"no transformers model at {path} (config.json missing)")
+            self.model = AutoModel.from_pretrained(str(path))
+        elif config is not None:
+            self.model = AutoModel.from_config(config)
+        else:
+            raise ArchitectureError("HFTextTower needs a config or a pretrained path")
+        if getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None
+        self.pool = pool
+        self.num_features = int(self.model.config.hidden_size)
+
+    def forward_features(self, x: dict[str, Tensor]) -> Tensor:
+        return self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).last_hidden_state
+
+    def forward_head(self, x: Tensor, pre_logits: bool = True, attention_mask: Tensor | None = None,
+                     **kwargs: Any) -> Tensor:
+        if self.pool == "cls" or attention_mask is None:
+            return x[:, 0]
+        mask = attention_mask.to(x.dtype).unsqueeze(-1)
+        return (x * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def encode(self, x: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        features = self.forward_features(x)
+        return features, self.forward_head(features, attention_mask=x["attention_mask"])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_disable()
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return {"stem": r"^model\.embeddings", "blocks": [(r"^model\.encoder\.layer\.(\d+)", None)]}
+
+    def save_native(self, out_dir: Path, extra: dict[str, Any]) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.model.config.mmssl = extra
+        try:
+            self.model.save_pretrained(str(out_dir), safe_serialization=True)
+        finally:
+            del self.model.config.mmssl
+
+
+def _weights_file(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.is_file():
+        raise ArchitectureError(f"pretrained weights not found: {p}")
+    return p
+
+
+def load_state(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from a ``.safetensors`` file (the only weight format mmssl reads)."""
+    return load_file(str(_weights_file(str(path))))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return value

@@ -1,0 +1,132 @@
+"""The batch schema shared by every room: inputs and presence masks keyed by modality.
+
+A `Batch` is what the stream yields and what models and objectives consume:
+
+* ``inputs[m]``: a tensor ``[B, ...]`` (or a dict of such tensors, e.g. text ids and attention mask) for every
+  modality ``m`` that at least one sample of the batch carries;
+* ``present[m]``: ``bool[B]``, which samples really carry ``m`` (rows of absent samples hold zeros);
+* ``keys``: the webdataset sample keys, in order;
+* ``meta``: non-tensor metadata fields (from a sample's ``.json`` member), one list entry per sample;
+* ``index``: the position of this batch in its rank's stream (0, 1, 2, ... across the whole run), which is what
+  a checkpoint records to resume sample-exactly;
+* ``stats``: counters accumulated by the producing worker since its previous batch (corrupt members, skipped
+  shards, ...), summed by the trainer.
+
+A missing modality costs nothing downstream: models skip modalities that are not in ``inputs`` and objectives
+mask rows with ``present``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+TensorTree = Tensor | dict[str, Tensor]
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, TensorTree]
+    present: dict[str, Tensor]
+    keys: list[str]
+    meta: dict[str, list[Any]] = field(default_factory=dict)
+    index: int = 0
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.inputs)
+
+    def to(self, device: torch.device | str, float_dtype: torch.dtype | None = None, non_blocking: bool = False) -> Batch:
+        """Move every tensor to ``device``; floating-point inputs are also cast to ``float_dtype`` when given."""
+
+        def move(t: Tensor) -> Tensor:
+            if float_dtype is not None and t.is_floating_point():
+                return t.to(device=device, dtype=float_dtype, non_blocking=non_blocking)
+            return t.to(device=device, non_blocking=non_blocking)
+
+        return Batch(
+            inputs={m: _map_tree(v, move) for m, v in self.inputs.items()},
+            present={m: p.to(device=device, non_blocking=non_blocking) for m, p in self.present.items()},
+            keys=self.keys,
+            meta=self.meta,
+            index=self.index,
+            stats=self.stats,
+        )
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader when ``pin_memory=True``."""
+        return Batch(
+            inputs={m: _map_tree(v, Tensor.pin_memory) for m, v in self.inputs.items()},
+            present={m: p.pin_memory() for m, p in self.present.items()},
+            keys=self.keys,
+            meta=self.meta,
+            index=self.index,
+            stats=self.stats,
+        )
+
+    def rows(self, start: int, stop: int) -> Batch:
+        """The sub-batch of rows ``start:stop`` (used to split a global batch across ranks)."""
+        return Batch(
+            inputs={m: _map_tree(v, lambda t: t[start:stop]) for m, v in self.inputs.items()},
+            present={m: p[start:stop] for m, p in self.present.items()},
+            keys=self.keys[start:stop],
+            meta={k: v[start:stop] for k, v in self.meta.items()},
+            index=self.index,
+            stats=dict(self.stats),
+        )
+
+
+def _map_tree(value: TensorTree, fn: Any) -> TensorTree:
+    if isinstance(value, Mapping):
+        return {k: fn(v) for k, v in value.items()}
+    return fn(value)
+
+
+def collate(
+    samples: Sequence[Mapping[str, Any]],
+    modalities: Sequence[str],
+    *,
+    index: int = 0,
+    stats: Mapping[str, int] | None = None,
+) -> Batch:
+    """Stack decoded samples into a `Batch`.
+
+    Each sample is a mapping with ``__key__``, an optional ``__meta__`` dict, and for each modality either a decoded
+    tensor (tree) or ``None`` when the sample lacks it (or its member failed to decode). Absent rows are filled with
+    zeros shaped like a present row, and marked in ``present``.
+    """
+    keys = [str(s["__key__"]) for s in samples]
+    inputs: dict[str, TensorTree] = {}
+    present: dict[str, Tensor] = {}
+    for m in modalities:
+        values = [s.get(m) for s in samples]
+        mask = torch.tensor([v is not None for v in values], dtype=torch.bool)
+        present[m] = mask
+        template = next((v for v in values if v is not None), None)
+        if template is None:
+            continue
+        inputs[m] = _stack([v if v is not None else _zeros_like_tree(template) for v in values])
+    meta_keys: list[str] = sorted({k for s in samples for k in (s.get("__meta__") or {})})
+    meta = {k: [(s.get("__meta__") or {}).get(k) for s in samples] for k in meta_keys}
+    return Batch(inputs=inputs, present=present, keys=keys, meta=meta, index=index, stats=dict(stats or {}))
+
+
+def _zeros_like_tree(value: TensorTree) -> TensorTree:
+    if isinstance(value, Mapping):
+        return {k: torch.zeros_like(v) for k, v in value.items()}
+    return torch.zeros_like(value)
+
+
+def _stack(values: list[TensorTree]) -> TensorTree:
+    first = values[0]
+    if isinstance(first, Mapping):
+        return {k: torch.stack([v[k] for v in values]) for k in first}  # type: ignore[index]
+    return torch.stack(values)  # type: ignore[arg-type]

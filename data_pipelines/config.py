@@ -1,0 +1,26 @@
+"""The ``data:`` section of a recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    """Where the training shards are and how they stream.
+
+    ``train`` / ``eval``: a dataset directory (with ``index.json``), an ``index.json`` path, a brace pattern, or
+    ``pipe:``/``http(s)://`` URLs. ``fields`` maps a modality to the shard member extensions it is read from
+    (default: the modality plug-in's own list). ``batch_size`` is per rank (the global batch is
+    ``batch_size x world size x train.grad_accum``). ``num_workers`` must divide ``streams_per_rank``.
+    """
+
+    train: str = ""
+    eval: str | None = None
+    fields: dict[str, list[str]] = field(default_factory=dict)
+    batch_size: int = 32
+    shuffle_buffer: int = 256
+    streams_per_rank: int = 2
+    num_workers: int = 1
+    prefetch_factor: int = 2
+    seed: int = 0

@@ -1,0 +1,136 @@
+"""Atomic checkpoints through DeepSpeed's own save/load, plus the stream position and per-rank RNG states.
+
+Layout under ``<run>/checkpoints``::
+
+    step_00000100/             one DeepSpeed tag (model + optimizer + scheduler, ZeRO shards per rank)
+        rng_rank00000.pt       per-rank RNG states (torch.load(weights_only=True)-safe: tensors, ints, tuples)
+    latest                     the newest complete tag, replaced atomically
+
+A save goes to ``.tmp-step_...`` and is renamed once every rank has written its part; ``latest`` is then
+replaced with a temp file + rename. A kill at any moment leaves ``latest`` naming a complete checkpoint. Only the
+newest ``keep_last`` tags are kept. The trainer's own state (step, next batch index, samples seen, world size)
+travels in DeepSpeed's ``client_state`` under ``"mmssl"``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_pipelines.shards import atomic_write_text
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy_key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+        "numpy_pos": int(np_state["state"]["pos"]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": state["numpy_key"].numpy().astype(np.uint32), "pos": state["numpy_pos"]},
+            "has_gauss": 0,
+            "gauss": 0.0,
+        }
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], *, keep_last: int) -> str:
+    root = run_dir / CHECKPOINTS
+    tag = tag_for(step)
+    tmp_tag = TMP_PREFIX + tag
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"mmssl": state}, save_latest=False)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = root / tmp_tag / f"rng_rank{rank:05d}.pt"
+    torch.save(rng_state(), str(rng_file) + ".part")
+    os.replace(str(rng_file) + ".part", rng_file)
+    _barrier()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one process per node finalises (shared or local disks)
+        try:
+            if (root / tag).exists():
+                shutil.rmtree(root / tag)
+            os.replace(root / tmp_tag, root / tag)
+        except FileNotFoundError:
+            pass  # another node's process renamed it on a shared filesystem
+        atomic_write_text(root / LATEST, tag + "\n")
+        _prune(root, keep_last)
+    _barrier()
+    return tag
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in tags[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def find(run_dir: Path, resume: str) -> tuple[Path, str] | None:
+    """``(checkpoints root, tag)`` for ``resume`` = ``latest``, a tag, or a tag directory; None when ``latest`` is
+    asked for and no checkpoint exists yet (a fresh start)."""
+    if resume == "latest":
+        root = run_dir / CHECKPOINTS
+        latest = root / LATEST
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+        if not (root / tag).is_dir():
+            raise CheckpointError(f"{latest} names {tag!r}, which does not exist")
+        return root, tag
+    path = Path(resume)
+    if path.is_dir() and path.name.startswith("step_"):
+        return path.parent, path.name
+    if (run_dir / CHECKPOINTS / resume).is_dir():
+        return run_dir / CHECKPOINTS, resume
+    raise CheckpointError(f"train.resume={resume!r}: no such checkpoint (use 'latest', a tag, or a tag directory)")
+
+
+def load(engine: Any, root: Path, tag: str) -> dict[str, Any]:
+    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the trainer state."""
+    _, client_state = engine.load_checkpoint(str(root), tag=tag)
+    if not client_state or "mmssl" not in client_state:
+        raise CheckpointError(f"{root / tag} was not written by mmssl (no trainer state)")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = root / tag / f"rng_rank{rank:05d}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return client_state["mmssl"]

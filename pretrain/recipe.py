@@ -1,0 +1,274 @@
+"""Recipes: YAML files validated into typed dataclasses, with dotted command-line overrides.
+
+A recipe has four sections, each owned by the room that uses it: ``data`` (`DataConfig`), ``model``
+(`ModelConfig`), ``objectives`` (`ObjectivesConfig`) and ``train`` (`TrainConfig`). Loading is strict: an unknown
+key, a value of the wrong type, or an override that does not parse fails *before launch* with one line naming the
+key, where it came from (the file or the command line) and, for unknown keys, the valid ones.
+
+Overrides are ``dotted.key=value``; the value is read as YAML (``train.steps=50``, ``model.audio.patch_size=[16,8]``,
+``data.eval=null``). Relative paths (fields marked as paths) are resolved against the working directory, and
+the resolved recipe — every default filled in — is what a run directory stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+import recipes as bundled_recipes
+from architectures.config import ModelConfig
+from data_pipelines.config import DataConfig
+from objectives.registry import ObjectivesConfig
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used as written; the message names the key and its origin."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, parallelism, logging and checkpointing."""
+
+    steps: int = 100
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    zero_stage: int = 2
+    precision: str = "fp32"
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 0
+    keep_last: int = 2
+    resume: str | None = None
+    deterministic: bool = True
+    threads: int = 0
+    log_keys: bool = False
+    tensorboard: bool = True
+
+
+@dataclass
+class Recipe:
+    name: str = "unnamed"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+def bundled_recipe_path(name: str) -> Path | None:
+    path = Path(bundled_recipes.__file__).parent / f"{name}.yaml"
+    return path if path.is_file() else None
+
+
+def list_bundled_recipes() -> dict[str, str]:
+    """name -> first line of its description."""
+    out = {}
+    for path in sorted(Path(bundled_recipes.__file__).parent.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        out[path.stem] = str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""
+    return out
+
+
+def load_recipe(source: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Load a recipe from a YAML path or a bundled recipe name, apply ``overrides``, and type-check it all."""
+    path = Path(source)
+    if not path.is_file():
+        bundled = bundled_recipe_path(str(source))
+        if bundled is None:
+            names = ", ".join(list_bundled_recipes()) or "none"
+            raise RecipeError(f"recipe not found: {source!r} is neither a file nor a bundled recipe ({names})")
+        path = bundled
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping at the top level, got {type(raw).__name__}")
+    overridden = apply_overrides(raw, overrides)
+    recipe = from_dict(Recipe, raw, path=(), origin=_Origin(str(path), overridden))
+    resolve_paths(recipe)
+    return recipe
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, str]:
+    """Set each ``a.b.c=value`` into ``raw``; returns dotted key -> the override text, for error messages."""
+    done: dict[str, str] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like key.path=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise RecipeError(f"override {item!r} has an empty key part")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+        done[key] = item
+    return done
+
+
+@dataclass(frozen=True)
+class _Origin:
+    file: str
+    overrides: Mapping[str, str]
+
+    def of(self, path: tuple[str, ...]) -> str:
+        dotted = ".".join(path)
+        for key, text in self.overrides.items():
+            if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
+                return f"command-line override {text!r}"
+        return self.file
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def from_dict(cls: type, raw: Any, *, path: tuple[str, ...], origin: _Origin) -> Any:
+    """Build dataclass ``cls`` from ``raw``, checking every key and value type."""
+    where = ".".join(path) or "<top level>"
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"{origin.of(path)}: '{where}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    extra_field = getattr(cls, "EXTRA_KEYS_FIELD", None)
+    kwargs: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key)
+        sub = (*path, key)
+        if key in fields and key != extra_field:
+            kwargs[key] = convert(hints[key], value, path=sub, origin=origin)
+            continue
+        extra_type = cls.extra_key_type(key) if extra_field else None
+        if extra_type is None:
+            valid = sorted(k for k in fields if k != extra_field)
+            if extra_field:
+                valid += [f"{n}" for n in cls.extra_key_names()]
+            raise RecipeError(
+                f"{origin.of(sub)}: unknown key '{'.'.join(sub)}'; valid keys under '{where}': {', '.join(valid)}"
+            )
+        extras[key] = convert(extra_type, value if value is not None else {}, path=sub, origin=origin)
+    if extra_field:
+        kwargs[extra_field] = extras
+    return cls(**kwargs)
+
+
+def convert(tp: Any, value: Any, *, path: tuple[str, ...], origin: _Origin) -> Any:
+    """Check (and minimally coerce: int -> float) ``value`` against the type hint ``tp``."""
+    where = ".".join(path)
+
+    def fail() -> typing.NoReturn:
+        raise RecipeError(
+            f"{origin.of(path)}: '{where}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
+
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, path=path, origin=origin)
+    kind = typing.get_origin(tp)
+    if kind in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return convert(arg, value, path=path, origin=origin)
+            except RecipeError:
+                continue
+        fail()
+    if kind is typing.Literal:
+        if value not in typing.get_args(tp):
+            fail()
+        return value
+    if kind in (list, Sequence, tuple):
+        if not isinstance(value, list):
+            fail()
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [convert(item, v, path=(*path, str(i)), origin=origin) for i, v in enumerate(value)]
+    if kind in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            fail()
+        _, item = typing.get_args(tp) or (str, Any)
+        return {str(k): convert(item, v, path=(*path, str(k)), origin=origin) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            fail()
+        return value
+    raise RecipeError(f"{origin.of(path)}: '{where}' has an unsupported type {tp!r}")  # a bug in a config class
+
+
+# ----------------------------------------------------------------------------------------------------- paths
+def resolve_paths(recipe: Recipe) -> None:
+    """Make path fields absolute (relative to the working directory); remote URLs are left alone."""
+    for tower in recipe.model.towers.values():
+        for f in dataclasses.fields(tower):
+            value = getattr(tower, f.name)
+            if f.metadata.get("path") and isinstance(value, str) and value:
+                setattr(tower, f.name, str(Path(value).expanduser().resolve()))
+    for name in ("train", "eval"):
+        value = getattr(recipe.data, name)
+        if value and "://" not in value and not value.startswith("pipe:"):
+            setattr(recipe.data, name, str(Path(value).expanduser().resolve()))
+
+
+# ----------------------------------------------------------------------------------------------------- saving
+def to_dict(obj: Any) -> Any:
+    """A recipe (or any config dataclass) as plain YAML-able data; extra-key sections are flattened back."""
+    if dataclasses.is_dataclass(obj):
+        extra_field = getattr(type(obj), "EXTRA_KEYS_FIELD", None)
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.name == extra_field:
+                out.update({k: to_dict(v) for k, v in value.items()})
+            else:
+                out[f.name] = to_dict(value)
+        return out
+    if isinstance(obj, Mapping):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)

@@ -1,0 +1,128 @@
+"""Run logging: per-step JSONL records, TensorBoard scalars, a progress bar, per-rank text logs, a loss curve PNG.
+
+Only rank 0 writes metrics (values are already reduced over ranks); every rank writes ``logs/rank<N>.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_CURVE = "loss_curve.png"
+
+
+def setup_text_logs(run_dir: Path, rank: int) -> logging.Logger:
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger("mmssl")
+    root.setLevel(logging.INFO)
+    root.handlers.clear()
+    fmt = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    file_handler = logging.FileHandler(logs / f"rank{rank}.log")
+    file_handler.setFormatter(fmt)
+    root.addHandler(file_handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.addHandler(console)
+    root.propagate = False
+    for noisy in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return root
+
+
+class MetricsWriter:
+    """Rank 0's metric sinks. ``write(step, record)`` appends to JSONL and TensorBoard."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int, start_step: int) -> None:
+        self.enabled = enabled
+        self.path = run_dir / METRICS_FILE
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        if start_step == 0 and self.path.exists():
+            self.path.unlink()
+        self.file = self.path.open("a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", file=sys.stderr,
+                        dynamic_ncols=True, mininterval=1.0)
+
+    def write(self, step: int, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **record}) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+
+    def flush(self, steps_done: int, postfix: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.flush()
+        if self.tb is not None:
+            self.tb.flush()
+        if self.bar is not None:
+            self.bar.n = steps_done
+            self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()},
+                                 refresh=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(run_dir: Path) -> Path | None:
+    """``loss_curve.png`` from ``metrics.jsonl``: the per-step loss and its running mean, and the LR."""
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    loss = [r["loss"] for r in records]
+    window = max(1, len(loss) // 20)
+    smooth = [sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1])
+              for i in range(len(loss))]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(steps, loss, alpha=0.35, label="loss (per step, mean over ranks)")
+    ax.plot(steps, smooth, label=f"running mean ({window} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    if "lr" in records[0]:
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r["lr"] for r in records], color="gray", lw=0.8, ls="--", label="lr")
+        ax2.set_ylabel("learning rate")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    out = run_dir / LOSS_CURVE
+    fig.savefig(out)
+    plt.close(fig)
+    return out

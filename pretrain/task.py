@@ -1,0 +1,44 @@
+"""The trainable unit handed to DeepSpeed: a model plus its weighted objectives (the open_clip / timm "task").
+
+``forward(batch)`` runs the model once and every objective on the same outputs, and returns a `LossOutput` whose
+``loss`` is ``Σ_i w_i L_i``. Objective parameters (a learnable temperature, a matching head) live here, so the
+engine optimises and checkpoints them with the model; export keeps only the model's encoders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from data_pipelines.batch import Batch
+from objectives.base import LossOutput, Objective
+
+
+class PretrainTask(nn.Module):
+    def __init__(self, model: nn.Module, objectives: Mapping[str, Objective], weights: Mapping[str, float]) -> None:
+        super().__init__()
+        self.model = model
+        self.objectives = nn.ModuleDict(dict(objectives))
+        self.weights = dict(weights)
+
+    def forward(self, batch: Batch) -> LossOutput:
+        outputs = self.model(batch.inputs, batch.present)
+        total: Tensor | None = None
+        terms: dict[str, Tensor] = {}
+        metrics: dict[str, Tensor] = {}
+        for name, objective in self.objectives.items():
+            result = objective(outputs, batch)
+            weighted = self.weights[name] * result.loss
+            total = weighted if total is None else total + weighted
+            terms[name] = result.loss.detach()
+            terms.update({f"{name}/{k}": v for k, v in result.terms.items()})
+            metrics.update({f"{name}/{k}": v for k, v in result.metrics.items()})
+        assert total is not None, "PretrainTask needs at least one objective"
+        return LossOutput(loss=total, terms=terms, metrics=metrics)
+
+    def no_weight_decay(self) -> set[str]:
+        names = {f"model.{n}" for n in getattr(self.model, "no_weight_decay", set)()}
+        for oname, objective in self.objectives.items():
+            names |= {f"objectives.{oname}.{n}" for n in getattr(objective, "no_weight_decay", set)()}
+        return names

@@ -1,0 +1,253 @@
+"""The pretraining loop on a DeepSpeed engine.
+
+Per optimizer step and per micro-batch: wait for the next batch (data time), check it is the batch the resume
+position expects, move it to the device (casting floats to bf16 when training in bf16), ``engine(batch)``
+(forward), ``engine.backward(loss)``, ``engine.step()`` (optimizer + LR schedule at accumulation boundaries).
+Losses are buffered on the device and reduced over ranks only every ``log_every`` steps. Checkpoints every
+``ckpt_every`` steps and at the end record the step, the next batch index of the stream and the RNG states, so
+``train.resume=latest`` continues with exactly the samples an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from architectures.config import build_model, model_summary
+from data_pipelines.batch import Batch
+from data_pipelines.shards import atomic_write_text
+from objectives.registry import build_objectives
+from pretrain import checkpoint
+from pretrain.data import build_loader
+from pretrain.engine import build_engine
+from pretrain.recipe import Recipe
+from pretrain.runlog import MetricsWriter, plot_loss_curve, setup_text_logs
+from pretrain.task import PretrainTask
+
+SUMMARY = "summary.json"
+PHASES = ("data_wait", "forward", "backward", "optimizer")
+
+BatchSource = Callable[[int, int, int], Iterator[Batch]]
+"""``(rank, world_size, start_batch) -> iterator of batches``: replaces the shard stream (tests, custom data)."""
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    next_batch: int = 0  # index of the next batch this rank's stream yields
+    samples_seen: int = 0  # over all ranks
+    world_size: int = 1
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU. Works under torchrun, the
+    deepspeed launcher, or a bare process (then it is a world of one)."""
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class _KeyLog:
+    """``keys/rank<N>.jsonl``: the sample keys of every batch consumed (``train.log_keys``)."""
+
+    def __init__(self, run_dir: Path, rank: int, enabled: bool, resumed_step: int) -> None:
+        self.file = None
+        if not enabled:
+            return
+        path = run_dir / "keys" / f"rank{rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resumed_step and path.exists():  # drop what a killed run consumed after its last checkpoint
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < resumed_step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+        self.file = path.open("a")
+
+    def write(self, step: int, batch: Batch) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "batch": batch.index, "keys": batch.keys}) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def train(recipe: Recipe, run_dir: Path, *, batches: BatchSource | None = None) -> dict[str, Any]:
+    """Run (or resume) pretraining as one rank of the current process group; returns the run summary."""
+    rank, world, device = init_distributed()
+    cfg = recipe.train
+    log = setup_text_logs(run_dir, rank)
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also NaN-fills every torch.empty; nothing here reads uninitialised memory, and the
+        # fill costs a pass over every buffer DeepSpeed allocates.
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    _seed_everything(cfg.seed)
+    model = build_model(recipe.model, seed=cfg.seed)
+    objectives, weights = build_objectives(recipe.objectives)
+    task = PretrainTask(model, objectives, weights)
+    engine, _, scheduler = build_engine(task, cfg, recipe.data.batch_size, world)
+    _seed_everything(cfg.seed + rank)
+
+    state = TrainerState(world_size=world)
+    if cfg.resume:
+        found = checkpoint.find(run_dir, cfg.resume)
+        if found is None:
+            log.info("train.resume=%s: no checkpoint in %s yet; starting from step 0", cfg.resume, run_dir)
+        else:
+            state = TrainerState(**checkpoint.load(engine, *found))
+            if state.world_size != world:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {found[1]} was written by {state.world_size} ranks; resume needs the same world "
+                    f"size (got {world}) to continue the same sample order"
+                )
+            log.info("resumed from %s at step %d (next batch %d)", found[1], state.step, state.next_batch)
+
+    if batches is not None:
+        source = batches(rank, world, state.next_batch)
+    else:
+        source = iter(build_loader(recipe, rank=rank, world_size=world, start_batch=state.next_batch,
+                                   pin_memory=device.type == "cuda"))
+    float_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+    global_batch = recipe.data.batch_size * world * cfg.grad_accum
+    writer = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.tensorboard, total_steps=cfg.steps,
+                           start_step=state.step)
+    keylog = _KeyLog(run_dir, rank, cfg.log_keys, state.step)
+    if rank == 0:
+        log.info("pretraining %s: %d ranks, global batch %d, ZeRO-%d, %s, %s", recipe.name, world, global_batch,
+                 cfg.zero_stage, cfg.precision, model_summary(model))
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    timings = dict.fromkeys(PHASES, 0.0)
+    data_errors: Counter[str] = Counter()
+    pending: list[tuple[int, torch.Tensor, float, float]] = []  # (step, loss, lr, logit scale)
+    recent_losses: list[float] = []
+    first_step = state.step
+    timed_start: float | None = None
+    timed_steps = 0
+    while state.step < cfg.steps:
+        step_loss = torch.zeros((), device=device)
+        scale = float("nan")
+        for _ in range(cfg.grad_accum):
+            t0 = time.perf_counter()
+            batch = next(source)
+            t1 = time.perf_counter()
+            if batch.index != state.next_batch:
+                raise RuntimeError(f"stream out of order on rank {rank}: got batch {batch.index}, "
+                                   f"expected {state.next_batch}")
+            data_errors.update(batch.stats)
+            keylog.write(state.step, batch)
+            batch = batch.to(device, float_dtype=float_dtype, non_blocking=True)
+            out = engine(batch)
+            sync()
+            t2 = time.perf_counter()
+            engine.backward(out.loss)
+            sync()
+            t3 = time.perf_counter()
+            engine.step()
+            sync()
+            t4 = time.perf_counter()
+            state.next_batch += 1
+            step_loss += out.loss.detach().float() / cfg.grad_accum
+            for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                if state.step > first_step:  # the first step pays one-off costs (worker start-up, allocation)
+                    timings[phase] += dt
+            scale_metric = next((v for k, v in out.metrics.items() if k.endswith("logit_scale")), None)
+            scale = float(scale_metric) if scale_metric is not None else scale
+        state.step += 1
+        state.samples_seen += global_batch
+        if state.step == first_step + 1:
+            timed_start = time.perf_counter()
+        else:
+            timed_steps += 1
+        pending.append((state.step, step_loss, scheduler.get_last_lr()[0], scale))
+
+        last = state.step == cfg.steps
+        if state.step % cfg.log_every == 0 or last:
+            losses = torch.stack([p[1] for p in pending])
+            dist.all_reduce(losses)
+            losses = (losses / world).tolist()
+            elapsed = time.perf_counter() - timed_start if timed_start else 0.0
+            rate = timed_steps * global_batch / elapsed if elapsed > 0 and timed_steps else float("nan")
+            for (step, _, lr, s), loss in zip(pending, losses, strict=True):
+                writer.write(step, {"loss": loss, "lr": lr, "logit_scale": s, "samples_per_s": rate})
+            recent_losses = (recent_losses + losses)[-10:]
+            writer.flush(state.step, {"loss": losses[-1], "samples/s": rate})
+            pending.clear()
+        if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or last:
+            tag = checkpoint.save(engine, run_dir, state.step, asdict(state), keep_last=cfg.keep_last)
+            log.info("saved checkpoint %s", tag)
+
+    writer.close()
+    keylog.close()
+    wall = time.perf_counter() - timed_start if timed_start else 0.0
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, {"peak_rss_mb": round(_peak_rss_mb(), 1), "data_errors": dict(data_errors)})
+    total_errors: Counter[str] = Counter()
+    for r in per_rank:
+        total_errors.update(r["data_errors"])
+    summary = {
+        "recipe": recipe.name,
+        "steps": state.step,
+        "samples_per_s": round(timed_steps * global_batch / wall, 2) if wall > 0 and timed_steps else None,
+        "final_loss": round(sum(recent_losses) / len(recent_losses), 5) if recent_losses else None,
+        "final_loss_window_steps": len(recent_losses),
+        "world_size": world,
+        "global_batch": global_batch,
+        "zero_stage": cfg.zero_stage,
+        "precision": cfg.precision,
+        "device": device.type,
+        "samples_seen": state.samples_seen,
+        "timed_steps": timed_steps,
+        "step_time_split_s": {k: round(v / max(1, timed_steps * cfg.grad_accum), 5) for k, v in timings.items()},
+        "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in per_rank],
+        "data_errors": dict(total_errors),
+        **model_summary(model),
+        "checkpoint": str(run_dir / checkpoint.CHECKPOINTS / checkpoint.tag_for(state.step)),
+    }
+    if rank == 0:
+        curve = plot_loss_curve(run_dir)
+        summary["loss_curve"] = str(curve) if curve else None
+        atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        log.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "samples_per_s", "final_loss")}))
+    return summary

@@ -1,0 +1,52 @@
+"""Pre-launch checks: everything that can be known wrong about a recipe is reported before any rank starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from architectures.config import build_model
+from architectures.modalities import get_modality
+from data_pipelines.shards import DataError, resolve_shards
+from objectives.registry import build_objectives
+from pretrain.engine import check_train_config
+from pretrain.recipe import Recipe, RecipeError
+
+
+def validate_recipe(recipe: Recipe, *, world_size: int) -> None:
+    """Raise a one-line error (RecipeError, DataError, ArchitectureError or ObjectiveError) naming the bad key."""
+    check_train_config(recipe.train, cuda=torch.cuda.is_available())
+    recipe.model.validate()
+    for name, cfg in recipe.model.towers.items():
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if f.metadata.get("path") and value and not Path(value).exists():
+                raise RecipeError(f"model.{name}.{f.name}: file not found: {value}")
+        get_modality(name).decoder(cfg, train=True)  # loads tokenizers and checks preprocessing settings
+    with torch.device("meta"):
+        build_model(recipe.model)
+    objectives, _ = build_objectives(recipe.objectives)
+    for oname, objective in objectives.items():
+        objective.check(list(recipe.model.towers), where=f"objectives.{oname}")
+    for modality in recipe.data.fields:
+        if modality not in recipe.model.towers:
+            raise RecipeError(f"data.fields.{modality}: the model has no {modality!r} tower "
+                              f"(towers: {sorted(recipe.model.towers)})")
+    data = recipe.data
+    if not data.train:
+        raise RecipeError("data.train is not set (a shard directory, index.json, brace pattern or URL)")
+    urls = resolve_shards(data.train, where="data.train")
+    if data.batch_size < 1 or data.streams_per_rank < 1 or data.num_workers < 0:
+        raise RecipeError("data.batch_size and data.streams_per_rank must be >= 1, data.num_workers >= 0")
+    if data.num_workers and data.streams_per_rank % data.num_workers:
+        raise RecipeError(f"data.num_workers={data.num_workers} must divide data.streams_per_rank="
+                          f"{data.streams_per_rank}")
+    readers = world_size * data.streams_per_rank
+    if len(urls) < readers:
+        raise DataError(f"data.train: {len(urls)} shard(s) cannot feed {world_size} rank(s) x "
+                        f"{data.streams_per_rank} stream(s) per rank = {readers} readers; write more, smaller shards "
+                        f"or lower data.streams_per_rank")
+    if data.eval:
+        resolve_shards(data.eval, where="data.eval")
