@@ -56,9 +56,11 @@ def save_encoder(out_dir: str | Path, modality: str, cfg: TowerConfig, tower: To
 class Encoder(nn.Module):
     """A reloaded encoder: ``forward(x)`` gives ``(pooled features, embedding)``."""
 
-    def __init__(self, modality: str, cfg: TowerConfig, tower: Tower, head: ProjectionHead, source: Path) -> None:
+    def __init__(self, modality: str, cfg: TowerConfig, tower: Tower, head: ProjectionHead, embed_dim: int,
+                 source: Path) -> None:
         super().__init__()
         self.modality = modality
+        self.embed_dim = embed_dim
         self.cfg = cfg
         self.tower = tower
         self.head = head
@@ -81,10 +83,11 @@ class Encoder(nn.Module):
         if random_init:
             torch.manual_seed(seed)
         tower = plugin.build_tower(cfg)
-        head = ProjectionHead(tower.num_features, int(meta["embed_dim"]), meta["head"])
+        embed_dim = int(meta["embed_dim"])
+        head = ProjectionHead(tower.num_features, embed_dim, meta["head"])
         if not random_init:
             head.load_state_dict(load_file(str(src / HEAD_FILE)))
-        return cls(meta["modality"], cfg, tower, head, src).eval()
+        return cls(meta["modality"], cfg, tower, head, embed_dim, src).eval()
 
     def decoder(self) -> DecoderFn:
         """The evaluation-time preprocessing (no augmentation) for raw shard bytes."""

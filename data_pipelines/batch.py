@@ -127,6 +127,8 @@ def _zeros_like_tree(value: TensorTree) -> TensorTree:
 
 def _stack(values: list[TensorTree]) -> TensorTree:
     first = values[0]
+    if not isinstance(first, (Tensor, Mapping)):
+        raise TypeError(f"decoders must return tensors (or dicts of tensors), got {type(first).__name__}")
     if isinstance(first, Mapping):
         return {k: torch.stack([v[k] for v in values]) for k in first}  # type: ignore[index]
     return torch.stack(values)  # type: ignore[arg-type]

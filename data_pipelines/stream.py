@@ -147,11 +147,13 @@ class ShardStream(IterableDataset):
 
     def _read_shard(self, url: str) -> Iterator[dict[str, Any]]:
         def handler(exc: Exception) -> bool:
+            # A tar stream cannot be re-synchronised after a read error: count it once, stop this shard.
             unreadable = isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError)
             kind = "unreadable_shards" if unreadable else "tar_errors"
             self._stats[kind] += 1
-            log.warning("%s: skipping the rest of shard %s: %s: %s", self.where, url, type(exc).__name__, exc)
-            return True
+            message = exc.args[0] if exc.args else exc
+            log.warning("%s: skipping the rest of shard %s: %s: %s", self.where, url, type(exc).__name__, message)
+            return False
 
         opened = wds.tariterators.url_opener([{"url": url}], handler=handler)
         files = wds.tariterators.tar_file_expander(opened, handler=handler, eof_value=None)
@@ -198,6 +200,10 @@ class ShardStream(IterableDataset):
                 sample[modality] = None
         return sample
 
+    def _take_stats(self) -> dict[str, int]:
+        stats, self._stats = dict(self._stats), Counter()
+        return stats
+
     # ----------------------------------------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -217,9 +223,32 @@ class ShardStream(IterableDataset):
                     next(streams[v])
             raws = [next(streams[v]) for _ in range(self.batch_size)]
             samples = [self.decode(r) for r in raws]
-            stats, self._stats = dict(self._stats), Counter()
-            yield collate(samples, list(self.fields), index=b, stats=stats)
+            yield collate(samples, list(self.fields), index=b, stats=self._take_stats())
             b += workers
+
+
+def read_once(
+    urls: Sequence[str],
+    *,
+    fields: Mapping[str, Sequence[str]],
+    decoders: Mapping[str, Decoder],
+    batch_size: int,
+    where: str = "shards",
+) -> Iterator[Batch]:
+    """Every sample of ``urls`` exactly once, in shard order, in batches (the last one may be smaller): the
+    evaluation reader (feature extraction, retrieval). Faults are skipped and counted as in training."""
+    stream = ShardStream(urls, fields=fields, decoders=decoders, batch_size=batch_size, where=where)
+    pending: list[dict[str, Any]] = []
+    index = 0
+    for url in stream.urls:
+        for sample in stream._read_shard(url):
+            members = {k: v for k, v in sample.items() if not k.startswith("__")}
+            pending.append(stream.decode(RawSample(key=sample["__key__"], url=url, epoch=0, members=members)))
+            if len(pending) == batch_size:
+                yield collate(pending, list(stream.fields), index=index, stats=stream._take_stats())
+                pending, index = [], index + 1
+    if pending:
+        yield collate(pending, list(stream.fields), index=index, stats=stream._take_stats())
 
 
 def _single_threaded_worker(_: int) -> None:

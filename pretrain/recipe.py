@@ -13,6 +13,7 @@ the resolved recipe — every default filled in — is what a run directory stor
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,7 @@ class TrainConfig:
     """Optimisation, precision, parallelism, logging and checkpointing."""
 
     steps: int = 100
+    stop_at: int = 0  # checkpoint and exit at this step (0: run to `steps`); the LR schedule still spans `steps`
     lr: float = 5e-4
     min_lr_ratio: float = 0.0
     warmup_steps: int = 10
@@ -145,6 +147,9 @@ class _Origin:
         return self.file
 
 
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -226,6 +231,8 @@ def convert(tp: Any, value: Any, *, path: tuple[str, ...], origin: _Origin) -> A
             fail()
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `3e-4` (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail()
         return float(value)

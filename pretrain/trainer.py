@@ -111,143 +111,158 @@ class _KeyLog:
             self.file.close()
 
 
+class Trainer:
+    """One rank of a pretraining run: ``Trainer(recipe, run_dir).fit()`` trains (or resumes) and returns the
+    summary. ``model`` is the live model (full parameters at ZeRO 0-2)."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, *, batches: BatchSource | None = None) -> None:
+        self.recipe, self.run_dir = recipe, run_dir
+        self.rank, self.world, self.device = init_distributed()
+        cfg = recipe.train
+        self.log = setup_text_logs(run_dir, self.rank)
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        torch.set_num_threads(threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            # Deterministic mode also NaN-fills every torch.empty; nothing here reads uninitialised memory, and
+            # the fill costs a pass over every buffer DeepSpeed allocates.
+            torch.utils.deterministic.fill_uninitialized_memory = False
+        _seed_everything(cfg.seed)
+        self.model = build_model(recipe.model, seed=cfg.seed)
+        objectives, weights = build_objectives(recipe.objectives)
+        task = PretrainTask(self.model, objectives, weights)
+        self.engine, _, self.scheduler = build_engine(task, cfg, recipe.data.batch_size, self.world)
+        _seed_everything(cfg.seed + self.rank)
+        self.state = self._resume() if cfg.resume else TrainerState(world_size=self.world)
+        if batches is not None:
+            self.source = batches(self.rank, self.world, self.state.next_batch)
+        else:
+            self.source = iter(build_loader(recipe, rank=self.rank, world_size=self.world,
+                                            start_batch=self.state.next_batch, pin_memory=self.device.type == "cuda"))
+
+    def _resume(self) -> TrainerState:
+        found = checkpoint.find(self.run_dir, self.recipe.train.resume or "latest")
+        if found is None:
+            self.log.info("train.resume: no checkpoint in %s yet; starting from step 0", self.run_dir)
+            return TrainerState(world_size=self.world)
+        state = TrainerState(**checkpoint.load(self.engine, *found))
+        if state.world_size != self.world:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {found[1]} was written by {state.world_size} ranks; resume needs the same world size "
+                f"(got {self.world}) to continue the same sample order"
+            )
+        self.log.info("resumed from %s at step %d (next batch %d)", found[1], state.step, state.next_batch)
+        return state
+
+    def fit(self) -> dict[str, Any]:
+        recipe, run_dir, rank, world, device = self.recipe, self.run_dir, self.rank, self.world, self.device
+        cfg, engine, state, log = recipe.train, self.engine, self.state, self.log
+        stop = min(cfg.stop_at, cfg.steps) if cfg.stop_at else cfg.steps
+        float_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+        global_batch = recipe.data.batch_size * world * cfg.grad_accum
+        writer = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.tensorboard, total_steps=cfg.steps,
+                               start_step=state.step)
+        keylog = _KeyLog(run_dir, rank, cfg.log_keys, state.step)
+        if rank == 0:
+            log.info("pretraining %s: %d ranks, global batch %d, ZeRO-%d, %s, %s", recipe.name, world,
+                     global_batch, cfg.zero_stage, cfg.precision, model_summary(self.model))
+
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        timings = dict.fromkeys(PHASES, 0.0)
+        data_errors: Counter[str] = Counter()
+        pending: list[tuple[int, torch.Tensor, float, float]] = []  # (step, loss, lr, logit scale)
+        recent_losses: list[float] = []
+        first_step = state.step
+        timed_start: float | None = None
+        timed_steps = 0
+        while state.step < stop:
+            step_loss = torch.zeros((), device=device)
+            scale = float("nan")
+            for _ in range(cfg.grad_accum):
+                t0 = time.perf_counter()
+                batch = next(self.source)
+                t1 = time.perf_counter()
+                if batch.index != state.next_batch:
+                    raise RuntimeError(f"stream out of order on rank {rank}: got batch {batch.index}, "
+                                       f"expected {state.next_batch}")
+                data_errors.update(batch.stats)
+                keylog.write(state.step, batch)
+                batch = batch.to(device, float_dtype=float_dtype, non_blocking=True)
+                out = engine(batch)
+                sync()
+                t2 = time.perf_counter()
+                engine.backward(out.loss)
+                sync()
+                t3 = time.perf_counter()
+                engine.step()
+                sync()
+                t4 = time.perf_counter()
+                state.next_batch += 1
+                step_loss += out.loss.detach().float() / cfg.grad_accum
+                if state.step > first_step:  # the first step pays one-off costs (worker start-up, allocation)
+                    for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                        timings[phase] += dt
+                scale_metric = next((v for k, v in out.metrics.items() if k.endswith("logit_scale")), None)
+                scale = float(scale_metric) if scale_metric is not None else scale
+            state.step += 1
+            state.samples_seen += global_batch
+            if state.step == first_step + 1:
+                timed_start = time.perf_counter()
+            else:
+                timed_steps += 1
+            pending.append((state.step, step_loss, self.scheduler.get_last_lr()[0], scale))
+
+            last = state.step == stop
+            if state.step % cfg.log_every == 0 or last:
+                losses = torch.stack([p[1] for p in pending])
+                dist.all_reduce(losses)
+                losses = (losses / world).tolist()
+                elapsed = time.perf_counter() - timed_start if timed_start else 0.0
+                rate = timed_steps * global_batch / elapsed if elapsed > 0 and timed_steps else float("nan")
+                for (step, _, lr, s), loss in zip(pending, losses, strict=True):
+                    writer.write(step, {"loss": loss, "lr": lr, "logit_scale": s, "samples_per_s": rate})
+                recent_losses = (recent_losses + losses)[-10:]
+                writer.flush(state.step, {"loss": losses[-1], "samples/s": rate})
+                pending.clear()
+            if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or last:
+                tag = checkpoint.save(engine, run_dir, state.step, asdict(state), keep_last=cfg.keep_last)
+                log.info("saved checkpoint %s", tag)
+
+        writer.close()
+        keylog.close()
+        wall = time.perf_counter() - timed_start if timed_start else 0.0
+        per_rank: list[Any] = [None] * world
+        dist.all_gather_object(per_rank, {"peak_rss_mb": round(_peak_rss_mb(), 1), "data_errors": dict(data_errors)})
+        total_errors: Counter[str] = Counter()
+        for r in per_rank:
+            total_errors.update(r["data_errors"])
+        summary = {
+            "recipe": recipe.name,
+            "steps": state.step,
+            "samples_per_s": round(timed_steps * global_batch / wall, 2) if wall > 0 and timed_steps else None,
+            "final_loss": round(sum(recent_losses) / len(recent_losses), 5) if recent_losses else None,
+            "final_loss_window_steps": len(recent_losses),
+            "world_size": world,
+            "global_batch": global_batch,
+            "zero_stage": cfg.zero_stage,
+            "precision": cfg.precision,
+            "device": device.type,
+            "samples_seen": state.samples_seen,
+            "timed_steps": timed_steps,
+            "step_time_split_s": {k: round(v / max(1, timed_steps * cfg.grad_accum), 5) for k, v in timings.items()},
+            "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in per_rank],
+            "data_errors": dict(total_errors),
+            **model_summary(self.model),
+            "checkpoint": str(run_dir / checkpoint.CHECKPOINTS / checkpoint.tag_for(state.step)),
+        }
+        if rank == 0:
+            curve = plot_loss_curve(run_dir)
+            summary["loss_curve"] = str(curve) if curve else None
+            atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+            log.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "samples_per_s", "final_loss")}))
+        return summary
+
+
 def train(recipe: Recipe, run_dir: Path, *, batches: BatchSource | None = None) -> dict[str, Any]:
     """Run (or resume) pretraining as one rank of the current process group; returns the run summary."""
-    rank, world, device = init_distributed()
-    cfg = recipe.train
-    log = setup_text_logs(run_dir, rank)
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        # Deterministic mode also NaN-fills every torch.empty; nothing here reads uninitialised memory, and the
-        # fill costs a pass over every buffer DeepSpeed allocates.
-        torch.utils.deterministic.fill_uninitialized_memory = False
-    _seed_everything(cfg.seed)
-    model = build_model(recipe.model, seed=cfg.seed)
-    objectives, weights = build_objectives(recipe.objectives)
-    task = PretrainTask(model, objectives, weights)
-    engine, _, scheduler = build_engine(task, cfg, recipe.data.batch_size, world)
-    _seed_everything(cfg.seed + rank)
-
-    state = TrainerState(world_size=world)
-    if cfg.resume:
-        found = checkpoint.find(run_dir, cfg.resume)
-        if found is None:
-            log.info("train.resume=%s: no checkpoint in %s yet; starting from step 0", cfg.resume, run_dir)
-        else:
-            state = TrainerState(**checkpoint.load(engine, *found))
-            if state.world_size != world:
-                raise checkpoint.CheckpointError(
-                    f"checkpoint {found[1]} was written by {state.world_size} ranks; resume needs the same world "
-                    f"size (got {world}) to continue the same sample order"
-                )
-            log.info("resumed from %s at step %d (next batch %d)", found[1], state.step, state.next_batch)
-
-    if batches is not None:
-        source = batches(rank, world, state.next_batch)
-    else:
-        source = iter(build_loader(recipe, rank=rank, world_size=world, start_batch=state.next_batch,
-                                   pin_memory=device.type == "cuda"))
-    float_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
-    global_batch = recipe.data.batch_size * world * cfg.grad_accum
-    writer = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.tensorboard, total_steps=cfg.steps,
-                           start_step=state.step)
-    keylog = _KeyLog(run_dir, rank, cfg.log_keys, state.step)
-    if rank == 0:
-        log.info("pretraining %s: %d ranks, global batch %d, ZeRO-%d, %s, %s", recipe.name, world, global_batch,
-                 cfg.zero_stage, cfg.precision, model_summary(model))
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    timings = dict.fromkeys(PHASES, 0.0)
-    data_errors: Counter[str] = Counter()
-    pending: list[tuple[int, torch.Tensor, float, float]] = []  # (step, loss, lr, logit scale)
-    recent_losses: list[float] = []
-    first_step = state.step
-    timed_start: float | None = None
-    timed_steps = 0
-    while state.step < cfg.steps:
-        step_loss = torch.zeros((), device=device)
-        scale = float("nan")
-        for _ in range(cfg.grad_accum):
-            t0 = time.perf_counter()
-            batch = next(source)
-            t1 = time.perf_counter()
-            if batch.index != state.next_batch:
-                raise RuntimeError(f"stream out of order on rank {rank}: got batch {batch.index}, "
-                                   f"expected {state.next_batch}")
-            data_errors.update(batch.stats)
-            keylog.write(state.step, batch)
-            batch = batch.to(device, float_dtype=float_dtype, non_blocking=True)
-            out = engine(batch)
-            sync()
-            t2 = time.perf_counter()
-            engine.backward(out.loss)
-            sync()
-            t3 = time.perf_counter()
-            engine.step()
-            sync()
-            t4 = time.perf_counter()
-            state.next_batch += 1
-            step_loss += out.loss.detach().float() / cfg.grad_accum
-            for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-                if state.step > first_step:  # the first step pays one-off costs (worker start-up, allocation)
-                    timings[phase] += dt
-            scale_metric = next((v for k, v in out.metrics.items() if k.endswith("logit_scale")), None)
-            scale = float(scale_metric) if scale_metric is not None else scale
-        state.step += 1
-        state.samples_seen += global_batch
-        if state.step == first_step + 1:
-            timed_start = time.perf_counter()
-        else:
-            timed_steps += 1
-        pending.append((state.step, step_loss, scheduler.get_last_lr()[0], scale))
-
-        last = state.step == cfg.steps
-        if state.step % cfg.log_every == 0 or last:
-            losses = torch.stack([p[1] for p in pending])
-            dist.all_reduce(losses)
-            losses = (losses / world).tolist()
-            elapsed = time.perf_counter() - timed_start if timed_start else 0.0
-            rate = timed_steps * global_batch / elapsed if elapsed > 0 and timed_steps else float("nan")
-            for (step, _, lr, s), loss in zip(pending, losses, strict=True):
-                writer.write(step, {"loss": loss, "lr": lr, "logit_scale": s, "samples_per_s": rate})
-            recent_losses = (recent_losses + losses)[-10:]
-            writer.flush(state.step, {"loss": losses[-1], "samples/s": rate})
-            pending.clear()
-        if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or last:
-            tag = checkpoint.save(engine, run_dir, state.step, asdict(state), keep_last=cfg.keep_last)
-            log.info("saved checkpoint %s", tag)
-
-    writer.close()
-    keylog.close()
-    wall = time.perf_counter() - timed_start if timed_start else 0.0
-    per_rank = [None] * world
-    dist.all_gather_object(per_rank, {"peak_rss_mb": round(_peak_rss_mb(), 1), "data_errors": dict(data_errors)})
-    total_errors: Counter[str] = Counter()
-    for r in per_rank:
-        total_errors.update(r["data_errors"])
-    summary = {
-        "recipe": recipe.name,
-        "steps": state.step,
-        "samples_per_s": round(timed_steps * global_batch / wall, 2) if wall > 0 and timed_steps else None,
-        "final_loss": round(sum(recent_losses) / len(recent_losses), 5) if recent_losses else None,
-        "final_loss_window_steps": len(recent_losses),
-        "world_size": world,
-        "global_batch": global_batch,
-        "zero_stage": cfg.zero_stage,
-        "precision": cfg.precision,
-        "device": device.type,
-        "samples_seen": state.samples_seen,
-        "timed_steps": timed_steps,
-        "step_time_split_s": {k: round(v / max(1, timed_steps * cfg.grad_accum), 5) for k, v in timings.items()},
-        "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in per_rank],
-        "data_errors": dict(total_errors),
-        **model_summary(model),
-        "checkpoint": str(run_dir / checkpoint.CHECKPOINTS / checkpoint.tag_for(state.step)),
-    }
-    if rank == 0:
-        curve = plot_loss_curve(run_dir)
-        summary["loss_curve"] = str(curve) if curve else None
-        atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
-        log.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "samples_per_s", "final_loss")}))
-    return summary
+    return Trainer(recipe, run_dir, batches=batches).fit()

@@ -11,8 +11,8 @@ Each sample becomes::
     txt      the transcript,
     json     {"prompt", "text", "family", "split", "duration_s"}.
 
-Bracketed non-speech entries (``beep: [this is a simple beep tone]``) and transcripts without a recording are
-skipped and counted.
+Non-speech entries, bracketed or parenthesised (``beep: [this is a simple beep tone]``,
+``silence/1: (1 second of silence)``), and transcripts without a recording are skipped and counted.
 
 **The probe label** (never seen by pretraining): ``family``, the prompt family read off the file name. The
 prefix is the directory (``digits/7`` -> ``digits``) or the first ``-``/``_``-separated word of the name
@@ -94,7 +94,7 @@ def read_prompts(sounds_dir: Path = SOUNDS_DIR, transcripts: Path = TRANSCRIPTS)
             if not line or line.startswith(";") or ":" not in line:
                 continue
             name, text = (part.strip() for part in line.split(":", 1))
-            if not text or text.startswith("["):
+            if not text or text.startswith(("[", "(")):
                 skipped["non_speech"] += 1
                 continue
             wav = sounds_dir / f"{name}.wav"

@@ -1,0 +1,59 @@
+# mmssl: the two commands a new user runs (see README.md), plus lint.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+MMSSL  := $(BIN)/mmssl
+DATA   := data/asterisk
+RUN    := runs/quickstart
+NPROC  ?= 2
+ASTERISK_PKGS := asterisk-core-sounds-en-wav asterisk-core-sounds-en
+
+.PHONY: quickstart test lint install data-deps shards clean-quickstart
+
+install: $(STAMP)
+
+# torch + torchvision first, pinned by constraints.txt; then the project under the same constraints so no
+# dependency can swap the torch build (see README, "Installing").
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+# The bundled real data set comes from Debian packages; install them when we can, else say how.
+data-deps:
+	@if [ ! -d /usr/share/asterisk/sounds/en_US_f_Allison ] || [ ! -f /usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $(ASTERISK_PKGS)"; \
+	    apt-get install -y --no-install-recommends $(ASTERISK_PKGS) >/dev/null || \
+	      { apt-get update >/dev/null && apt-get install -y --no-install-recommends $(ASTERISK_PKGS) >/dev/null; }; \
+	  else \
+	    echo "The quickstart data is missing. Install it with:"; \
+	    echo "  sudo apt-get install -y --no-install-recommends $(ASTERISK_PKGS)"; exit 1; \
+	  fi; \
+	fi
+
+$(DATA)/train/index.json: | $(STAMP) data-deps
+	$(MMSSL) make-shards asterisk --out $(DATA)
+
+shards: $(DATA)/train/index.json
+
+quickstart: $(STAMP) data-deps shards
+	$(MMSSL) pretrain quickstart --nproc $(NPROC) --run-dir $(RUN) --overwrite
+	$(MMSSL) export $(RUN) --out $(RUN)/export
+	$(MMSSL) probe $(RUN)/export/audio --shards $(DATA)/train --test-shards $(DATA)/test --label family \
+	  --json $(RUN)/eval/probe.json
+	$(MMSSL) retrieval $(RUN)/export --shards $(DATA)/test --query audio --target text --match-field text \
+	  --json $(RUN)/eval/retrieval.json
+	$(MMSSL) report $(RUN)
+
+test: $(STAMP) data-deps
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean-quickstart:
+	rm -rf $(RUN) $(DATA)

@@ -1,0 +1,65 @@
+"""Shared fixtures: small real shards built from the installed Asterisk prompts, tiny recipes, rank launchers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def asterisk_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 200 real prompts in 8-sample shards (train ~170 in ~21 shards, test ~30), plus spm.model."""
+    from data_pipelines.sources import asterisk
+
+    asterisk.check_installed()
+    out = tmp_path_factory.mktemp("asterisk")
+    asterisk.build(out, limit=200, shard_size=8, vocab_size=400)
+    return out
+
+
+def tiny_recipe_dict(root: Path, **sections: dict) -> dict:
+    """A recipe small enough for a few CPU steps in seconds, on the real shards."""
+    recipe = {
+        "name": "tiny",
+        "data": {"train": str(root / "train"), "eval": str(root / "test"), "batch_size": 8, "shuffle_buffer": 16,
+                 "streams_per_rank": 2, "num_workers": 0, "seed": 0},
+        "model": {
+            "embed_dim": 32,
+            "audio": {"width": 48, "depth": 1, "heads": 2, "frames": 64, "n_mels": 32, "patch_size": [16, 16],
+                      "hop_length": 160, "pool": "avg", "norm_mean": -10.0, "norm_std": 5.0},
+            "text": {"tokenizer": str(root / "spm.model"), "width": 48, "depth": 1, "heads": 2, "max_len": 16},
+        },
+        "objectives": {"contrastive": {"pairs": [["audio", "text"]]}},
+        "train": {"steps": 4, "lr": 1e-3, "warmup_steps": 1, "log_every": 1, "zero_stage": 2, "precision": "fp32",
+                  "tensorboard": False, "threads": 1},
+    }
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values}
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_ranks(nproc: int, args: list[str], *, timeout: int = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=N`` over ``args`` (a script or ``-m module`` and its arguments)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def mmssl(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,67 @@
+"""Run the real trainer with fixed global batches split across however many ranks are launched.
+
+    torchrun --nproc_per_node=N tests/helpers/fixed_batches.py RECIPE RUN_DIR GLOBAL_BATCH OUT_FEATURES
+
+Global batch ``i`` is samples ``i·G .. (i+1)·G-1`` of the training shards read in order; rank ``r`` of ``W`` trains on
+rows ``r·G/W .. (r+1)·G/W - 1`` of it. So 1 rank and 2 ranks see the same global batches, which is what the
+distributed-equivalence test needs. Afterwards rank 0 saves the live model's pooled features and embeddings for
+the first global batch (evaluation mode) so that the export test can compare against the training model itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from architectures.modalities import get_modality
+from data_pipelines.shards import resolve_shards
+from data_pipelines.stream import read_once
+from pretrain.data import modality_fields
+from pretrain.launch import prepare_run_dir
+from pretrain.recipe import load_recipe
+from pretrain.trainer import Trainer, init_distributed
+
+
+def main() -> None:
+    recipe_path, run_dir, global_batch, out_file = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    recipe = load_recipe(recipe_path)
+    rank, world, _ = init_distributed()
+    recipe.data.batch_size = global_batch // world
+    decoders = {m: get_modality(m).decoder(c, train=False) for m, c in recipe.model.towers.items()}
+
+    def global_batches():
+        return read_once(resolve_shards(recipe.data.train), fields=modality_fields(recipe), decoders=decoders,
+                         batch_size=global_batch)
+
+    def source(rank: int, world: int, start: int):
+        per_rank = global_batch // world
+        for batch in global_batches():
+            if batch.index >= start:
+                yield batch.rows(rank * per_rank, (rank + 1) * per_rank)
+
+    if rank == 0:
+        prepare_run_dir(run_dir, recipe, overwrite=True)
+    dist.barrier()
+    trainer = Trainer(recipe, run_dir, batches=source)
+    trainer.fit()
+    if rank == 0:
+        model = trainer.model.eval()
+        first = next(global_batches())
+        with torch.no_grad():
+            out = model(first.inputs, first.present)
+        tensors = {f"{kind}.{m}": getattr(out, kind)[m].contiguous() for kind in ("pooled", "embeddings")
+                   for m in out.embeddings}
+        save_file(tensors, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Recipes: strict typed loading, origins in error messages, dotted overrides, pre-launch validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from architectures.towers import ArchitectureError
+from data_pipelines.shards import DataError
+from objectives.base import ObjectiveError
+from pretrain.recipe import RecipeError, dump_recipe, list_bundled_recipes, load_recipe
+from pretrain.validate import validate_recipe
+from tests.conftest import tiny_recipe_dict, write_recipe
+
+
+@pytest.fixture
+def recipe_file(tmp_path: Path, asterisk_data: Path) -> Path:
+    return write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(asterisk_data))
+
+
+def test_overrides_reach_nested_modality_configs(recipe_file: Path) -> None:
+    r = load_recipe(recipe_file, ["train.steps=50", "model.audio.depth=2", "model.audio.patch_size=[16,8]",
+                                  "data.eval=null", "train.lr=3e-4"])
+    assert r.train.steps == 50 and isinstance(r.train.steps, int)
+    assert r.model.towers["audio"].depth == 2
+    assert r.model.towers["audio"].patch_size == [16, 8]
+    assert r.data.eval is None
+    assert r.train.lr == pytest.approx(3e-4)
+
+
+def test_unknown_key_names_key_file_and_valid_keys(tmp_path: Path, asterisk_data: Path) -> None:
+    raw = tiny_recipe_dict(asterisk_data)
+    raw["train"]["stpes"] = 10
+    path = write_recipe(tmp_path / "bad.yaml", raw)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert str(path) in msg and "'train.stpes'" in msg and "steps" in msg and "warmup_steps" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_modality_lists_registered_ones(recipe_file: Path) -> None:
+    with pytest.raises(RecipeError, match=r"command-line override 'model\.video\.depth=2': unknown key "
+                                          r"'model\.video'.*audio, image, text"):
+        load_recipe(recipe_file, ["model.video.depth=2"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.steps=abc", r"'train\.steps' expects int, got 'abc' \(str\)"),
+        ("train.lr=fast", r"'train\.lr' expects float, got 'fast'"),
+        ("model.audio.depth=2.5", r"'model\.audio\.depth' expects int, got 2\.5"),
+        ("train.deterministic=maybe", r"'train\.deterministic' expects bool"),
+        ("objectives.contrastive.pairs=3", r"'objectives\.contrastive\.pairs' expects list"),
+    ],
+)
+def test_mistyped_override_is_one_line_naming_the_value(recipe_file: Path, override: str, expected: str) -> None:
+    with pytest.raises(RecipeError, match=expected) as err:
+        load_recipe(recipe_file, [override])
+    assert f"command-line override {override!r}" in str(err.value)
+
+
+def test_mistyped_value_in_file_names_the_file(tmp_path: Path, asterisk_data: Path) -> None:
+    raw = tiny_recipe_dict(asterisk_data)
+    raw["data"]["batch_size"] = "eight"
+    path = write_recipe(tmp_path / "bad.yaml", raw)
+    with pytest.raises(RecipeError, match=rf"{path}: 'data\.batch_size' expects int, got 'eight'"):
+        load_recipe(path)
+
+
+def test_malformed_override_rejected(recipe_file: Path) -> None:
+    with pytest.raises(RecipeError, match="must look like key.path=value"):
+        load_recipe(recipe_file, ["train.steps"])
+
+
+def test_resolved_recipe_round_trips(tmp_path: Path, recipe_file: Path) -> None:
+    r = load_recipe(recipe_file, ["model.text.max_len=12"])
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(dump_recipe(r))
+    again = load_recipe(saved)
+    assert again == r
+    assert yaml.safe_load(saved.read_text())["model"]["audio"]["depth"] == 1  # modality keys flattened back
+
+
+def test_bundled_recipes_load_by_name() -> None:
+    assert "quickstart" in list_bundled_recipes()
+    r = load_recipe("quickstart")
+    assert set(r.model.towers) == {"audio", "text"}
+    with pytest.raises(RecipeError, match="neither a file nor a bundled recipe"):
+        load_recipe("no-such-recipe")
+
+
+def test_objective_needing_a_missing_modality_fails_before_launch(recipe_file: Path) -> None:
+    r = load_recipe(recipe_file, ["objectives.contrastive.pairs=[[audio,image]]"])
+    with pytest.raises(ObjectiveError, match=r"objectives\.contrastive needs modality 'image'.*\['audio', 'text'\]"):
+        validate_recipe(r, world_size=2)
+
+
+def test_missing_shard_path_fails_before_launch(recipe_file: Path, tmp_path: Path) -> None:
+    r = load_recipe(recipe_file, [f"data.train={tmp_path}/nowhere/shard-{{000000..000003}}.tar"])
+    with pytest.raises(DataError, match=r"data\.train: shard not found: .*nowhere/shard-000000\.tar \(and 3 more\)"):
+        validate_recipe(r, world_size=2)
+
+
+def test_too_few_shards_for_readers_is_caught(recipe_file: Path) -> None:
+    r = load_recipe(recipe_file, ["data.streams_per_rank=16"])
+    with pytest.raises(DataError, match=r"cannot feed 2 rank\(s\) x 16 stream\(s\)"):
+        validate_recipe(r, world_size=2)
+
+
+def test_missing_tokenizer_and_bad_precision(recipe_file: Path, tmp_path: Path) -> None:
+    r = load_recipe(recipe_file, [f"model.text.tokenizer={tmp_path}/missing.model"])
+    with pytest.raises(RecipeError, match=r"model\.text\.tokenizer: file not found: .*missing\.model"):
+        validate_recipe(r, world_size=1)
+    r = load_recipe(recipe_file, ["train.precision=fp16"])
+    with pytest.raises(RecipeError, match="fp16 .* use bf16"):
+        validate_recipe(r, world_size=1)
+    r = load_recipe(recipe_file, ["model.audio.arch=vit_nonexistent"])
+    with pytest.raises(ArchitectureError, match="unknown timm architecture 'vit_nonexistent'"):
+        validate_recipe(r, world_size=1)

@@ -1,0 +1,183 @@
+"""The ``mmssl`` command.
+
+    mmssl make-shards asterisk --out data/asterisk       build the bundled speech + transcript shards
+    mmssl recipes                                         list bundled recipes
+    mmssl pretrain RECIPE [key=value ...] --nproc 2       pretrain on N local ranks (or as one rank of a launcher)
+    mmssl export RUN_DIR --out DIR                        one directory per encoder
+    mmssl probe ENCODER_DIR --shards TRAIN --test-shards TEST --label FIELD
+    mmssl retrieval EXPORT_DIR --shards TEST --query audio --target text
+    mmssl report RUN_DIR                                  training + evaluation table, summary.json
+
+Bad input ends the command with one line ``mmssl: error: ...`` naming the value and its origin, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from architectures.towers import ArchitectureError
+    from data_pipelines.shards import DataError
+    from objectives.base import ObjectiveError
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.recipe import RecipeError
+    from tools.probe import ProbeError
+
+    return RecipeError, DataError, ArchitectureError, ObjectiveError, CheckpointError, ProbeError
+
+
+def cmd_make_shards(args: argparse.Namespace) -> int:
+    from data_pipelines.sources import asterisk
+
+    if args.source != "asterisk":
+        raise SystemExit(f"mmssl: error: unknown source {args.source!r}")
+    indexes = asterisk.build(args.out, test_fraction=args.test_fraction, shard_size=args.shard_size,
+                             vocab_size=args.vocab_size, limit=args.limit)
+    for split, index in indexes.items():
+        print(f"{split:>5}: {index.total_samples} samples in {len(index.shards)} shards -> {args.out}/{split} "
+              f"(skipped: {index.info.get('skipped')})")
+    print(f"tokenizer: {args.out}/spm.model")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from pretrain.recipe import list_bundled_recipes
+
+    for name, line in list_bundled_recipes().items():
+        print(f"{name:<24} {line}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pretrain.launch import launch, under_launcher
+
+    code = launch(args.recipe, args.overrides, nproc=args.nproc, run_dir=args.run_dir, overwrite=args.overwrite)
+    if under_launcher():  # this process was a rank: skip gloo's teardown (see pretrain.worker)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tools.export import export_run
+
+    index = export_run(args.run_dir, args.out, checkpoint_tag=args.checkpoint)
+    for name, path in index["encoders"].items():
+        print(f"{name:>6}: {path}")
+    print(f"from {index['checkpoint']}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from tools.evaluate import format_probe, run_probe
+
+    results = run_probe(args.encoder_dir, shards=args.shards, test_shards=args.test_shards, label=args.label,
+                        features=args.features, few_shot=args.few_shot, floor=not args.no_floor, seed=args.seed,
+                        json_out=args.json)
+    print(format_probe(results))
+    return 0
+
+
+def cmd_retrieval(args: argparse.Namespace) -> int:
+    from tools.evaluate import format_retrieval, run_retrieval
+
+    results = run_retrieval(args.export_dir, shards=args.shards, query=args.query, target=args.target,
+                            match_field=args.match_field, floor=not args.no_floor, json_out=args.json)
+    print(format_retrieval(results))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tools.report import build_report, format_report
+
+    summary = build_report(args.run_dir)
+    print(format_report(summary, args.run_dir))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmssl", description="self-supervised multimodal pretraining")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("make-shards", help="build webdataset shards from a bundled real data source")
+    s.add_argument("source", choices=["asterisk"])
+    s.add_argument("--out", required=True)
+    s.add_argument("--test-fraction", type=float, default=0.15)
+    s.add_argument("--shard-size", type=int, default=24, help="samples per shard")
+    s.add_argument("--vocab-size", type=int, default=1000, help="sentencepiece vocabulary (soft limit)")
+    s.add_argument("--limit", type=int, default=None, help="keep about this many samples (small test sets)")
+    s.set_defaults(fn=cmd_make_shards)
+
+    s = sub.add_parser("recipes", help="list the bundled recipes")
+    s.set_defaults(fn=cmd_recipes)
+
+    s = sub.add_parser("pretrain", help="pretrain from a recipe")
+    s.add_argument("recipe", help="a recipe YAML path or a bundled recipe name")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 model.audio.depth=2")
+    s.add_argument("--nproc", type=int, default=1, help="local ranks to start (ignored under a launcher)")
+    s.add_argument("--run-dir", default=None, help="default: runs/<recipe name>")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing run's checkpoints and logs")
+    s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    s.set_defaults(fn=cmd_pretrain)
+
+    s = sub.add_parser("export", help="export each encoder of a run")
+    s.add_argument("run_dir")
+    s.add_argument("--out", required=True)
+    s.add_argument("--checkpoint", default=None, help="a checkpoint tag (default: latest)")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("probe", help="linear probe of an exported encoder, with its random-init floor")
+    s.add_argument("encoder_dir")
+    s.add_argument("--shards", required=True, help="training shards (a validation split is carved from them)")
+    s.add_argument("--test-shards", required=True)
+    s.add_argument("--label", required=True, help="metadata field holding the class label")
+    s.add_argument("--features", default="pooled", choices=["pooled", "embedding"])
+    s.add_argument("--few-shot", type=int, default=None, help="keep k training samples per class")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-floor", action="store_true", help="skip the random-init floor")
+    s.add_argument("--json", default=None, help="write the results to this file")
+    s.set_defaults(fn=cmd_probe)
+
+    s = sub.add_parser("retrieval", help="cross-modal retrieval Recall@1/5/10, both directions")
+    s.add_argument("export_dir")
+    s.add_argument("--shards", required=True)
+    s.add_argument("--query", required=True)
+    s.add_argument("--target", required=True)
+    s.add_argument("--match-field", default=None, help="samples with equal values of this field are positives")
+    s.add_argument("--no-floor", action="store_true")
+    s.add_argument("--json", default=None)
+    s.set_defaults(fn=cmd_retrieval)
+
+    s = sub.add_parser("report", help="print a run's training and evaluation table; update summary.json")
+    s.add_argument("run_dir")
+    s.add_argument("--json", action="store_true", help="also print summary.json")
+    s.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "pretrain":  # overrides may come after the options, too
+        args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
+        extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        code = args.fn(args)
+    except _user_errors() as exc:
+        print(f"mmssl: error: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
