@@ -44,7 +44,8 @@ class Batch:
     def modalities(self) -> list[str]:
         return list(self.inputs)
 
-    def to(self, device: torch.device | str, float_dtype: torch.dtype | None = None, non_blocking: bool = False) -> Batch:
+    def to(self, device: torch.device | str, float_dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> Batch:
         """Move every tensor to ``device``; floating-point inputs are also cast to ``float_dtype`` when given."""
 
         def move(t: Tensor) -> Tensor:

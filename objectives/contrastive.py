@@ -70,7 +70,8 @@ def contrastive_loss(
         keep = valid.nonzero().squeeze(1)
         logits_ab, logits_ba, labels = logits_ab[keep], logits_ba[keep], labels[keep]
     n_global = valid_cols.sum()
-    per_row = (F.cross_entropy(logits_ab, labels, reduction="none") + F.cross_entropy(logits_ba, labels, reduction="none"))
+    per_row = F.cross_entropy(logits_ab, labels, reduction="none") + F.cross_entropy(logits_ba, labels,
+                                                                                     reduction="none")
     loss = per_row.sum() / 2 * size / n_global.clamp_min(1)
     with torch.no_grad():
         metrics = {
@@ -108,7 +109,7 @@ class ContrastiveObjective(Objective):
         for pair in pairs:
             if len(pair) != 2 or pair[0] == pair[1]:
                 raise ObjectiveError(f"contrastive pair {list(pair)!r} must name two different modalities")
-        if not 0 < init_temperature:
+        if not init_temperature > 0:
             raise ObjectiveError(f"init_temperature must be > 0, got {init_temperature}")
         if max_logit_scale < 1:
             raise ObjectiveError(f"max_logit_scale must be >= 1, got {max_logit_scale}")

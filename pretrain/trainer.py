@@ -175,6 +175,7 @@ class Trainer:
         first_step = state.step
         timed_start: float | None = None
         timed_steps = 0
+        checkpoint_s = 0.0  # excluded from throughput
         while state.step < stop:
             step_loss = torch.zeros((), device=device)
             scale = float("nan")
@@ -217,7 +218,7 @@ class Trainer:
                 losses = torch.stack([p[1] for p in pending])
                 dist.all_reduce(losses)
                 losses = (losses / world).tolist()
-                elapsed = time.perf_counter() - timed_start if timed_start else 0.0
+                elapsed = time.perf_counter() - timed_start - checkpoint_s if timed_start else 0.0
                 rate = timed_steps * global_batch / elapsed if elapsed > 0 and timed_steps else float("nan")
                 for (step, _, lr, s), loss in zip(pending, losses, strict=True):
                     writer.write(step, {"loss": loss, "lr": lr, "logit_scale": s, "samples_per_s": rate})
@@ -225,12 +226,14 @@ class Trainer:
                 writer.flush(state.step, {"loss": losses[-1], "samples/s": rate})
                 pending.clear()
             if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or last:
+                t_save = time.perf_counter()
                 tag = checkpoint.save(engine, run_dir, state.step, asdict(state), keep_last=cfg.keep_last)
+                checkpoint_s += time.perf_counter() - t_save if timed_start else 0.0
                 log.info("saved checkpoint %s", tag)
 
         writer.close()
         keylog.close()
-        wall = time.perf_counter() - timed_start if timed_start else 0.0
+        wall = time.perf_counter() - timed_start - checkpoint_s if timed_start else 0.0
         per_rank: list[Any] = [None] * world
         dist.all_gather_object(per_rank, {"peak_rss_mb": round(_peak_rss_mb(), 1), "data_errors": dict(data_errors)})
         total_errors: Counter[str] = Counter()

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-
 def _user_errors() -> tuple[type[Exception], ...]:
     from architectures.towers import ArchitectureError
     from data_pipelines.shards import DataError

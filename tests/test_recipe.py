@@ -72,7 +72,7 @@ def test_mistyped_value_in_file_names_the_file(tmp_path: Path, asterisk_data: Pa
 
 
 def test_malformed_override_rejected(recipe_file: Path) -> None:
-    with pytest.raises(RecipeError, match="must look like key.path=value"):
+    with pytest.raises(RecipeError, match=r"must look like key\.path=value"):
         load_recipe(recipe_file, ["train.steps"])
 
 
@@ -116,7 +116,7 @@ def test_missing_tokenizer_and_bad_precision(recipe_file: Path, tmp_path: Path) 
     with pytest.raises(RecipeError, match=r"model\.text\.tokenizer: file not found: .*missing\.model"):
         validate_recipe(r, world_size=1)
     r = load_recipe(recipe_file, ["train.precision=fp16"])
-    with pytest.raises(RecipeError, match="fp16 .* use bf16"):
+    with pytest.raises(RecipeError, match=r"fp16 .* use bf16"):
         validate_recipe(r, world_size=1)
     r = load_recipe(recipe_file, ["model.audio.arch=vit_nonexistent"])
     with pytest.raises(ArchitectureError, match="unknown timm architecture 'vit_nonexistent'"):

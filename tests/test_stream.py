@@ -62,7 +62,7 @@ def test_shard_order_changes_per_epoch_and_seed(asterisk_data: Path) -> None:
 
 
 def test_workers_must_divide_streams(asterisk_data: Path) -> None:
-    with pytest.raises(DataError, match="3 DataLoader workers must divide data.streams_per_rank=2"):
+    with pytest.raises(DataError, match=r"3 DataLoader workers must divide data\.streams_per_rank=2"):
         next(iter(make_loader(_stream(asterisk_data), num_workers=3)))
 
 

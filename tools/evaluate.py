@@ -10,10 +10,10 @@ import torch
 
 from architectures.encoder import read_meta
 from data_pipelines.shards import atomic_write_text
+from tools.export import EXPORT_INDEX
 from tools.features import extract
 from tools.probe import ProbeError, fmt_pct, labels_of, linear_probe
 from tools.retrieval import first_positive_rank, group_ids, recall_at_k
-from tools.export import EXPORT_INDEX
 
 FLOOR_SEED = 0
 

@@ -56,7 +56,7 @@ def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Ten
     for c in y.unique().tolist():
         idx = (y == c).nonzero().squeeze(1)
         idx = idx[torch.randperm(idx.numel(), generator=g)]
-        n_val = int(round(idx.numel() * fraction)) if idx.numel() >= 2 else 0
+        n_val = round(idx.numel() * fraction) if idx.numel() >= 2 else 0
         n_val = min(n_val, idx.numel() - 1)
         val_idx.append(idx[:n_val])
         train_idx.append(idx[n_val:])

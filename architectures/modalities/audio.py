@@ -3,7 +3,9 @@
 Preprocessing (per sample, in loader workers):
 
 1. decode the member (WAV PCM via the standard library; FLAC/OGG via ``soundfile`` when installed), mix to mono,
-   resample to ``sample_rate`` (band-limited, by FFT);
+   resample to ``sample_rate`` (band-limited, by FFT); when training, optionally change speed by a random factor
+   in ``speed_perturb`` (resampling, so pitch and tempo move together, Ko et al. 2015) and gain by up to
+   ``gain_db``;
 2. crop or zero-pad to ``hop_length·(frames-1)`` samples (crop from the start, or at a random offset when
    ``crop="random"`` and training);
 3. power spectrogram ``|STFT|²`` (Hann window ``n_fft``, hop ``hop_length``, centred) -> ``n_mels`` triangular
@@ -44,6 +46,8 @@ class AudioConfig(TowerConfig):
     norm_mean: float = -6.0
     norm_std: float = 4.0
     crop: str = "start"
+    speed_perturb: list[float] = field(default_factory=list)  # e.g. [0.9, 1.1]: resample by a random factor
+    gain_db: float = 0.0  # random gain in [-gain_db, +gain_db] dB
     spec_augment: bool = False
     freq_mask: int = 8
     time_mask: int = 24
@@ -125,7 +129,13 @@ class LogMel:
     def __call__(self, data: bytes, rng: np.random.Generator) -> Tensor:
         cfg = self.cfg
         samples, rate = read_waveform(data)
-        x = self.waveform(resample(torch.from_numpy(np.ascontiguousarray(samples)), rate, cfg.sample_rate), rng)
+        x = resample(torch.from_numpy(np.ascontiguousarray(samples)), rate, cfg.sample_rate)
+        if self.train and cfg.speed_perturb:
+            factor = float(rng.uniform(cfg.speed_perturb[0], cfg.speed_perturb[-1]))
+            x = resample(x, round(cfg.sample_rate * factor), cfg.sample_rate)
+        if self.train and cfg.gain_db:
+            x = x * 10 ** (float(rng.uniform(-cfg.gain_db, cfg.gain_db)) / 20)
+        x = self.waveform(x, rng)
         spec = torch.stft(x, cfg.n_fft, cfg.hop_length, window=self.window, center=True, return_complex=True)
         mel = torch.log(self.filters.T @ spec.abs().pow(2) + 1e-6)
         mel = (mel - cfg.norm_mean) / cfg.norm_std
