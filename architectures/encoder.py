@@ -94,7 +94,7 @@ class Encoder(nn.Module):
         return get_modality(self.modality).decoder(self.cfg, train=False)
 
     def forward(self, x: Any) -> tuple[Tensor, Tensor]:
-        _, pooled = self.tower.encode(x)
+        pooled = self.tower(x).pooled
         return pooled, self.head(pooled)
 
 

@@ -34,7 +34,7 @@ class FusionFreeModel(nn.Module):
             raise ArchitectureError(f"the model has no tower for modality {unknown[0]!r} (towers: {self.modalities})")
         out = ModelOutput(embeddings={}, pooled={}, tokens={}, present={})
         for m, x in inputs.items():
-            tokens, pooled = self.towers[m].encode(x)
+            tokens, pooled = self.towers[m](x)
             out.tokens[m], out.pooled[m] = tokens, pooled
             out.embeddings[m] = self.heads[m](pooled)
             batch = pooled.shape[0]

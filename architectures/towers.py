@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import timm
 import torch
@@ -24,6 +24,11 @@ from torch import Tensor, nn
 
 class ArchitectureError(ValueError):
     """A model configuration that cannot be built (unknown arch, missing weights, modality mismatch)."""
+
+
+class TowerOutput(NamedTuple):
+    features: Tensor  # forward_features: [B, T, D] token states (or a feature map)
+    pooled: Tensor  # forward_head(pre_logits=True): [B, D]
 
 
 class Tower(nn.Module):
@@ -37,19 +42,23 @@ class Tower(nn.Module):
     def forward_head(self, x: Tensor, pre_logits: bool = True, **kwargs: Any) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, x: Any) -> Tensor:
-        return self.encode(x)[1]
-
-    def encode(self, x: Any) -> tuple[Tensor, Tensor]:
-        """``(forward_features(x), forward_head(...))`` in one call: token states and the pooled vector."""
+    def forward(self, x: Any) -> TowerOutput:
+        """Token states and the pooled vector in one call. Callers go through ``tower(x)`` (not the methods), so
+        module hooks, which ZeRO-3 uses to gather parameters, always fire."""
         features = self.forward_features(x)
-        return features, self.forward_head(features)
+        return TowerOutput(features, self.forward_head(features))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         raise NotImplementedError
 
     def no_weight_decay(self) -> set[str]:
         return set()
+
+    def parameters_outside_forward(self) -> list[nn.Parameter]:
+        """Parameters the tower's ``forward`` reads without calling the module that owns them (for example a
+        timm model's ``pos_embed`` when the tower calls ``model.forward_features`` directly). Engines that gather
+        parameters in module hooks (ZeRO-3) must register these as used by the tower."""
+        return []
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return {}
@@ -103,6 +112,9 @@ class TimmTower(Tower):
     def no_weight_decay(self) -> set[str]:
         names = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
         return {f"model.{n}" for n in names}
+
+    def parameters_outside_forward(self) -> list[nn.Parameter]:
+        return list(self.model.parameters(recurse=False))  # cls_token, pos_embed, ...: owned by the timm model
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         if not hasattr(self.model, "group_matcher"):
@@ -165,9 +177,9 @@ class HFTextTower(Tower):
         mask = attention_mask.to(x.dtype).unsqueeze(-1)
         return (x * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
-    def encode(self, x: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, x: dict[str, Tensor]) -> TowerOutput:
         features = self.forward_features(x)
-        return features, self.forward_head(features, attention_mask=x["attention_mask"])
+        return TowerOutput(features, self.forward_head(features, attention_mask=x["attention_mask"]))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         kwargs = {"use_reentrant": False}

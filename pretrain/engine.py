@@ -82,6 +82,10 @@ def build_engine(task: nn.Module, train: TrainConfig, micro_batch: int, world_si
     """``(engine, optimizer, scheduler)`` from ``deepspeed.initialize`` around ``task``."""
     import deepspeed
 
+    if train.zero_stage == 3:  # parameters read outside their owner's forward must be gathered for the reader
+        for module in task.modules():
+            for param in getattr(module, "parameters_outside_forward", list)():
+                deepspeed.zero.register_external_parameter(module, param)
     optimizer = torch.optim.AdamW(
         param_groups(task, train.weight_decay), lr=train.lr, betas=tuple(train.betas), eps=train.eps
     )

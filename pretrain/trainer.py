@@ -170,7 +170,7 @@ class Trainer:
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         timings = dict.fromkeys(PHASES, 0.0)
         data_errors: Counter[str] = Counter()
-        pending: list[tuple[int, torch.Tensor, float, float]] = []  # (step, loss, lr, logit scale)
+        pending: list[dict[str, Any]] = []  # per-step records, written at the next log step
         recent_losses: list[float] = []
         first_step = state.step
         timed_start: float | None = None
@@ -178,11 +178,12 @@ class Trainer:
         checkpoint_s = 0.0  # excluded from throughput
         while state.step < stop:
             step_loss = torch.zeros((), device=device)
-            scale = float("nan")
+            scale, data_wait = float("nan"), 0.0
             for _ in range(cfg.grad_accum):
                 t0 = time.perf_counter()
                 batch = next(self.source)
                 t1 = time.perf_counter()
+                data_wait += t1 - t0
                 if batch.index != state.next_batch:
                     raise RuntimeError(f"stream out of order on rank {rank}: got batch {batch.index}, "
                                        f"expected {state.next_batch}")
@@ -211,17 +212,18 @@ class Trainer:
                 timed_start = time.perf_counter()
             else:
                 timed_steps += 1
-            pending.append((state.step, step_loss, self.scheduler.get_last_lr()[0], scale))
+            pending.append({"step": state.step, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0],
+                            "logit_scale": scale, "data_wait_s": round(data_wait, 5)})
 
             last = state.step == stop
             if state.step % cfg.log_every == 0 or last:
-                losses = torch.stack([p[1] for p in pending])
+                losses = torch.stack([p["loss"] for p in pending])
                 dist.all_reduce(losses)
                 losses = (losses / world).tolist()
                 elapsed = time.perf_counter() - timed_start - checkpoint_s if timed_start else 0.0
                 rate = timed_steps * global_batch / elapsed if elapsed > 0 and timed_steps else float("nan")
-                for (step, _, lr, s), loss in zip(pending, losses, strict=True):
-                    writer.write(step, {"loss": loss, "lr": lr, "logit_scale": s, "samples_per_s": rate})
+                for record, loss in zip(pending, losses, strict=True):
+                    writer.write(record.pop("step"), {**record, "loss": loss, "samples_per_s": rate})
                 recent_losses = (recent_losses + losses)[-10:]
                 writer.flush(state.step, {"loss": losses[-1], "samples/s": rate})
                 pending.clear()

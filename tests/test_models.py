@@ -34,7 +34,7 @@ def test_timm_tower_matches_the_timm_model(model_cfg: ModelConfig) -> None:
     model = build_model(model_cfg, seed=0).eval()
     tower = model.towers["audio"]
     x = _inputs(model_cfg)["audio"]
-    tokens, pooled = tower.encode(x)
+    tokens, pooled = tower(x)
     assert tokens.shape == (3, 1 + 2 * 2, 32)  # class token + (32/16) x (32/16) patches
     torch.testing.assert_close(pooled, tower.model(x))  # timm's own forward (classifier removed)
     assert "model.pos_embed" in tower.no_weight_decay()
@@ -45,7 +45,7 @@ def test_text_tower_mean_pool_ignores_padding(model_cfg: ModelConfig) -> None:
     model = build_model(model_cfg, seed=0).eval()
     x = _inputs(model_cfg)["text"]
     x["attention_mask"][:, 6:] = 0
-    tokens, pooled = model.towers["text"].encode(x)
+    tokens, pooled = model.towers["text"](x)
     mask = x["attention_mask"].unsqueeze(-1).float()
     torch.testing.assert_close(pooled, (tokens * mask).sum(1) / mask.sum(1))
 

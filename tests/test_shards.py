@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from architectures.modalities import get_modality
 from data_pipelines.shards import DataError, DatasetIndex, resolve_shards, write_shards
@@ -141,3 +142,20 @@ def test_corrupt_member_marks_modality_absent_and_counts(asterisk_data: Path, tm
     assert int(batch.present["audio"].sum()) == len(batch) - 1
     assert batch.stats == {"decode_errors": 1}
     assert json.dumps(batch.stats)
+
+
+def test_fashion_mnist_shards_keep_the_original_pixels(tmp_path: Path) -> None:
+    from data_pipelines.sources import fashion_mnist
+
+    indexes = fashion_mnist.build(tmp_path, limit=60, shard_size=25)
+    assert indexes["train"].total_samples == 60 and len(indexes["train"].shards) == 3
+    images, labels = fashion_mnist.load_split("train")
+    image = get_modality("image")
+    cfg = image.config_cls(image_size=28, in_chans=1, mean=[0.0], std=[1.0])
+    batches = list(read_once(resolve_shards(str(tmp_path / "train")), fields={"image": ["png"]},
+                             decoders={"image": image.decoder(cfg, train=False)}, batch_size=64))
+    (batch,) = batches
+    for row, (index, label) in enumerate(zip(batch.meta["index"], batch.meta["label"], strict=True)):
+        assert label == fashion_mnist.CLASSES[labels[index]]
+        restored = (batch.inputs["image"][row, 0] * 255).round().to(torch.uint8).numpy()
+        assert (restored == images[index]).all()

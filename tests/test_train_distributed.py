@@ -117,3 +117,21 @@ def test_run_directory_has_summary_curve_and_logs(resume_runs: dict[str, Path]) 
     assert (run / "logs" / "rank1.log").is_file()
     resolved = load_recipe(run / "recipe.yaml")
     assert resolved.train.steps == 6
+
+
+def test_bf16_zero3_trains_and_exports_from_sharded_state(asterisk_data: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(
+        asterisk_data, train={"steps": 3, "zero_stage": 3, "precision": "bf16", "ckpt_every": 0}))
+    run = tmp_path / "run"
+    _check(mmssl("pretrain", str(recipe), "--nproc", "2", "--run-dir", str(run)))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["zero_stage"] == 3 and summary["precision"] == "bf16"
+    assert 0 < summary["final_loss"] < 10
+    state = _weights(run)  # fp32 master weights gathered from both ranks' ZeRO-3 partitions
+    export_run(run, tmp_path / "export")
+    enc = Encoder.from_dir(tmp_path / "export" / "audio")
+    for name, value in enc.tower.state_dict().items():
+        torch.testing.assert_close(value, state[f"model.towers.audio.{name}"].float(), rtol=0, atol=0)
+    recipe_obj = load_recipe(run / "recipe.yaml")
+    initial = build_model(recipe_obj.model, seed=recipe_obj.train.seed).towers["audio"].state_dict()
+    assert any(not torch.equal(initial[k], v) for k, v in enc.tower.state_dict().items())

@@ -1,6 +1,7 @@
 """The ``mmssl`` command.
 
     mmssl make-shards asterisk --out data/asterisk       build the bundled speech + transcript shards
+    mmssl make-shards fashion-mnist --out data/fmnist    image shards (Debian dataset-fashion-mnist)
     mmssl recipes                                         list bundled recipes
     mmssl pretrain RECIPE [key=value ...] --nproc 2       pretrain on N local ranks (or as one rank of a launcher)
     mmssl export RUN_DIR --out DIR                        one directory per encoder
@@ -32,16 +33,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def cmd_make_shards(args: argparse.Namespace) -> int:
-    from data_pipelines.sources import asterisk
+    from data_pipelines.sources import asterisk, fashion_mnist
 
-    if args.source != "asterisk":
-        raise SystemExit(f"mmssl: error: unknown source {args.source!r}")
-    indexes = asterisk.build(args.out, test_fraction=args.test_fraction, shard_size=args.shard_size,
-                             vocab_size=args.vocab_size, limit=args.limit)
+    if args.source == "asterisk":
+        indexes = asterisk.build(args.out, test_fraction=args.test_fraction, shard_size=args.shard_size or 24,
+                                 vocab_size=args.vocab_size, limit=args.limit)
+    else:
+        indexes = fashion_mnist.build(args.out, shard_size=args.shard_size or 5000, limit=args.limit)
     for split, index in indexes.items():
-        print(f"{split:>5}: {index.total_samples} samples in {len(index.shards)} shards -> {args.out}/{split} "
-              f"(skipped: {index.info.get('skipped')})")
-    print(f"tokenizer: {args.out}/spm.model")
+        skipped = index.info.get("skipped")
+        print(f"{split:>5}: {index.total_samples} samples in {len(index.shards)} shards -> {args.out}/{split}"
+              + (f" (skipped: {skipped})" if skipped else ""))
+    if args.source == "asterisk":
+        print(f"tokenizer: {args.out}/spm.model")
     return 0
 
 
@@ -108,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("make-shards", help="build webdataset shards from a bundled real data source")
-    s.add_argument("source", choices=["asterisk"])
+    s.add_argument("source", choices=["asterisk", "fashion-mnist"])
     s.add_argument("--out", required=True)
-    s.add_argument("--test-fraction", type=float, default=0.15)
-    s.add_argument("--shard-size", type=int, default=24, help="samples per shard")
+    s.add_argument("--test-fraction", type=float, default=0.15, help="asterisk: share of prompts held out")
+    s.add_argument("--shard-size", type=int, default=None, help="samples per shard (asterisk 24, fashion-mnist 5000)")
     s.add_argument("--vocab-size", type=int, default=1000, help="sentencepiece vocabulary (soft limit)")
     s.add_argument("--limit", type=int, default=None, help="keep about this many samples (small test sets)")
     s.set_defaults(fn=cmd_make_shards)

@@ -1,0 +1,70 @@
+"""Fashion-MNIST from Debian's ``dataset-fashion-mnist`` as image shards (the image-side probe benchmark and an
+image-only source).
+
+Source: ``/usr/share/datasets/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` (70,000 real 28x28
+grey-scale Zalando article images, 10 classes; MIT license). Each sample: ``png`` (lossless, the original pixels),
+``json`` ``{"label": class name, "label_id": int, "index": position in the source file}``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data_pipelines.shards import DataError, DatasetIndex, write_shards
+
+ROOT = Path("/usr/share/datasets/fashion-mnist")
+INSTALL_COMMAND = "apt-get install -y --no-install-recommends dataset-fashion-mnist"
+CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+FILES = {"train": "train", "test": "t10k"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (LeCun's format: magic, dimension sizes, big-endian uint8 payload)."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_split(split: str, root: Path = ROOT) -> tuple[np.ndarray, np.ndarray]:
+    prefix = FILES[split]
+    images, labels = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+    for path in (images, labels):
+        if not path.is_file():
+            raise DataError(f"Fashion-MNIST not installed ({path} is missing); install it with: {INSTALL_COMMAND}")
+    return read_idx(images), read_idx(labels)
+
+
+def _samples(images: np.ndarray, labels: np.ndarray, split: str, indices: np.ndarray) -> Iterator[dict]:
+    for i in indices.tolist():
+        buf = io.BytesIO()
+        Image.fromarray(images[i], mode="L").save(buf, format="PNG")
+        label = int(labels[i])
+        yield {"__key__": f"{split}-{i:05d}", "png": buf.getvalue(),
+               "json": {"label": CLASSES[label], "label_id": label, "index": i}}
+
+
+def build(out_dir: str | Path, *, shard_size: int = 5000, limit: int | None = None,
+          root: Path = ROOT) -> dict[str, DatasetIndex]:
+    """``out_dir/train`` and ``out_dir/test``; ``limit`` keeps every n-th image so about ``limit`` per split remain."""
+    out = Path(out_dir)
+    indexes = {}
+    for split in ("train", "test"):
+        images, labels = load_split(split, root)
+        indices = np.arange(len(labels))
+        if limit is not None and limit < len(indices):
+            indices = indices[:: max(1, len(indices) // limit)][:limit]
+        info = {"source": "dataset-fashion-mnist (Debian)", "license": "MIT (Zalando SE)", "split": split,
+                "label_field": "label", "classes": list(CLASSES)}
+        indexes[split] = write_shards(_samples(images, labels, split, indices), out / split,
+                                      name=f"fashion-mnist-{split}", max_count=shard_size, info=info)
+    return indexes
