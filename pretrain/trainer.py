@@ -213,7 +213,8 @@ class Trainer:
             else:
                 timed_steps += 1
             pending.append({"step": state.step, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0],
-                            "logit_scale": scale, "data_wait_s": round(data_wait, 5)})
+                            "logit_scale": scale, "temperature": 1.0 / scale if scale else float("nan"),
+                            "data_wait_s": round(data_wait, 5)})
 
             last = state.step == stop
             if state.step % cfg.log_every == 0 or last:

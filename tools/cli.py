@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shards", required=True, help="training shards (a validation split is carved from them)")
     s.add_argument("--test-shards", required=True)
     s.add_argument("--label", required=True, help="metadata field holding the class label")
-    s.add_argument("--features", default="pooled", choices=["pooled", "embedding"])
+    s.add_argument("--features", default="pooled", choices=["pooled", "embedding"],
+                   help="pooled: the tower's pooled features (CLIP's convention); embedding: after the projection")
     s.add_argument("--few-shot", type=int, default=None, help="keep k training samples per class")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-floor", action="store_true", help="skip the random-init floor")

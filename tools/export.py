@@ -62,7 +62,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint_tag: str 
     for name, tower_cfg in recipe.model.towers.items():
         path = save_encoder(out / name, name, tower_cfg, model.towers[name], model.heads[name], recipe.model.embed_dim)
         encoders[name] = str(path)
-    scales = {k: float(v.exp().clamp(max=1e4).reshape(-1)[0]) for k, v in state.items()
+    scales = {k: float(v.detach().exp().clamp(max=1e4).reshape(-1)[0]) for k, v in state.items()
               if k.endswith("log_logit_scale")}
     index = {
         "run": str(run.resolve()),

@@ -21,13 +21,12 @@ from __future__ import annotations
 import io
 import wave
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig
+from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
 from architectures.towers import ArchitectureError, TimmTower
 
 
@@ -167,21 +166,7 @@ class AudioPlugin(ModalityPlugin):
         return LogMel(cfg, train)
 
     def build_tower(self, cfg: AudioConfig) -> TimmTower:
-        args: dict[str, Any] = {"in_chans": 1, "drop_path_rate": cfg.drop_path}
-        if cfg.arch.startswith(("vit_", "deit_", "eva")):
-            args.update(
-                img_size=[cfg.n_mels, cfg.frames],
-                patch_size=list(cfg.patch_size),
-                embed_dim=cfg.width,
-                depth=cfg.depth,
-                num_heads=cfg.heads,
-                mlp_ratio=cfg.mlp_ratio,
-                global_pool=cfg.pool,
-                proj_drop_rate=cfg.dropout,
-                attn_drop_rate=cfg.dropout,
-            )
-        args.update(cfg.model_args)
-        return TimmTower(cfg.arch, args, pretrained=cfg.pretrained, input_size=(1, cfg.n_mels, cfg.frames))
+        return timm_tower(cfg, in_chans=1, img_size=[cfg.n_mels, cfg.frames], patch_size=list(cfg.patch_size))
 
     def random_example(self, cfg: AudioConfig, batch_size: int) -> Tensor:
         return torch.randn(batch_size, 1, cfg.n_mels, cfg.frames)

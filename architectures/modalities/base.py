@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 from torch import Tensor
 
-from architectures.towers import Tower
+from architectures.towers import TimmTower, Tower
 
 Decoded = Tensor | dict[str, Tensor]
 DecoderFn = Callable[[bytes, np.random.Generator], Decoded]
@@ -48,6 +48,22 @@ class TowerConfig:
     frozen: bool = False
     grad_checkpointing: bool = False
     model_args: dict[str, Any] = field(default_factory=dict)
+
+
+VIT_PREFIXES = ("vit_", "deit_", "eva")
+
+
+def timm_tower(cfg: TowerConfig, *, in_chans: int, img_size: list[int], patch_size: int | list[int]) -> TimmTower:
+    """A timm tower for image-like input ``[in_chans, *img_size]``. For ViT-family archs the tower's width,
+    depth, heads, MLP ratio, pooling and dropout come from ``cfg`` (any timm model otherwise, e.g. a ResNet);
+    ``cfg.model_args`` overrides anything."""
+    args: dict[str, Any] = {"in_chans": in_chans, "drop_path_rate": cfg.drop_path}
+    if cfg.arch.startswith(VIT_PREFIXES):
+        args.update(img_size=img_size, patch_size=patch_size, embed_dim=cfg.width, depth=cfg.depth,
+                    num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, global_pool=cfg.pool, proj_drop_rate=cfg.dropout,
+                    attn_drop_rate=cfg.dropout)
+    args.update(cfg.model_args)
+    return TimmTower(cfg.arch, args, pretrained=cfg.pretrained, input_size=(in_chans, *img_size))
 
 
 class ModalityPlugin(ABC):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig
+from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
 from architectures.towers import TimmTower
 
 
@@ -80,22 +79,8 @@ class ImagePlugin(ModalityPlugin):
         return ImageDecoder(cfg, train)
 
     def build_tower(self, cfg: ImageConfig) -> TimmTower:
-        args: dict[str, Any] = {"in_chans": cfg.in_chans, "drop_path_rate": cfg.drop_path}
-        if cfg.arch.startswith(("vit_", "deit_", "eva")):
-            args.update(
-                img_size=cfg.image_size,
-                patch_size=cfg.patch_size,
-                embed_dim=cfg.width,
-                depth=cfg.depth,
-                num_heads=cfg.heads,
-                mlp_ratio=cfg.mlp_ratio,
-                global_pool=cfg.pool,
-                proj_drop_rate=cfg.dropout,
-                attn_drop_rate=cfg.dropout,
-            )
-        args.update(cfg.model_args)
-        size = (cfg.in_chans, cfg.image_size, cfg.image_size)
-        return TimmTower(cfg.arch, args, pretrained=cfg.pretrained, input_size=size)
+        size = [cfg.image_size, cfg.image_size]
+        return timm_tower(cfg, in_chans=cfg.in_chans, img_size=size, patch_size=cfg.patch_size)
 
     def random_example(self, cfg: ImageConfig, batch_size: int) -> Tensor:
         return torch.randn(batch_size, cfg.in_chans, cfg.image_size, cfg.image_size)
