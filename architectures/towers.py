@@ -157,9 +157,9 @@ class HFTextTower(Tower):
             path = Path(pretrained)
             if not (path / "config.json").is_file():
                 raise ArchitectureError(f"no transformers model at {path} (config.json missing)")
-            self.model = AutoModel.from_pretrained(str(path))
+            self.model = _without_pooler(AutoModel.from_pretrained, str(path))
         elif config is not None:
-            self.model = AutoModel.from_config(config)
+            self.model = _without_pooler(AutoModel.from_config, config)
         else:
             raise ArchitectureError("HFTextTower needs a config or a pretrained path")
         if getattr(self.model, "pooler", None) is not None:
@@ -203,6 +203,15 @@ class HFTextTower(Tower):
             self.model.save_pretrained(str(out_dir), safe_serialization=True)
         finally:
             del self.model.config.mmssl
+
+
+def _without_pooler(factory: Any, source: Any) -> nn.Module:
+    """Build without the model's pooler where its class takes ``add_pooling_layer`` (BERT family), so neither
+    unused parameters nor "newly initialised pooler" reports appear; other classes are built as they are."""
+    try:
+        return factory(source, add_pooling_layer=False)
+    except TypeError:
+        return factory(source)
 
 
 def _weights_file(path: str) -> Path:
