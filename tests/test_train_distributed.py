@@ -135,3 +135,13 @@ def test_bf16_zero3_trains_and_exports_from_sharded_state(asterisk_data: Path, t
     recipe_obj = load_recipe(run / "recipe.yaml")
     initial = build_model(recipe_obj.model, seed=recipe_obj.train.seed).towers["audio"].state_dict()
     assert any(not torch.equal(initial[k], v) for k, v in enc.tower.state_dict().items())
+
+
+def test_mmssl_pretrain_runs_as_the_ranks_of_an_external_launcher(asterisk_data: Path, tmp_path: Path) -> None:
+    """The multi-node path of the README on one node: torchrun starts `mmssl pretrain` as every rank."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(asterisk_data, train={"steps": 2}))
+    run = tmp_path / "run"
+    _check(run_ranks(2, ["-m", "tools.cli", "pretrain", str(recipe), "--run-dir", str(run)]))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert load_recipe(run / "recipe.yaml").train.steps == 2

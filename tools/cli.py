@@ -109,6 +109,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmssl", description="self-supervised multimodal pretraining")
+    # the deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the environment is used
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("make-shards", help="build webdataset shards from a bundled real data source")
