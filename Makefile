@@ -8,6 +8,7 @@ DATA   := data/asterisk
 RUN    := runs/quickstart
 NPROC  ?= 2
 ASTERISK_PKGS := asterisk-core-sounds-en-wav asterisk-core-sounds-en
+FASHION_PKGS  := dataset-fashion-mnist
 
 .PHONY: quickstart test lint install data-deps shards clean-quickstart
 
@@ -22,16 +23,21 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
-# The bundled real data set comes from Debian packages; install them when we can, else say how.
+# The bundled real data sets come from Debian packages; install them when we can, else say how.
+# asterisk-core-sounds-en(-wav): the quickstart's speech + transcripts; dataset-fashion-mnist: the image source.
 data-deps:
-	@if [ ! -d /usr/share/asterisk/sounds/en_US_f_Allison ] || [ ! -f /usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz ]; then \
+	@missing=""; \
+	[ -d /usr/share/asterisk/sounds/en_US_f_Allison ] && [ -f /usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz ] \
+	  || missing="$(ASTERISK_PKGS)"; \
+	[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing="$$missing $(FASHION_PKGS)"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing $(ASTERISK_PKGS)"; \
-	    apt-get install -y --no-install-recommends $(ASTERISK_PKGS) >/dev/null || \
-	      { apt-get update >/dev/null && apt-get install -y --no-install-recommends $(ASTERISK_PKGS) >/dev/null; }; \
+	    echo "installing$$missing"; \
+	    apt-get install -y --no-install-recommends $$missing >/dev/null || \
+	      { apt-get update >/dev/null && apt-get install -y --no-install-recommends $$missing >/dev/null; }; \
 	  else \
-	    echo "The quickstart data is missing. Install it with:"; \
-	    echo "  sudo apt-get install -y --no-install-recommends $(ASTERISK_PKGS)"; exit 1; \
+	    echo "The bundled data is missing. Install it with:"; \
+	    echo "  sudo apt-get install -y --no-install-recommends$$missing"; exit 1; \
 	  fi; \
 	fi
 
