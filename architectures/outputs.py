@@ -1,4 +1,4 @@
-"""Typed model outputs, keyed by modality."""
+"""Typed model outputs keyed by modality, and the model's spec (what objectives may size their heads from)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,32 @@ class ModelOutput:
     Attributes:
         embeddings: modality -> ``[B, E]`` projected embeddings (not normalised; objectives normalise).
         pooled: modality -> ``[B, D_m]`` pooled tower features (what a linear probe reads).
-        tokens: modality -> ``[B, T_m, D_m]`` token states (or feature maps) from ``forward_features``.
+        tokens: modality -> ``[B, T_m, D_m]`` token states from ``forward_features`` (CNN feature maps are
+            flattened to ``H·W`` tokens).
+        token_mask: modality -> ``bool[B, T_m]``, True where a token is real (text padding is False).
         present: modality -> ``bool[B]``; rows whose modality is absent hold meaningless values.
-        fused: fused representations, for late-fusion and unified families (empty for fusion-free models).
+        fused: fused token states ``[B, T_q, F]`` keyed by the query modality, for late-fusion and unified
+            families (empty for fusion-free models).
     """
 
     embeddings: dict[str, Tensor]
     pooled: dict[str, Tensor]
     tokens: dict[str, Tensor]
     present: dict[str, Tensor]
+    token_mask: dict[str, Tensor] = field(default_factory=dict)
     fused: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ModelSpec:
+    """Static facts about a built model (satisfies ``objectives.base.ModelSpec``)."""
+
+    family: str
+    modalities: tuple[str, ...]
+    embed_dim: int
+    feature_dims: dict[str, int]
+    token_dims: dict[str, int]
+    fusion_dim: int | None = None
+    vocab_sizes: dict[str, int] = field(default_factory=dict)
+    special_tokens: dict[str, dict[str, int]] = field(default_factory=dict)
+    patch_shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)

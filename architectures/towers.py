@@ -106,6 +106,59 @@ class TimmTower(Tower):
     def forward_head(self, x: Tensor, pre_logits: bool = True, **kwargs: Any) -> Tensor:
         return self.model.forward_head(x, pre_logits=True)
 
+    def forward(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> TowerOutput:
+        """Without ``mask``: the plain forward. With ``mask`` (``bool[B, N]`` over patches, True = masked; ViTs
+        only, see `patch_shape`): with ``mask_token`` (``[D]``) masked patch embeddings are replaced by it
+        (BEiT / SimMIM / HuBERT); without, masked patches are dropped before the blocks and only the visible
+        ones are encoded (MAE; every row must mask the same number of patches). Returned token states are
+        ``[B, prefix + N or N_visible, D]``, prefix tokens (class / register) first."""
+        if mask is None:
+            return super().forward(x)
+        features = self._forward_masked(x, mask, mask_token)
+        return TowerOutput(features, self.forward_head(features))
+
+    def patch_shape(self) -> tuple[int, int, int] | None:
+        """``(in_chans, patch_h, patch_w)`` for towers that can encode a masked view (timm ViTs), else None."""
+        embed = getattr(self.model, "patch_embed", None)
+        if embed is None or not hasattr(self.model, "_pos_embed") or not hasattr(self.model, "blocks"):
+            return None
+        ph, pw = embed.patch_size
+        return int(embed.proj.in_channels), int(ph), int(pw)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(getattr(self.model, "num_prefix_tokens", 0))
+
+    def _forward_masked(self, x: Tensor, mask: Tensor, mask_token: Tensor | None) -> Tensor:
+        if self.patch_shape() is None:
+            raise ArchitectureError(f"timm model {self.arch!r} cannot encode a masked view (ViT-family only)")
+        vit = self.model
+        tokens = vit.patch_embed(x)
+        if tokens.ndim == 4:  # NHWC output format
+            tokens = tokens.flatten(1, 2)
+        if mask.shape != tokens.shape[:2]:
+            raise ArchitectureError(f"patch mask shape {tuple(mask.shape)} does not match the {tokens.shape[1]} "
+                                    f"patches of {self.arch!r}")
+        if mask_token is not None:
+            tokens = torch.where(mask.unsqueeze(-1), mask_token.to(tokens.dtype), tokens)
+        tokens = vit._pos_embed(tokens)
+        if mask_token is None:
+            keep = (~mask).sum(1)
+            if bool((keep != keep[0]).any()):
+                raise ArchitectureError("dropping masked patches needs the same number masked in every row")
+            prefix = self.num_prefix_tokens
+            visible = (~mask).nonzero()[:, 1].view(mask.shape[0], -1)
+            patches = torch.gather(tokens[:, prefix:], 1, visible.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+            tokens = torch.cat([tokens[:, :prefix], patches], dim=1)
+        tokens = vit.norm_pre(tokens)
+        if getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled():
+            from timm.models import checkpoint_seq
+
+            tokens = checkpoint_seq(vit.blocks, tokens)
+        else:
+            tokens = vit.blocks(tokens)
+        return vit.norm(tokens)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 

@@ -13,11 +13,14 @@ class DataConfig:
     ``pipe:``/``http(s)://`` URLs. ``fields`` maps a modality to the shard member extensions it is read from
     (default: the modality plug-in's own list). ``batch_size`` is per rank (the global batch is
     ``batch_size x world size x train.grad_accum``). ``num_workers`` must divide ``streams_per_rank``.
+    ``views`` asks for extra independently augmented views of a modality (``{audio: 2}`` adds ``audio@1``), what
+    intra-modal objectives (SLIP, SimCLR) contrast.
     """
 
     train: str = ""
     eval: str | None = None
     fields: dict[str, list[str]] = field(default_factory=dict)
+    views: dict[str, int] = field(default_factory=dict)
     batch_size: int = 32
     shuffle_buffer: int = 256
     streams_per_rank: int = 2

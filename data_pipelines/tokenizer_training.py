@@ -11,6 +11,7 @@ import sentencepiece as spm
 
 # Special ids every mmssl sentencepiece model uses; the text plug-in reads them back from the model.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MASK_PIECE = "<mask>"  # id 4: the masked-language-modelling token
 
 
 def train_sentencepiece(texts: Iterable[str], out_path: str | Path, *, vocab_size: int = 1000) -> Path:
@@ -34,6 +35,7 @@ def train_sentencepiece(texts: Iterable[str], out_path: str | Path, *, vocab_siz
         unk_id=UNK_ID,
         bos_id=BOS_ID,
         eos_id=EOS_ID,
+        user_defined_symbols=[MASK_PIECE],
         num_threads=1,
         minloglevel=2,
     )

@@ -1,19 +1,32 @@
 """The objective contract.
 
 An objective takes the model's outputs for a batch (dicts keyed by modality: ``embeddings``, ``pooled``,
-``tokens``, ``present``, ``fused``) and returns a `LossOutput`. It declares what it needs in `Requirements`, so a
-recipe whose model cannot provide it fails before launch with a message naming both sides.
+``tokens``, ``token_mask``, ``present``, ``fused``), the batch itself (sample keys, raw inputs for targets) and the
+model (for the extra forwards some objectives make: fusion of negative pairs, masked views), and returns a
+`LossOutput`. It declares what it needs in `Requirements`, so a recipe whose model cannot provide it fails before
+launch with a message naming both sides (`Objective.check` against the model's `ModelSpec`).
 
-Objectives see model outputs structurally (`ModelOutputs` protocol): nothing here imports an architecture.
+Objectives see models only structurally (the `ModelOutputs`, `ModelSpec` and `MultimodalModel` protocols):
+nothing in ``objectives/`` imports an architecture.
+
+Views: a batch may carry a second augmented view of a modality under ``"<modality>@1"`` (``"audio@1"``); models
+encode it with the tower of ``<modality>``. `base_modality` maps a view name back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
+
+VIEW_SEP = "@"
+
+
+def base_modality(name: str) -> str:
+    """``"audio@1" -> "audio"``; a plain modality name is returned unchanged."""
+    return name.split(VIEW_SEP, 1)[0]
 
 
 class ObjectiveError(ValueError):
@@ -21,11 +34,43 @@ class ObjectiveError(ValueError):
 
 
 class ModelOutputs(Protocol):
-    embeddings: dict[str, Tensor]
-    pooled: dict[str, Tensor]
-    tokens: dict[str, Tensor]
-    present: dict[str, Tensor]
-    fused: dict[str, Tensor]
+    embeddings: dict[str, Tensor]  # [B, E] projected, not normalised
+    pooled: dict[str, Tensor]  # [B, D_m] tower features
+    tokens: dict[str, Tensor]  # [B, T_m, D_m] token states (feature maps flattened to tokens)
+    token_mask: dict[str, Tensor]  # bool [B, T_m], True where a token is real (not padding)
+    present: dict[str, Tensor]  # bool [B]
+    fused: dict[str, Tensor]  # fusion outputs of the model's own forward, when it has a fusion module
+
+
+@runtime_checkable
+class ModelSpec(Protocol):
+    """What an objective may know about a model when it is built (sizes of the heads it owns) and validated."""
+
+    modalities: tuple[str, ...]
+    embed_dim: int
+    feature_dims: dict[str, int]  # pooled width per modality
+    token_dims: dict[str, int]  # token width per modality
+    fusion_dim: int | None  # width of the fusion module's states; None: the model has no fusion module
+    vocab_sizes: dict[str, int]  # per token-id modality (text)
+    special_tokens: dict[str, dict[str, int]]  # per token-id modality: {"pad": .., "mask": .., "bos": .., "eos": ..}
+    # per patch modality whose tower can encode a masked view: (channels, patch_h, patch_w)
+    patch_shapes: dict[str, tuple[int, int, int]]
+    family: str
+
+
+class MultimodalModel(Protocol):
+    """The calls an objective may make on the model, beyond the outputs it is given."""
+
+    def __call__(self, inputs: Mapping[str, Any], present: Mapping[str, Tensor] | None = None) -> ModelOutputs: ...
+
+    def fuse(self, tokens: Mapping[str, Tensor], token_mask: Mapping[str, Tensor], query: str) -> Tensor:
+        """Fused states ``[B, T_query, fusion_dim]``: ``query``'s tokens attending to the other modalities'."""
+        ...
+
+
+FeatureSource = Callable[[], Iterator[tuple[list[str], ModelOutputs]]]
+"""A pass over a sample of the training stream on this rank: ``(sample keys, model outputs)`` per batch, computed
+without gradient by the current model (what a pseudo-label service clusters)."""
 
 
 @dataclass
@@ -40,26 +85,57 @@ class LossOutput:
 
 @dataclass(frozen=True)
 class Requirements:
-    modalities: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = ()  # modalities (or views "m@1") the batch and the model must provide
     needs_fusion: bool = False
-    needs_decoder: bool = False
+    needs_decoder: bool = False  # a decoder the model or the objective owns, fed by the model's tokens
+    needs_masked_view: tuple[str, ...] = ()  # modalities whose tower must encode a masked input
     needs_pseudo_labels: bool = False
     gathers_across_ranks: bool = False
 
 
 class Objective(nn.Module):
-    """Base class: subclasses set ``requires`` and implement ``forward(outputs, batch)``."""
+    """Base class: subclasses set ``requires`` and implement ``forward(outputs, batch, model)``.
+
+    Optional hooks the trainer calls: ``bind(model)`` once after building (objectives that keep a copy of the
+    model, e.g. a momentum teacher); ``refresh(step, features)`` every ``refresh_every`` steps (pseudo-label
+    services); ``after_step(model)`` after each optimizer step (EMA updates).
+    """
 
     requires: Requirements
+    refresh_every: int = 0
 
-    def forward(self, outputs: ModelOutputs, batch: Any = None) -> LossOutput:
+    def forward(self, outputs: ModelOutputs, batch: Any = None, model: MultimodalModel | None = None) -> LossOutput:
         raise NotImplementedError
 
-    def check(self, available_modalities: Mapping[str, Any] | list[str], where: str) -> None:
-        """Raise `ObjectiveError` naming ``where`` when the model lacks a modality this objective needs."""
-        missing = [m for m in self.requires.modalities if m not in available_modalities]
+    def bind(self, model: nn.Module) -> None:
+        """Called once with the model, before the engine is built."""
+
+    def refresh(self, step: int, features: FeatureSource) -> dict[str, float]:
+        """Recompute pseudo-labels from a feature pass; returns metrics to log."""
+        return {}
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step."""
+
+    def check(self, spec: ModelSpec | Mapping[str, Any] | list[str], where: str) -> None:
+        """Raise `ObjectiveError` naming ``where`` when the model cannot give what this objective needs."""
+        modalities = spec.modalities if isinstance(spec, ModelSpec) else tuple(spec)
+        towers = sorted(set(modalities))
+        missing = [m for m in self.requires.modalities if base_modality(m) not in modalities]
         if missing:
             raise ObjectiveError(
-                f"{where} needs modality {missing[0]!r}, which the model does not have "
-                f"(model towers: {sorted(available_modalities)})"
+                f"{where} needs modality {missing[0]!r}, which the model does not have (model towers: {towers})"
             )
+        if not isinstance(spec, ModelSpec):
+            return
+        if self.requires.needs_fusion and spec.fusion_dim is None:
+            raise ObjectiveError(
+                f"{where} needs a fusion module, which model.family={spec.family!r} does not have "
+                "(use model.family: late_fusion)"
+            )
+        for m in self.requires.needs_masked_view:
+            if m not in spec.patch_shapes and m not in spec.vocab_sizes:
+                raise ObjectiveError(
+                    f"{where} needs a masked view of {m!r}, which its tower cannot encode "
+                    f"(maskable: {sorted(set(spec.patch_shapes) | set(spec.vocab_sizes))})"
+                )

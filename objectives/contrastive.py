@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import LossOutput, ModelOutputs, Objective, ObjectiveError, Requirements
+from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
 from objectives.distributed import gather_no_grad, gather_with_grad, world
 
 
@@ -124,7 +124,7 @@ class ContrastiveObjective(Objective):
         )
 
     @classmethod
-    def from_config(cls, cfg: ContrastiveConfig) -> ContrastiveObjective:
+    def from_config(cls, cfg: ContrastiveConfig, spec: ModelSpec | None = None) -> ContrastiveObjective:
         return cls(cfg.pairs, init_temperature=cfg.init_temperature, max_logit_scale=cfg.max_logit_scale,
                    learn_temperature=cfg.learn_temperature, gather=cfg.gather)
 
@@ -135,7 +135,7 @@ class ContrastiveObjective(Objective):
     def no_weight_decay(self) -> set[str]:
         return {"log_logit_scale"}
 
-    def forward(self, outputs: ModelOutputs, batch: object = None) -> LossOutput:
+    def forward(self, outputs: ModelOutputs, batch: object = None, model: object = None) -> LossOutput:
         scale = self.logit_scale()
         terms: dict[str, Tensor] = {}
         metrics: dict[str, Tensor] = {"logit_scale": scale.detach(), "temperature": 1.0 / scale.detach()}

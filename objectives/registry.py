@@ -11,10 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from objectives.base import Objective, ObjectiveError
+from objectives.base import ModelSpec, Objective, ObjectiveError
 from objectives.contrastive import ContrastiveConfig, ContrastiveObjective
 
-OBJECTIVES: dict[str, tuple[type, Callable[[Any], Objective]]] = {
+# kind -> (config dataclass, factory(config, model spec) -> objective)
+OBJECTIVES: dict[str, tuple[type, Callable[[Any, ModelSpec], Objective]]] = {
     "contrastive": (ContrastiveConfig, ContrastiveObjective.from_config),
 }
 
@@ -42,7 +43,9 @@ class ObjectivesConfig:
         return sorted(OBJECTIVES) + [f"{k}_<suffix>" for k in sorted(OBJECTIVES)]
 
 
-def build_objectives(cfg: ObjectivesConfig) -> tuple[dict[str, Objective], dict[str, float]]:
+def build_objectives(cfg: ObjectivesConfig, spec: ModelSpec) -> tuple[dict[str, Objective], dict[str, float]]:
+    """Build every objective of the recipe for a model with ``spec``, and check each against it (a requirement
+    the model cannot meet raises `ObjectiveError` naming ``objectives.<name>``)."""
     if not cfg.terms:
         raise ObjectiveError(f"the recipe has no objective; add one of {sorted(OBJECTIVES)} under `objectives:`")
     built: dict[str, Objective] = {}
@@ -51,6 +54,14 @@ def build_objectives(cfg: ObjectivesConfig) -> tuple[dict[str, Objective], dict[
         kind = kind_of(name)
         if kind is None:
             raise ObjectiveError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
-        built[name] = OBJECTIVES[kind][1](term_cfg)
+        where = f"objectives.{name}"
+        try:
+            objective = OBJECTIVES[kind][1](term_cfg, spec)
+        except ObjectiveError as exc:
+            if str(exc).startswith(where):
+                raise
+            raise ObjectiveError(f"{where}: {exc}") from None
+        objective.check(spec, where=where)
+        built[name] = objective
         weights[name] = float(term_cfg.weight)
     return built, weights

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from data_pipelines.batch import Batch
-from objectives.base import LossOutput, Objective
+from objectives.base import LossOutput, ModelOutputs, Objective
 
 
 class PretrainTask(nn.Module):
@@ -21,14 +21,19 @@ class PretrainTask(nn.Module):
         self.model = model
         self.objectives = nn.ModuleDict(dict(objectives))
         self.weights = dict(weights)
+        for objective in self.objectives.values():
+            objective.bind(model)
 
     def forward(self, batch: Batch) -> LossOutput:
-        outputs = self.model(batch.inputs, batch.present)
+        return self.loss(self.model(batch.inputs, batch.present), batch)
+
+    def loss(self, outputs: ModelOutputs, batch: Batch) -> LossOutput:
+        """``Σ_i w_i L_i(outputs, batch)``; each term and metric is logged under ``<objective>/<name>``."""
         total: Tensor | None = None
         terms: dict[str, Tensor] = {}
         metrics: dict[str, Tensor] = {}
         for name, objective in self.objectives.items():
-            result = objective(outputs, batch)
+            result = objective(outputs, batch, self.model)
             weighted = self.weights[name] * result.loss
             total = weighted if total is None else total + weighted
             terms[name] = result.loss.detach()

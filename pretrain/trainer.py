@@ -129,7 +129,7 @@ class Trainer:
             torch.utils.deterministic.fill_uninitialized_memory = False
         _seed_everything(cfg.seed)
         self.model = build_model(recipe.model, seed=cfg.seed)
-        objectives, weights = build_objectives(recipe.objectives)
+        objectives, weights = build_objectives(recipe.objectives, self.model.spec)
         task = PretrainTask(self.model, objectives, weights)
         self.engine, _, self.scheduler = build_engine(task, cfg, recipe.data.batch_size, self.world)
         _seed_everything(cfg.seed + self.rank)

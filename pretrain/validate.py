@@ -26,14 +26,18 @@ def validate_recipe(recipe: Recipe, *, world_size: int) -> None:
                 raise RecipeError(f"model.{name}.{f.name}: file not found: {value}")
         get_modality(name).decoder(cfg, train=True)  # loads tokenizers and checks preprocessing settings
     with torch.device("meta"):
-        build_model(recipe.model)
-    objectives, _ = build_objectives(recipe.objectives)
-    for oname, objective in objectives.items():
-        objective.check(list(recipe.model.towers), where=f"objectives.{oname}")
+        model = build_model(recipe.model)
+        build_objectives(recipe.objectives, model.spec)  # checks each objective against the model
     for modality in recipe.data.fields:
         if modality not in recipe.model.towers:
             raise RecipeError(f"data.fields.{modality}: the model has no {modality!r} tower "
                               f"(towers: {sorted(recipe.model.towers)})")
+    for modality, count in recipe.data.views.items():
+        if modality not in recipe.model.towers:
+            raise RecipeError(f"data.views.{modality}: the model has no {modality!r} tower "
+                              f"(towers: {sorted(recipe.model.towers)})")
+        if count < 1:
+            raise RecipeError(f"data.views.{modality} must be >= 1, got {count}")
     data = recipe.data
     if not data.train:
         raise RecipeError("data.train is not set (a shard directory, index.json, brace pattern or URL)")

@@ -39,6 +39,11 @@ class Tokenizer:
     def ids(self, text: str) -> list[int]:
         raise NotImplementedError
 
+    def special_ids(self) -> dict[str, int]:
+        """``pad`` always; ``bos``, ``eos``, ``mask`` where the vocabulary has them (masked and autoregressive
+        objectives read these)."""
+        return {"pad": self.pad_id}
+
     def encode(self, text: str) -> dict[str, Tensor]:
         ids = self.ids(text)[: self.max_len]
         n = len(ids)
@@ -70,6 +75,13 @@ class SentencePieceTokenizer(Tokenizer):
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
 
+    def special_ids(self) -> dict[str, int]:
+        ids = {"pad": self.pad_id, "bos": self.bos_id, "eos": self.eos_id}
+        mask = self.sp.piece_to_id("<mask>")
+        if mask != self.sp.unk_id():
+            ids["mask"] = mask
+        return {k: int(v) for k, v in ids.items() if v >= 0}
+
     def ids(self, text: str) -> list[int]:
         body = self.sp.encode(text)
         prefix = [self.bos_id] if self.bos_id >= 0 else []
@@ -94,6 +106,15 @@ class HFTokenizer(Tokenizer):
 
     def ids(self, text: str) -> list[int]:
         return list(self.tok.encode(text).ids)
+
+    def special_ids(self) -> dict[str, int]:
+        ids = {"pad": self.pad_id}
+        for key, names in (("bos", ("[CLS]", "<s>", "<|startoftext|>")), ("eos", ("[SEP]", "</s>", "<|endoftext|>")),
+                           ("mask", ("[MASK]", "<mask>"))):
+            found = next((self.tok.token_to_id(n) for n in names if self.tok.token_to_id(n) is not None), None)
+            if found is not None:
+                ids[key] = int(found)
+        return ids
 
 
 def load_tokenizer(path: str | Path, max_len: int) -> Tokenizer:
