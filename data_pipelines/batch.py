@@ -85,6 +85,35 @@ class Batch:
         )
 
 
+def cat_batches(batches: Sequence[Batch]) -> Batch:
+    """Rows of ``batches`` stacked in order, as one batch (what gradient accumulation over cached micro-batches
+    computes its loss on). Every batch must carry the same modalities."""
+    first = batches[0]
+    for b in batches[1:]:
+        if set(b.inputs) != set(first.inputs):
+            raise ValueError(f"cannot concatenate batches {first.index} and {b.index}: modalities "
+                             f"{sorted(first.inputs)} vs {sorted(b.inputs)}")
+    inputs: dict[str, TensorTree] = {}
+    for m, v in first.inputs.items():
+        if isinstance(v, Mapping):
+            inputs[m] = {k: torch.cat([b.inputs[m][k] for b in batches]) for k in v}  # type: ignore[index]
+        else:
+            inputs[m] = torch.cat([b.inputs[m] for b in batches])  # type: ignore[misc]
+    stats: dict[str, int] = {}
+    for b in batches:
+        for k, n in b.stats.items():
+            stats[k] = stats.get(k, 0) + n
+    meta_keys = sorted({k for b in batches for k in b.meta})
+    return Batch(
+        inputs=inputs,
+        present={m: torch.cat([b.present[m] for b in batches]) for m in first.present},
+        keys=[k for b in batches for k in b.keys],
+        meta={k: [x for b in batches for x in b.meta.get(k, [None] * len(b))] for k in meta_keys},
+        index=first.index,
+        stats=stats,
+    )
+
+
 def _map_tree(value: TensorTree, fn: Any) -> TensorTree:
     if isinstance(value, Mapping):
         return {k: fn(v) for k, v in value.items()}

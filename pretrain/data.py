@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
 from architectures.modalities import get_modality
 from data_pipelines.shards import resolve_shards
-from data_pipelines.stream import ShardStream, make_loader
+from data_pipelines.stream import ShardStream, make_loader, read_once
 from pretrain.recipe import Recipe
 
 
@@ -50,3 +55,28 @@ def build_loader(recipe: Recipe, *, rank: int, world_size: int, start_batch: int
     stream = build_stream(recipe, rank=rank, world_size=world_size, start_batch=start_batch)
     return make_loader(stream, num_workers=recipe.data.num_workers, prefetch_factor=recipe.data.prefetch_factor,
                        pin_memory=pin_memory)
+
+
+def feature_source(recipe: Recipe, model: torch.nn.Module, *, rank: int, world_size: int,
+                   device: torch.device) -> Any:
+    """A `FeatureSource` for pseudo-label services: this rank's shards of ``data.train`` (every ``world_size``-th
+    shard from ``rank``) read once in order, decoded without augmentation, encoded by ``model`` in eval mode
+    without gradient. Lazy: the consumer decides how many samples it clusters."""
+    urls = resolve_shards(recipe.data.train, where="data.train")[rank::world_size]
+    decoders = {m: get_modality(m).decoder(cfg, train=False) for m, cfg in recipe.model.towers.items()}
+    fields = {m: list(recipe.data.fields.get(m) or get_modality(m).extensions) for m in recipe.model.towers}
+    dtype = torch.bfloat16 if recipe.train.precision == "bf16" else None
+
+    def features() -> Iterator[tuple[list[str], Any]]:
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in read_once(urls, fields=fields, decoders=decoders, batch_size=recipe.data.batch_size,
+                                   where="data.train"):
+                batch = batch.to(device, float_dtype=dtype)
+                with torch.no_grad():
+                    yield batch.keys, model(batch.inputs, batch.present)
+        finally:
+            model.train(was_training)
+
+    return features

@@ -31,6 +31,8 @@ def check_train_config(train: TrainConfig, *, cuda: bool) -> None:
     for key in ("steps", "grad_accum", "log_every", "keep_last"):
         if getattr(train, key) < 1:
             raise RecipeError(f"train.{key} must be >= 1, got {getattr(train, key)}")
+    if train.accumulation not in ("cached", "naive"):
+        raise RecipeError(f"train.accumulation must be 'cached' or 'naive', got {train.accumulation!r}")
     if train.warmup_steps < 0 or train.ckpt_every < 0:
         raise RecipeError("train.warmup_steps and train.ckpt_every must be >= 0")
     if train.lr <= 0:

@@ -47,6 +47,7 @@ class TrainConfig:
     eps: float = 1e-6
     grad_clip: float = 1.0
     grad_accum: int = 1
+    accumulation: str = "cached"  # "cached": negatives span the whole accumulated batch (gradient cache); "naive"
     zero_stage: int = 2
     precision: str = "fp32"
     seed: int = 0

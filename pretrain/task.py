@@ -24,8 +24,11 @@ class PretrainTask(nn.Module):
         for objective in self.objectives.values():
             objective.bind(model)
 
-    def forward(self, batch: Batch) -> LossOutput:
-        return self.loss(self.model(batch.inputs, batch.present), batch)
+    def forward(self, batch: Batch, mode: str = "loss") -> LossOutput | ModelOutputs:
+        """``mode="loss"``: the weighted loss of the batch; ``"outputs"``: the model's outputs only (the gradient
+        cache re-forwards micro-batches through the engine this way)."""
+        outputs = self.model(batch.inputs, batch.present)
+        return outputs if mode == "outputs" else self.loss(outputs, batch)
 
     def loss(self, outputs: ModelOutputs, batch: Batch) -> LossOutput:
         """``Σ_i w_i L_i(outputs, batch)``; each term and metric is logged under ``<objective>/<name>``."""

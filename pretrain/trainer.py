@@ -31,7 +31,8 @@ from data_pipelines.batch import Batch
 from data_pipelines.shards import atomic_write_text
 from objectives.registry import build_objectives
 from pretrain import checkpoint
-from pretrain.data import build_loader
+from pretrain.accumulation import cached_accumulation_step
+from pretrain.data import build_loader, feature_source
 from pretrain.engine import build_engine
 from pretrain.recipe import Recipe
 from pretrain.runlog import MetricsWriter, plot_loss_curve, setup_text_logs
@@ -154,6 +155,21 @@ class Trainer:
         self.log.info("resumed from %s at step %d (next batch %d)", found[1], state.step, state.next_batch)
         return state
 
+    def _refresh_pseudo_labels(self, step: int, objectives: list[tuple[str, Any]]) -> dict[str, float]:
+        """Run each due pseudo-label service (``refresh_every``) on a feature pass of the current model; at step 0
+        and at every multiple, so a resumed run refreshes exactly where an uninterrupted one would."""
+        metrics: dict[str, float] = {}
+        for name, objective in objectives:
+            every = objective.refresh_every
+            if every and step % every == 0:
+                t0 = time.perf_counter()
+                found = objective.refresh(step, feature_source(self.recipe, self.model, rank=self.rank,
+                                                               world_size=self.world, device=self.device))
+                metrics.update({f"{name}/{k}": float(v) for k, v in found.items()})
+                self.log.info("step %d: refreshed %s pseudo-labels in %.1fs %s", step, name,
+                              time.perf_counter() - t0, found)
+        return metrics
+
     def fit(self) -> dict[str, Any]:
         recipe, run_dir, rank, world, device = self.recipe, self.run_dir, self.rank, self.world, self.device
         cfg, engine, state, log = recipe.train, self.engine, self.state, self.log
@@ -176,51 +192,82 @@ class Trainer:
         timed_start: float | None = None
         timed_steps = 0
         checkpoint_s = 0.0  # excluded from throughput
+        objectives = list(self.engine.module.objectives.items())
         while state.step < stop:
-            step_loss = torch.zeros((), device=device)
-            scale, data_wait = float("nan"), 0.0
-            for _ in range(cfg.grad_accum):
+            refreshed = self._refresh_pseudo_labels(state.step, objectives)
+            data_wait = 0.0
+
+            def fetch() -> Batch:
+                nonlocal data_wait
                 t0 = time.perf_counter()
                 batch = next(self.source)
-                t1 = time.perf_counter()
-                data_wait += t1 - t0
+                data_wait += time.perf_counter() - t0
                 if batch.index != state.next_batch:
                     raise RuntimeError(f"stream out of order on rank {rank}: got batch {batch.index}, "
                                        f"expected {state.next_batch}")
+                state.next_batch += 1
                 data_errors.update(batch.stats)
                 keylog.write(state.step, batch)
-                batch = batch.to(device, float_dtype=float_dtype, non_blocking=True)
-                out = engine(batch)
+                return batch.to(device, float_dtype=float_dtype, non_blocking=True)
+
+            split = dict.fromkeys(PHASES, 0.0)
+            if cfg.grad_accum > 1 and cfg.accumulation == "cached":
+                batches = [fetch() for _ in range(cfg.grad_accum)]
+                t0 = time.perf_counter()
+                out = cached_accumulation_step(engine, batches)
                 sync()
-                t2 = time.perf_counter()
-                engine.backward(out.loss)
-                sync()
-                t3 = time.perf_counter()
-                engine.step()
-                sync()
-                t4 = time.perf_counter()
-                state.next_batch += 1
-                step_loss += out.loss.detach().float() / cfg.grad_accum
-                if state.step > first_step:  # the first step pays one-off costs (worker start-up, allocation)
-                    for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-                        timings[phase] += dt
-                scale_metric = next((v for k, v in out.metrics.items() if k.endswith("logit_scale")), None)
-                scale = float(scale_metric) if scale_metric is not None else scale
+                split["forward"] = time.perf_counter() - t0  # cache + loss + re-forward + backward, not split
+                step_loss = out.loss.detach().float()
+            else:
+                step_loss = torch.zeros((), device=device)
+                for _ in range(cfg.grad_accum):
+                    batch = fetch()
+                    t1 = time.perf_counter()
+                    out = engine(batch)
+                    sync()
+                    t2 = time.perf_counter()
+                    engine.backward(out.loss)
+                    sync()
+                    t3 = time.perf_counter()
+                    engine.step()
+                    sync()
+                    t4 = time.perf_counter()
+                    step_loss += out.loss.detach().float() / cfg.grad_accum
+                    for phase, dt in zip(PHASES[1:], (t2 - t1, t3 - t2, t4 - t3), strict=True):
+                        split[phase] += dt
+            split["data_wait"] = data_wait
+            for _, objective in objectives:
+                objective.after_step(self.model)
+            if state.step > first_step:  # the first step pays one-off costs (worker start-up, allocation)
+                for phase in PHASES:
+                    timings[phase] += split[phase]
+            scale_metric = next((v for k, v in out.metrics.items() if k.endswith("logit_scale")), None)
+            scale = float(scale_metric) if scale_metric is not None else float("nan")
+            terms = {k: v.detach().float() for k, v in out.terms.items()}
             state.step += 1
             state.samples_seen += global_batch
             if state.step == first_step + 1:
                 timed_start = time.perf_counter()
             else:
                 timed_steps += 1
-            pending.append({"step": state.step, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0],
-                            "logit_scale": scale, "temperature": 1.0 / scale if scale else float("nan"),
-                            "data_wait_s": round(data_wait, 5)})
+            pending.append({"step": state.step, "loss": step_loss, "terms": terms,
+                            "lr": self.scheduler.get_last_lr()[0], "logit_scale": scale,
+                            "temperature": 1.0 / scale if scale else float("nan"), "data_wait_s": round(data_wait, 5),
+                            **refreshed})
 
             last = state.step == stop
             if state.step % cfg.log_every == 0 or last:
-                losses = torch.stack([p["loss"] for p in pending])
-                dist.all_reduce(losses)
-                losses = (losses / world).tolist()
+                names = sorted(pending[0]["terms"])
+                rows = []
+                for p in pending:
+                    terms = p.pop("terms")
+                    rows.append(torch.stack([p["loss"], *(terms[n] for n in names)]))
+                values = torch.stack(rows)  # [records, 1 + terms], reduced in one collective
+                dist.all_reduce(values)
+                values = (values / world).tolist()
+                losses = [row[0] for row in values]
+                for record, row in zip(pending, values, strict=True):
+                    record.update({f"loss/{n}": v for n, v in zip(names, row[1:], strict=True)})
                 elapsed = time.perf_counter() - timed_start - checkpoint_s if timed_start else 0.0
                 rate = timed_steps * global_batch / elapsed if elapsed > 0 and timed_steps else float("nan")
                 for record, loss in zip(pending, losses, strict=True):

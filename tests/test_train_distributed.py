@@ -73,6 +73,25 @@ def test_export_reloads_the_training_model_exactly(fixed_runs: dict[int, Path], 
         assert float((emb - live[f"embeddings.{m}"]).abs().max()) <= 1e-6
 
 
+def test_cached_accumulation_equals_the_large_batch(fixed_runs: dict[int, Path], asterisk_data: Path,
+                                                    tmp_path: Path) -> None:
+    """2 ranks x 2 accumulated micro-batches of 4 (gradient cache) == 1 rank x 1 batch of 16, and naive
+    accumulation (negatives from one micro-batch only) is measurably different."""
+    weights = {}
+    for mode in ("cached", "naive"):
+        recipe = write_recipe(tmp_path / f"{mode}.yaml", tiny_recipe_dict(
+            asterisk_data, train={"steps": 3, "warmup_steps": 1, "grad_accum": 2, "accumulation": mode}))
+        _check(run_ranks(2, ["tests/helpers/fixed_batches.py", str(recipe), str(tmp_path / mode), "16",
+                             str(tmp_path / f"{mode}.safetensors")]))
+        weights[mode] = _weights(tmp_path / mode)
+    large = _weights(fixed_runs[1])
+    assert large.keys() == weights["cached"].keys()
+    worst = max(float((large[k] - weights["cached"][k]).abs().max()) for k in large)
+    assert worst <= 2e-6, f"cached accumulation differs from the large batch by {worst}"
+    naive = max(float((large[k] - weights["naive"][k]).abs().max()) for k in large)
+    assert naive > 100 * max(worst, 1e-7), f"naive accumulation unexpectedly matched the large batch ({naive})"
+
+
 @pytest.fixture(scope="module")
 def resume_runs(asterisk_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Through the `mmssl pretrain` command: 6 steps straight, and 3 steps + `train.resume=latest` to 6."""

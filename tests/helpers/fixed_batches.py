@@ -2,10 +2,11 @@
 
     torchrun --nproc_per_node=N tests/helpers/fixed_batches.py RECIPE RUN_DIR GLOBAL_BATCH OUT_FEATURES
 
-Global batch ``i`` is samples ``i·G .. (i+1)·G-1`` of the training shards read in order; rank ``r`` of ``W`` trains on
-rows ``r·G/W .. (r+1)·G/W - 1`` of it. So 1 rank and 2 ranks see the same global batches, which is what the
-distributed-equivalence test needs. Afterwards rank 0 saves the live model's pooled features and embeddings for
-the first global batch (evaluation mode) so that the export test can compare against the training model itself.
+Global batch ``i`` is samples ``i·G .. (i+1)·G-1`` of the training shards read in order; rank ``r`` of ``W``
+trains on rows ``r·G/W .. (r+1)·G/W - 1`` of it, in ``k = train.grad_accum`` micro-batches of ``G/(W·k)`` rows.
+So 1 rank and 2 ranks, with or without accumulation, see the same global batches, which is what the equivalence
+tests need. Afterwards rank 0 saves the live model's pooled features and embeddings for the first global batch
+(evaluation mode) so that the export test can compare against the training model itself.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def main() -> None:
     recipe_path, run_dir, global_batch, out_file = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     recipe = load_recipe(recipe_path)
     rank, world, _ = init_distributed()
-    recipe.data.batch_size = global_batch // world
+    accum = recipe.train.grad_accum
+    recipe.data.batch_size = global_batch // (world * accum)
     decoders = {m: get_modality(m).decoder(c, train=False) for m, c in recipe.model.towers.items()}
 
     def global_batches():
@@ -39,10 +41,14 @@ def main() -> None:
                          batch_size=global_batch)
 
     def source(rank: int, world: int, start: int):
-        per_rank = global_batch // world
+        per_rank, micro = global_batch // world, global_batch // (world * accum)
         for batch in global_batches():
-            if batch.index >= start:
-                yield batch.rows(rank * per_rank, (rank + 1) * per_rank)
+            for j in range(accum):
+                index = batch.index * accum + j
+                if index >= start:
+                    part = batch.rows(rank * per_rank + j * micro, rank * per_rank + (j + 1) * micro)
+                    part.index = index
+                    yield part
 
     if rank == 0:
         prepare_run_dir(run_dir, recipe, overwrite=True)
