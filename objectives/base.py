@@ -103,6 +103,7 @@ class Objective(nn.Module):
 
     requires: Requirements
     refresh_every: int = 0
+    max_zero_stage: int = 3  # objectives that copy or update model weights themselves (EMA teachers) need <= 2
 
     def forward(self, outputs: ModelOutputs, batch: Any = None, model: MultimodalModel | None = None) -> LossOutput:
         raise NotImplementedError

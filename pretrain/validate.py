@@ -27,7 +27,17 @@ def validate_recipe(recipe: Recipe, *, world_size: int) -> None:
         get_modality(name).decoder(cfg, train=True)  # loads tokenizers and checks preprocessing settings
     with torch.device("meta"):
         model = build_model(recipe.model)
-        build_objectives(recipe.objectives, model.spec)  # checks each objective against the model
+        objectives, _ = build_objectives(recipe.objectives, model.spec)  # checks each objective against the model
+    views = {f"{m}@{i}" for m, k in recipe.data.views.items() for i in range(1, k)}
+    for name, objective in objectives.items():
+        for needed in objective.requires.modalities:
+            if "@" in needed and needed not in views:
+                base, index = needed.split("@", 1)
+                raise RecipeError(f"objectives.{name} needs the augmented view {needed!r}: set data.views.{base}: "
+                                  f"{int(index) + 1} (data.views is {dict(recipe.data.views)})")
+        if recipe.train.zero_stage > objective.max_zero_stage:
+            raise RecipeError(f"objectives.{name} needs train.zero_stage <= {objective.max_zero_stage} (it keeps "
+                              f"its own copy of model weights), got {recipe.train.zero_stage}")
     for modality in recipe.data.fields:
         if modality not in recipe.model.towers:
             raise RecipeError(f"data.fields.{modality}: the model has no {modality!r} tower "

@@ -1,0 +1,109 @@
+"""A FIFO queue of past embeddings shared by every rank (MoCo, He et al. 2020; ALBEF, Li et al. 2021).
+
+`FeatureQueue` holds ``K`` rows of width ``E`` (``feats``), the write pointer ``ptr``, the number of rows written so
+far capped at ``K`` (``filled``) and, per row, an int64 id of the sample it came from (``ids``, ``-1`` when
+unknown). All four are registered buffers, so they are part of the owning module's ``state_dict`` and survive a
+DeepSpeed checkpoint / resume. (DeepSpeed's bf16 mode casts parameters only, so ``feats`` stays float32.)
+
+``enqueue(x)`` gathers ``x`` from every rank in rank order (``gather_no_grad``), keeps the rows marked ``valid``
+and writes them at ``ptr``, wrapping around: row ``r`` of the kept rows goes to slot ``(ptr + r) mod K`` and
+``ptr ← (ptr + n) mod K``. Because every rank writes the same gathered rows, every rank holds the identical queue.
+Wrap-around means ``K`` need not be a multiple of the global batch (MoCo's pointer arithmetic requires it) and the
+number of rows written per call may vary (absent rows are not written). When more than ``K`` rows arrive at once,
+only the last ``K`` are kept, as if written one after the other.
+
+Until the queue has wrapped once, the written rows are exactly slots ``0 .. filled-1``; `mask()` marks them, and
+unwritten slots must never be used as negatives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from objectives.distributed import gather_no_grad
+
+NO_ID = -1
+
+
+def sample_ids(names: Sequence[object]) -> Tensor:
+    """Stable int64 ids (in ``[0, 2^63)``) of sample keys or other labels: the first 8 bytes of a BLAKE2b digest of
+    ``str(name)``, ``NO_ID`` for ``None``. Unlike Python's ``hash`` it is identical on every rank and across
+    restarts."""
+    out = [NO_ID if n is None else int.from_bytes(hashlib.blake2b(str(n).encode("utf-8"), digest_size=8).digest(),
+                                                   "little") >> 1 for n in names]
+    return torch.tensor(out, dtype=torch.int64)
+
+
+class FeatureQueue(nn.Module):
+    """``K x E`` FIFO of embeddings plus sample ids; see the module docstring."""
+
+    feats: Tensor
+    ids: Tensor
+    ptr: Tensor
+    filled: Tensor
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        if size < 0 or dim < 1:
+            raise ValueError(f"FeatureQueue needs size >= 0 and dim >= 1, got size={size}, dim={dim}")
+        self.register_buffer("feats", torch.zeros(size, dim))
+        self.register_buffer("ids", torch.full((size,), NO_ID, dtype=torch.int64))
+        # shape [1], not []: collectives and some checkpoint tools mishandle 0-dim tensors
+        self.register_buffer("ptr", torch.zeros(1, dtype=torch.int64))
+        self.register_buffer("filled", torch.zeros(1, dtype=torch.int64))
+
+    @property
+    def size(self) -> int:
+        return self.feats.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.feats.shape[1]}"
+
+    def mask(self) -> Tensor:
+        """``bool[K]``: slots holding a written row."""
+        return torch.arange(self.size, device=self.feats.device) < self.filled
+
+    def ordered(self) -> tuple[Tensor, Tensor]:
+        """The written rows and their ids, oldest first (for inspection and tests)."""
+        n, ptr = int(self.filled), int(self.ptr)
+        if n < self.size:
+            return self.feats[:n], self.ids[:n]
+        return self.feats.roll(-ptr, 0), self.ids.roll(-ptr, 0)
+
+    @torch.no_grad()
+    def enqueue(self, x: Tensor, ids: Tensor | None = None, valid: Tensor | None = None, *,
+                gather: bool = True) -> None:
+        """Append the rows of ``x`` (``[B, E]``; ``ids``: int64 ``[B]``; ``valid``: bool ``[B]``, rows to write).
+
+        With ``gather`` the three are first concatenated over ranks (every rank must pass the same ``B``, and
+        every rank must call); pass ``gather=False`` when they already are the global batch.
+        """
+        if self.size == 0:
+            return
+        x = x.detach()
+        rows = x.shape[0]
+        ids = ids.to(device=x.device, dtype=torch.int64) if ids is not None else x.new_full((rows,), NO_ID,
+                                                                                          dtype=torch.int64)
+        valid = valid.to(device=x.device, dtype=torch.bool) if valid is not None else x.new_ones(rows,
+                                                                                             dtype=torch.bool)
+        if gather:
+            x, ids, valid = gather_no_grad(x.contiguous()), gather_no_grad(ids), gather_no_grad(valid)
+        if not bool(valid.all()):
+            keep = valid.nonzero().squeeze(1)
+            x, ids = x[keep], ids[keep]
+        n = x.shape[0]
+        if n == 0:
+            return
+        ptr = int(self.ptr)
+        if n > self.size:  # only the last K survive; they land where sequential writes would have put them
+            ptr = (ptr + n - self.size) % self.size
+            x, ids = x[-self.size:], ids[-self.size:]
+        slots = (ptr + torch.arange(x.shape[0], device=self.feats.device)) % self.size
+        self.feats.index_copy_(0, slots, x.to(device=self.feats.device, dtype=self.feats.dtype))
+        self.ids.index_copy_(0, slots, ids.to(self.ids.device))
+        self.ptr.fill_((ptr + x.shape[0]) % self.size)
+        self.filled.fill_(min(self.size, int(self.filled) + n))
