@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from architectures.towers import ArchitectureError
+from architectures.errors import ArchitectureError
 
 
 class FusionLayer(nn.Module):

@@ -21,9 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-
-class ArchitectureError(ValueError):
-    """A model configuration that cannot be built (unknown arch, missing weights, modality mismatch)."""
+from architectures.errors import ArchitectureError
 
 
 class TowerOutput(NamedTuple):
