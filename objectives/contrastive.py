@@ -12,13 +12,31 @@ gradient averaging optimises — is exactly ``L``. Rows whose pair is incomplete
 is learnable, stored as a log-scale (CLIP initialises ``τ = 0.07``; the clamp keeps ``s ≤ 100``).
 
 With several pairs the loss is their mean.
+
+Two options use a per-sample id computed from a ``batch.meta`` field (a stable 63-bit blake2b hash of the value,
+`meta_ids`; a missing value is "unknown" and matches nothing), gathered over ranks without gradient:
+
+* ``positives`` — multiple positives, MIL-NCE (Miech et al. 2020, "End-to-End Learning of Visual Representations
+  from Uncurated Instructional Videos"): every sample with the same id is a positive of row ``i``,
+  ``P(i) = {j : id_j = id_i} ∪ {i}``, and each direction's row term becomes::
+
+      ℓ_ab(i) = -log( Σ_{j∈P(i)} exp(s·a_i·b_j) / Σ_j exp(s·a_i·b_j) )     (likewise ℓ_ba with a, b swapped)
+
+  (the multiple-instance form of MIL-NCE's numerator, with the InfoNCE denominator over all columns).
+* ``exclude_duplicates`` — known duplicates are not negatives: for row ``i`` the columns ``j ∉ P(i)`` with the same
+  duplicate id as ``i`` are dropped from the denominator (logit ``-inf``); the positive(s) stay.
+
+Both keep the loss exact across ranks (local rows against gathered columns, the ids of the columns gathered).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +44,40 @@ from torch import Tensor, nn
 
 from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
 from objectives.distributed import gather_no_grad, gather_with_grad, world
+
+UNKNOWN_ID = -1  # the id of a sample whose meta value is missing: it is nobody's positive or duplicate
+
+
+def stable_id(value: Any) -> int:
+    """A non-negative 63-bit id of ``value`` that is the same in every process (unlike the salted ``hash``): the
+    blake2b digest of a string's UTF-8 bytes, or of the canonical JSON of any other value."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def meta_ids(values: Sequence[Any], device: torch.device | str | None = None) -> Tensor:
+    """``int64[B]`` ids of one ``batch.meta`` field; ``None`` values get `UNKNOWN_ID`."""
+    ids = [UNKNOWN_ID if v is None else stable_id(v) for v in values]
+    return torch.tensor(ids, dtype=torch.int64, device=device)
+
+
+def batch_meta_ids(batch: Any, name: str, rows: int, device: torch.device | str | None = None, *,
+                   option: str = "field") -> Tensor:
+    """`meta_ids` of ``batch.meta[name]``; raises `ObjectiveError` naming ``option`` when the batch does not carry
+    that field."""
+    meta = getattr(batch, "meta", None)
+    if meta is None or name not in meta:
+        fields = sorted(meta) if meta else []
+        raise ObjectiveError(f"{option}={name!r}: batch.meta has no field {name!r} (fields: {fields})")
+    if len(meta[name]) != rows:
+        raise ObjectiveError(f"{option}={name!r}: batch.meta[{name!r}] has {len(meta[name])} entries for {rows} rows")
+    return meta_ids(meta[name], device)
+
+
+def same_id(row_ids: Tensor, col_ids: Tensor) -> Tensor:
+    """``bool[B, N]``: row and column share a known id."""
+    return (row_ids.unsqueeze(1) == col_ids.unsqueeze(0)) & (row_ids != UNKNOWN_ID).unsqueeze(1)
 
 
 def contrastive_loss(
@@ -35,6 +87,8 @@ def contrastive_loss(
     *,
     valid: Tensor | None = None,
     gather: bool = True,
+    positive_ids: Tensor | None = None,
+    duplicate_ids: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Symmetric InfoNCE over local rows against gathered columns (see the module docstring).
 
@@ -43,9 +97,12 @@ def contrastive_loss(
         logit_scale: ``s = 1/τ`` (already exponentiated).
         valid: ``bool[B]``, rows whose pair is complete; ``None`` means all.
         gather: take negatives from every rank (with gradient); otherwise only from this rank's batch.
+        positive_ids: ``int64[B]`` group ids (MIL-NCE): equal known ids are positives of each other.
+        duplicate_ids: ``int64[B]`` duplicate ids: equal known ids are removed from each other's negatives.
 
     Returns:
-        The loss to backpropagate on this rank and detached metrics (retrieval accuracy of the local rows).
+        The loss to backpropagate on this rank and detached metrics (retrieval accuracy of the local rows; with
+        ``positive_ids`` a retrieval counts when the top column is any positive).
     """
     a = F.normalize(a.float(), dim=-1)
     b = F.normalize(b.float(), dim=-1)
@@ -63,6 +120,8 @@ def contrastive_loss(
     logits_ab = logit_scale * a @ b_cols.T
     logits_ba = logit_scale * b @ a_cols.T
     labels = torch.arange(rows, device=a.device) + rank * rows
+    if positive_ids is not None or duplicate_ids is not None:
+        return _grouped_loss(logits_ab, logits_ba, labels, valid, valid_cols, positive_ids, duplicate_ids, size)
     if not all_valid:
         dead = ~valid_cols.unsqueeze(0)
         logits_ab = logits_ab.masked_fill(dead, float("-inf"))
@@ -81,9 +140,48 @@ def contrastive_loss(
     return loss, metrics
 
 
+def _gathered(ids: Tensor, size: int) -> Tensor:
+    return gather_no_grad(ids) if size > 1 else ids
+
+
+def _grouped_loss(
+    logits_ab: Tensor,
+    logits_ba: Tensor,
+    labels: Tensor,
+    valid: Tensor,
+    valid_cols: Tensor,
+    positive_ids: Tensor | None,
+    duplicate_ids: Tensor | None,
+    size: int,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The MIL-NCE / duplicate-excluding form: ``logsumexp`` over the denominator minus over the positives."""
+    cols = torch.arange(logits_ab.shape[1], device=logits_ab.device)
+    positive = cols.unsqueeze(0) == labels.unsqueeze(1)
+    if positive_ids is not None:
+        positive = positive | same_id(positive_ids.to(labels.device), _gathered(positive_ids.to(labels.device), size))
+    denominator = valid_cols.unsqueeze(0).expand_as(positive)
+    if duplicate_ids is not None:
+        dup = same_id(duplicate_ids.to(labels.device), _gathered(duplicate_ids.to(labels.device), size))
+        denominator = denominator & ~(dup & ~positive)
+    numerator = positive & denominator
+    keep = valid.nonzero().squeeze(1)
+    numerator, denominator = numerator[keep], denominator[keep]
+    per_row = logits_ab.new_zeros(keep.numel())
+    accs = {}
+    for name, logits in (("acc_ab", logits_ab[keep]), ("acc_ba", logits_ba[keep])):
+        per_row = per_row + torch.logsumexp(logits.masked_fill(~denominator, float("-inf")), dim=-1)
+        per_row = per_row - torch.logsumexp(logits.masked_fill(~numerator, float("-inf")), dim=-1)
+        with torch.no_grad():
+            top = logits.masked_fill(~denominator, float("-inf")).argmax(-1, keepdim=True)
+            accs[name] = numerator.gather(1, top).float().mean() if keep.numel() else logits.new_zeros(())
+    loss = per_row.sum() / 2 * size / valid_cols.sum().clamp_min(1)
+    return loss, accs
+
+
 @dataclass
 class ContrastiveConfig:
-    """``objectives.contrastive`` in a recipe."""
+    """``objectives.contrastive`` in a recipe. ``positives`` / ``exclude_duplicates`` name a ``batch.meta`` field
+    (e.g. ``text``: samples with the same transcript are positives / are not each other's negatives)."""
 
     weight: float = 1.0
     pairs: list[list[str]] = field(default_factory=list)
@@ -91,6 +189,14 @@ class ContrastiveConfig:
     max_logit_scale: float = 100.0
     learn_temperature: bool = True
     gather: bool = True
+    positives: str | None = None
+    exclude_duplicates: str | None = None
+
+
+def check_meta_field(name: str, value: str | None) -> None:
+    """Raise `ObjectiveError` unless ``value`` is ``None`` or a non-empty ``batch.meta`` field name."""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ObjectiveError(f"{name} must name a batch.meta field (e.g. 'text') or be null, got {value!r}")
 
 
 class ContrastiveObjective(Objective):
@@ -102,6 +208,8 @@ class ContrastiveObjective(Objective):
         max_logit_scale: float = 100.0,
         learn_temperature: bool = True,
         gather: bool = True,
+        positives: str | None = None,
+        exclude_duplicates: str | None = None,
     ) -> None:
         super().__init__()
         if not pairs:
@@ -113,12 +221,16 @@ class ContrastiveObjective(Objective):
             raise ObjectiveError(f"init_temperature must be > 0, got {init_temperature}")
         if max_logit_scale < 1:
             raise ObjectiveError(f"max_logit_scale must be >= 1, got {max_logit_scale}")
+        check_meta_field("positives", positives)
+        check_meta_field("exclude_duplicates", exclude_duplicates)
         self.pairs = [tuple(p) for p in pairs]
         self.max_log_scale = math.log(max_logit_scale)
         # shape [1], not []: DeepSpeed cannot broadcast 0-dim parameters
         self.log_logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)),
                                             requires_grad=learn_temperature)
         self.gather = gather
+        self.positives = positives
+        self.exclude_duplicates = exclude_duplicates
         self.requires = Requirements(
             modalities=tuple(dict.fromkeys(m for p in self.pairs for m in p)), gathers_across_ranks=gather
         )
@@ -126,7 +238,8 @@ class ContrastiveObjective(Objective):
     @classmethod
     def from_config(cls, cfg: ContrastiveConfig, spec: ModelSpec | None = None) -> ContrastiveObjective:
         return cls(cfg.pairs, init_temperature=cfg.init_temperature, max_logit_scale=cfg.max_logit_scale,
-                   learn_temperature=cfg.learn_temperature, gather=cfg.gather)
+                   learn_temperature=cfg.learn_temperature, gather=cfg.gather, positives=cfg.positives,
+                   exclude_duplicates=cfg.exclude_duplicates)
 
     def logit_scale(self) -> Tensor:
         """``s = exp(clamp(log_s, 0, log max_logit_scale))`` as a 0-dim tensor."""
@@ -140,10 +253,17 @@ class ContrastiveObjective(Objective):
         terms: dict[str, Tensor] = {}
         metrics: dict[str, Tensor] = {"logit_scale": scale.detach(), "temperature": 1.0 / scale.detach()}
         total = scale.new_zeros(())
+        rows, device = outputs.embeddings[self.pairs[0][0]].shape[0], scale.device
+        pos_ids = dup_ids = None
+        if self.positives:
+            pos_ids = batch_meta_ids(batch, self.positives, rows, device, option="positives")
+        if self.exclude_duplicates:
+            dup_ids = batch_meta_ids(batch, self.exclude_duplicates, rows, device, option="exclude_duplicates")
         for m1, m2 in self.pairs:
             valid = outputs.present[m1] & outputs.present[m2]
             loss, pair_metrics = contrastive_loss(
-                outputs.embeddings[m1], outputs.embeddings[m2], scale, valid=valid, gather=self.gather
+                outputs.embeddings[m1], outputs.embeddings[m2], scale, valid=valid, gather=self.gather,
+                positive_ids=pos_ids, duplicate_ids=dup_ids,
             )
             total = total + loss
             terms[f"{m1}-{m2}"] = loss.detach()

@@ -14,15 +14,19 @@ from typing import Any, ClassVar
 from objectives.base import ModelSpec, Objective, ObjectiveError
 from objectives.contrastive import ContrastiveConfig, ContrastiveObjective
 from objectives.factorcl import FactorCLConfig, FactorCLObjective
+from objectives.intramodal import IntraModalConfig, IntraModalObjective
 from objectives.matching import MatchingConfig, MatchingObjective
 from objectives.momentum import MomentumContrastiveConfig, MomentumContrastiveObjective
+from objectives.siglip import SigLIPConfig, SigLIPObjective
 
 # kind -> (config dataclass, factory(config, model spec) -> objective)
 OBJECTIVES: dict[str, tuple[type, Callable[[Any, ModelSpec], Objective]]] = {
     "contrastive": (ContrastiveConfig, ContrastiveObjective.from_config),
     "factorcl": (FactorCLConfig, FactorCLObjective.from_config),
+    "intramodal": (IntraModalConfig, IntraModalObjective.from_config),
     "matching": (MatchingConfig, MatchingObjective.from_config),
     "momentum_contrastive": (MomentumContrastiveConfig, MomentumContrastiveObjective.from_config),
+    "siglip": (SigLIPConfig, SigLIPObjective.from_config),
 }
 
 
