@@ -73,6 +73,13 @@ class Batch:
             stats=self.stats,
         )
 
+    def only(self, modalities: Sequence[str]) -> Batch:
+        """The same rows restricted to ``modalities``."""
+        keep = set(modalities)
+        return Batch(inputs={m: v for m, v in self.inputs.items() if m in keep},
+                     present={m: p for m, p in self.present.items() if m in keep}, keys=self.keys, meta=self.meta,
+                     index=self.index, stats=self.stats)
+
     def rows(self, start: int, stop: int) -> Batch:
         """The sub-batch of rows ``start:stop`` (used to split a global batch across ranks)."""
         return Batch(
