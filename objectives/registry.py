@@ -11,22 +11,41 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from objectives.autoregressive import PrefixLMConfig, PrefixLMObjective
 from objectives.base import ModelSpec, Objective, ObjectiveError
+from objectives.clustering import ClusteringConfig, ClusteringObjective, SwapClusteringObjective, SwAVConfig
 from objectives.contrastive import ContrastiveConfig, ContrastiveObjective
 from objectives.factorcl import FactorCLConfig, FactorCLObjective
 from objectives.intramodal import IntraModalConfig, IntraModalObjective
+from objectives.masked import (
+    CrossMLMConfig,
+    CrossModalMLMObjective,
+    MAEConfig,
+    MAEObjective,
+    MaskedClusterConfig,
+    MaskedClusterObjective,
+    MLMConfig,
+    MLMObjective,
+)
 from objectives.matching import MatchingConfig, MatchingObjective
 from objectives.momentum import MomentumContrastiveConfig, MomentumContrastiveObjective
 from objectives.siglip import SigLIPConfig, SigLIPObjective
 
 # kind -> (config dataclass, factory(config, model spec) -> objective)
 OBJECTIVES: dict[str, tuple[type, Callable[[Any, ModelSpec], Objective]]] = {
+    "clustering": (ClusteringConfig, ClusteringObjective.from_config),
     "contrastive": (ContrastiveConfig, ContrastiveObjective.from_config),
     "factorcl": (FactorCLConfig, FactorCLObjective.from_config),
     "intramodal": (IntraModalConfig, IntraModalObjective.from_config),
+    "mae": (MAEConfig, MAEObjective.from_config),
+    "masked_cluster": (MaskedClusterConfig, MaskedClusterObjective.from_config),
+    "masked_cross": (CrossMLMConfig, CrossModalMLMObjective.from_config),
     "matching": (MatchingConfig, MatchingObjective.from_config),
+    "mlm": (MLMConfig, MLMObjective.from_config),
     "momentum_contrastive": (MomentumContrastiveConfig, MomentumContrastiveObjective.from_config),
+    "prefix_lm": (PrefixLMConfig, PrefixLMObjective.from_config),
     "siglip": (SigLIPConfig, SigLIPObjective.from_config),
+    "swav": (SwAVConfig, SwapClusteringObjective.from_config),
 }
 
 

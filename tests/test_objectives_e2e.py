@@ -43,6 +43,25 @@ GROUPS: dict[str, dict[str, Any]] = {
         },
         "steps": 60,
     },
+    "mlm_crossmlm_mae_maskedcluster_prefixlm": {
+        "model": FUSION,
+        "objectives": {
+            "mlm": {"modality": "text"},
+            "masked_cross": {"modality": "text", "context": "audio"},
+            "mae": {"modality": "audio", "decoder_width": 32, "decoder_depth": 1, "decoder_heads": 2},
+            "masked_cluster": {"modality": "audio", "num_clusters": 16},
+            "prefix_lm": {"context": "audio", "target": "text", "width": 48, "depth": 1, "heads": 2},
+        },
+        "steps": 60,
+    },
+    "xdc_swav": {
+        "objectives": {
+            "clustering": {"variant": "xdc", "modalities": ["audio", "text"], "num_clusters": 8,
+                           "refresh_every": 20, "samples_per_refresh": 256},
+            "swav": {"modalities": ["audio", "text"], "num_prototypes": 16},
+        },
+        "steps": 60,
+    },
 }
 
 

@@ -1,0 +1,440 @@
+"""Masked prediction: MLM, cross-modal MLM, MAE and masked cluster prediction.
+
+In every loss the mean runs over the selected (masked) tokens of rows whose modality is present, counted over all
+ranks (`objectives.masking.global_mean`); masks are drawn per sample from ``(seed, batch index, key)``.
+
+* ``mlm`` (BERT, Devlin et al. 2019): text ids masked 80/10/10 (`bert_mask`), the text tower re-run on them
+  through ``model({m: masked}, present)``, ``h`` its token states; with the head
+  ``g(h) = W_o LN(GELU(W_d h + b_d)) + b_o`` (BERT's transform + decoder)::
+
+      L = 1/|M| Σ_{(b,t) ∈ M} -log softmax(g(h_{b,t}))[x_{b,t}]          M: selected positions
+
+* ``masked_cross`` (ALBEF, Li et al. 2021; FLAVA MMM, Singh et al. 2022): the same, with ``h`` the fusion states
+  ``model.fuse({text: masked-text tokens, context: outputs.tokens[context]}, masks, query=text)``, rows with both
+  modalities present.
+* ``mae`` (He et al. 2022): a ``mask_ratio`` of the patches is dropped and the tower encodes only the visible ones;
+  a small decoder owned by the objective (linear in, the learned mask token at masked positions, positional
+  embedding — fixed 2-D sin-cos or learned — over the full grid, pre-norm blocks, linear to ``ph·pw·C``) predicts
+  every patch. The tower's prefix tokens (class / register) are kept through the decoder, with no positional
+  embedding (as MAE's zero class-token position), and dropped at its output. With ``p`` the patch (MAE order)::
+
+      t = (p - mean(p)) / sqrt(var(p) + 1e-6)   (norm_pix_loss; var unbiased, as MAE's torch ``var``; else t = p)
+      L = 1/|M| Σ_{(b,n) ∈ M} mean_d (ŷ_{b,n,d} - t_{b,n,d})²
+
+* ``masked_cluster`` (HuBERT, Hsu et al. 2021; AV-HuBERT, Shi et al. 2022): masked patch embeddings are replaced by
+  a learned mask token (tower replace mode); the target of patch ``p`` is ``z = argmin_k ||p - c_k||²`` (computed
+  in float64) over a codebook buffer ``c`` (``K x ph·pw·C``) fitted by seeded k-means (`objectives.kmeans`) on
+  the first global batch's raw patches (HuBERT's first iteration clusters MFCCs; here the un-normalised
+  spectrogram patches), gathered from every rank, fitted on rank 0 and broadcast; saved in the state dict;
+  re-fitted, warm-started, on the batch after each ``refresh``. With ``W`` a linear map to ``K``::
+
+      L = 1/|M| Σ_{(b,n) ∈ M} -log softmax(W h_{b,n})[z_{b,n}]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from objectives.autoregressive import TransformerBlock
+from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
+from objectives.distributed import world
+from objectives.kmeans import kmeans
+from objectives.masking import (
+    TokenMask,
+    bert_mask,
+    block_mask,
+    cluster_targets,
+    gather_rows,
+    global_mean,
+    patchify,
+    presence,
+    random_patch_mask,
+    row_generators,
+    sincos_2d,
+    time_span_mask,
+    upcast,
+)
+
+
+def token_ce(logits: Tensor, targets: Tensor, *, global_norm: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    """Cross-entropy summed over the ``[n, V]`` selected logits, divided by the (global) count ``n``."""
+    logits = upcast(logits)
+    nll = F.cross_entropy(logits, targets, reduction="sum")
+    with torch.no_grad():
+        acc = (logits.argmax(-1) == targets).float().sum() / max(1, targets.numel())
+    tokens = torch.tensor(float(targets.numel()), device=logits.device)
+    return global_mean(nll, targets.numel(), global_norm), {"acc": acc, "tokens": tokens}
+
+
+def mlm_loss(logits: Tensor, targets: Tensor, selected: Tensor, *, global_norm: bool = True) -> Tensor:
+    """``[B, L, V]`` logits, ``[B, L]`` original ids, ``bool[B, L]`` selected: the MLM loss of the docstring."""
+    return token_ce(logits[selected], targets[selected], global_norm=global_norm)[0]
+
+
+def norm_pix_target(patches: Tensor, eps: float = 1e-6) -> Tensor:
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+def mae_loss(pred: Tensor, patches: Tensor, mask: Tensor, *, norm_pix: bool = True,
+             global_norm: bool = True) -> Tensor:
+    """``pred``/``patches`` ``[B, N, P]``, ``mask`` ``bool[B, N]`` (masked patches of present rows)."""
+    pred = upcast(pred)
+    target = norm_pix_target(patches.to(pred.dtype)) if norm_pix else patches.to(pred.dtype)
+    per_patch = (pred - target).square().mean(dim=-1)
+    return global_mean((per_patch * mask).sum(), mask.sum(), global_norm)
+
+
+def _gens(seed: int, batch: Any, rows: int) -> list[torch.Generator]:
+    keys = list(getattr(batch, "keys", None) or [str(i) for i in range(rows)])
+    return row_generators(seed, keys, int(getattr(batch, "index", 0)))
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head: dense, GELU, LayerNorm, linear to the vocabulary."""
+
+    def __init__(self, width: int, vocab_size: int) -> None:
+        super().__init__()
+        self.dense, self.norm = nn.Linear(width, width), nn.LayerNorm(width)
+        self.out = nn.Linear(width, vocab_size)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.out(self.norm(F.gelu(self.dense(h))))
+
+
+@dataclass
+class MLMConfig:
+    """``objectives.mlm`` (``masked_cross`` adds ``context``)."""
+
+    weight: float = 1.0
+    modality: str = "text"
+    mask_ratio: float = 0.15
+    replace_prob: float = 0.8
+    random_prob: float = 0.1
+    seed: int = 0
+    global_norm: bool = True
+
+
+@dataclass
+class CrossMLMConfig(MLMConfig):
+    context: str = "audio"
+
+
+class MLMObjective(Objective):
+    """``mlm``; given a `CrossMLMConfig`, ``masked_cross`` (predicts from the fusion states)."""
+
+    def __init__(self, cfg: MLMConfig, spec: ModelSpec) -> None:
+        super().__init__()
+        m = cfg.modality
+        if m not in spec.vocab_sizes:
+            raise ObjectiveError(f"modality={m!r} is not a token-id modality (have: {sorted(spec.vocab_sizes)})")
+        specials = spec.special_tokens.get(m, {})
+        if "mask" not in specials:
+            raise ObjectiveError(f"the {m!r} tokenizer has no mask token (special ids: {specials}); "
+                                 "use a sentencepiece model built by mmssl (it has <mask>) or a [MASK] vocabulary")
+        if not 0 < cfg.mask_ratio < 1:
+            raise ObjectiveError(f"mask_ratio must be in (0, 1), got {cfg.mask_ratio}")
+        if cfg.replace_prob < 0 or cfg.random_prob < 0 or cfg.replace_prob + cfg.random_prob > 1:
+            raise ObjectiveError(f"replace_prob={cfg.replace_prob} and random_prob={cfg.random_prob} must be >= 0 "
+                                 "with a sum <= 1")
+        self.cfg = cfg
+        self.cross = isinstance(cfg, CrossMLMConfig)
+        self.vocab_size = spec.vocab_sizes[m]
+        self.specials = specials
+        if self.cross:
+            ctx = cfg.context  # type: ignore[attr-defined]
+            if ctx not in spec.token_dims or ctx == m:
+                raise ObjectiveError(f"context={ctx!r} must name another tower (towers: {sorted(spec.token_dims)})")
+            if spec.fusion_dim is None:
+                raise ObjectiveError(f"masked_cross needs a fusion module; model.family={spec.family!r} has none "
+                                     "(use model.family: late_fusion)")
+            self.head = MLMHead(spec.fusion_dim, self.vocab_size)
+            mods: tuple[str, ...] = (m, ctx)
+        else:
+            self.head = MLMHead(spec.token_dims[m], self.vocab_size)
+            mods = (m,)
+        self.requires = Requirements(modalities=mods, needs_fusion=self.cross, needs_masked_view=(m,),
+                                     gathers_across_ranks=cfg.global_norm)
+
+    @classmethod
+    def from_config(cls, cfg: MLMConfig, spec: ModelSpec | None = None) -> MLMObjective:
+        if spec is None:
+            raise ObjectiveError("masked language modelling needs the model spec (vocabulary, special ids)")
+        return cls(cfg, spec)
+
+    def make_mask(self, batch: Any) -> TokenMask:
+        """The `TokenMask` this objective draws for ``batch`` (deterministic per sample key and batch index)."""
+        x = batch.inputs[self.cfg.modality]
+        return bert_mask(x["input_ids"], x["attention_mask"], special_ids=self.specials.values(),
+                         mask_id=self.specials["mask"], vocab_size=self.vocab_size,
+                         generator=_gens(self.cfg.seed, batch, x["input_ids"].shape[0]), ratio=self.cfg.mask_ratio,
+                         replace_prob=self.cfg.replace_prob, random_prob=self.cfg.random_prob)
+
+    def forward(self, outputs: ModelOutputs, batch: Any = None, model: Any = None) -> LossOutput:
+        if batch is None or model is None:
+            raise ObjectiveError("masked language modelling needs the batch and the model")
+        m = self.cfg.modality
+        x = batch.inputs[m]
+        tm = self.make_mask(batch)
+        valid = presence(outputs, batch, m, x["input_ids"].shape[0], x["input_ids"].device)
+        masked_inputs = {"input_ids": tm.input_ids, "attention_mask": x["attention_mask"]}
+        states = model({m: masked_inputs}, {m: valid}).tokens[m]
+        if self.cross:
+            ctx = self.cfg.context  # type: ignore[attr-defined]
+            valid = valid & presence(outputs, batch, ctx, valid.shape[0], valid.device)
+            ctx_mask = outputs.token_mask.get(ctx)
+            if ctx_mask is None:
+                ctx_mask = torch.ones(outputs.tokens[ctx].shape[:2], dtype=torch.bool, device=states.device)
+            states = model.fuse({m: states, ctx: outputs.tokens[ctx]},
+                                {m: x["attention_mask"].bool(), ctx: ctx_mask}, query=m)
+        sel = tm.selected & valid[:, None]
+        loss, metrics = token_ce(self.head(states[sel]), x["input_ids"][sel], global_norm=self.cfg.global_norm)
+        return LossOutput(loss=loss, terms={"nll": loss.detach()}, metrics=metrics)
+
+
+class CrossModalMLMObjective(MLMObjective):
+    """``masked_cross``: MLM through the fusion module (ALBEF / FLAVA MMM)."""
+
+    @classmethod
+    def from_config(cls, cfg: MLMConfig, spec: ModelSpec | None = None) -> MLMObjective:
+        if not isinstance(cfg, CrossMLMConfig):
+            raise ObjectiveError(f"masked_cross takes a CrossMLMConfig, got {type(cfg).__name__}")
+        return super().from_config(cfg, spec)
+
+
+class MAEDecoder(nn.Module):
+    def __init__(self, in_dim: int, patch_dim: int, *, width: int, depth: int, heads: int, mlp_ratio: float,
+                 grid: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.width = width
+        self.embed = nn.Linear(in_dim, width)
+        self.mask_token = nn.Parameter(torch.randn(width) * 0.02)
+        self.grid = grid
+        self.pos = nn.Parameter(torch.randn(grid[0] * grid[1], width) * 0.02) if grid else None
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.pred = nn.Linear(width, patch_dim)
+
+    def forward(self, features: Tensor, mask: Tensor, grid: tuple[int, int], visible: int) -> Tensor:
+        """``features`` ``[B, prefix + visible, D]`` (visible patches in grid order), ``mask`` ``bool[B, N]`` with
+        ``N - visible`` masked per row: predictions ``[B, N, patch_dim]`` for every patch."""
+        b, n = mask.shape
+        h = self.embed(features)
+        prefix = h.shape[1] - visible
+        # MAE's unshuffle: visible tokens then mask tokens, gathered back to grid order (no host sync)
+        order = torch.argsort(mask.int(), dim=1, stable=True)
+        seq = torch.cat([h[:, prefix:], self.mask_token.to(h.dtype).expand(b, n - visible, self.width)], dim=1)
+        full = torch.gather(seq, 1, torch.argsort(order, dim=1)[..., None].expand(-1, -1, self.width))
+        if self.pos is not None:
+            if grid != self.grid:
+                raise ObjectiveError(f"the patch grid {grid} differs from the configured grid={list(self.grid)}")
+            pos = self.pos
+        else:
+            pos = sincos_2d(grid, self.width).to(h.device)
+        x = torch.cat([h[:, :prefix], full + pos.to(h.dtype)], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.pred(self.norm(x))[:, prefix:]
+
+
+class _PatchObjective(Objective):
+    patch_shape: tuple[int, int, int]  # (channels, patch_h, patch_w) of the tower
+
+    def _setup(self, modality: str, spec: ModelSpec, kind: str) -> tuple[int, int, int]:
+        if modality not in spec.patch_shapes:
+            raise ObjectiveError(f"modality={modality!r} has no ViT patch tower; {kind} needs one (maskable: "
+                                 f"{sorted(spec.patch_shapes)}; e.g. model.{modality}.arch: vit_tiny_patch16_224)")
+        return spec.patch_shapes[modality]
+
+    def _grid(self, x: Tensor) -> tuple[int, int]:
+        _, ph, pw = self.patch_shape
+        return x.shape[-2] // ph, x.shape[-1] // pw
+
+
+@dataclass
+class MAEConfig:
+    """``objectives.mae``."""
+
+    weight: float = 1.0
+    modality: str = "audio"
+    mask_ratio: float = 0.75
+    decoder_width: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    mlp_ratio: float = 4.0
+    pos_embed: str = "sincos"  # or "learned" (needs grid)
+    grid: list[int] = field(default_factory=list)  # [rows, cols] of the patch grid, for learned positions
+    norm_pix_loss: bool = True
+    seed: int = 0
+    global_norm: bool = True
+
+
+class MAEObjective(_PatchObjective):
+    def __init__(self, cfg: MAEConfig, spec: ModelSpec) -> None:
+        super().__init__()
+        self.patch_shape = self._setup(cfg.modality, spec, "mae")
+        if not 0 < cfg.mask_ratio < 1:
+            raise ObjectiveError(f"mask_ratio must be in (0, 1), got {cfg.mask_ratio}")
+        if cfg.pos_embed not in ("sincos", "learned"):
+            raise ObjectiveError(f"pos_embed must be 'sincos' or 'learned', got {cfg.pos_embed!r}")
+        if cfg.pos_embed == "sincos" and cfg.decoder_width % 4:
+            raise ObjectiveError(f"decoder_width={cfg.decoder_width} must be divisible by 4 for sin-cos positions")
+        if cfg.pos_embed == "learned" and len(cfg.grid) != 2:
+            raise ObjectiveError(f"pos_embed='learned' needs grid: [rows, cols] of the patch grid, got {cfg.grid}")
+        self.cfg = cfg
+        c, ph, pw = self.patch_shape
+        self.decoder = MAEDecoder(spec.token_dims[cfg.modality], c * ph * pw, width=cfg.decoder_width,
+                                  depth=cfg.decoder_depth, heads=cfg.decoder_heads, mlp_ratio=cfg.mlp_ratio,
+                                  grid=tuple(cfg.grid) if cfg.pos_embed == "learned" else None)
+        self.requires = Requirements(modalities=(cfg.modality,), needs_masked_view=(cfg.modality,),
+                                     needs_decoder=True, gathers_across_ranks=cfg.global_norm)
+
+    @classmethod
+    def from_config(cls, cfg: MAEConfig, spec: ModelSpec | None = None) -> MAEObjective:
+        if spec is None:
+            raise ObjectiveError("mae needs the model spec (patch shape, token width)")
+        return cls(cfg, spec)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"decoder.mask_token", "decoder.pos"}
+
+    def make_mask(self, batch: Any) -> Tensor:
+        x = batch.inputs[self.cfg.modality]
+        gh, gw = self._grid(x)
+        return random_patch_mask(x.shape[0], gh * gw, self.cfg.mask_ratio, _gens(self.cfg.seed, batch, x.shape[0]))
+
+    def forward(self, outputs: ModelOutputs, batch: Any = None, model: Any = None) -> LossOutput:
+        if batch is None or model is None:
+            raise ObjectiveError("mae needs the batch and the model")
+        m = self.cfg.modality
+        x = batch.inputs[m]
+        grid = self._grid(x)
+        mask = self.make_mask(batch)
+        visible = int((~mask[0]).sum())
+        mask = mask.to(x.device)
+        features = model.towers[m](x, mask=mask).features
+        pred = self.decoder(features, mask, grid, visible)
+        patches = patchify(x, self.patch_shape[1:])
+        sel = mask & presence(outputs, batch, m, x.shape[0], x.device)[:, None]
+        loss = mae_loss(pred, patches, sel, norm_pix=self.cfg.norm_pix_loss, global_norm=self.cfg.global_norm)
+        return LossOutput(loss=loss, terms={"mse": loss.detach()},
+                          metrics={"visible": torch.tensor(float(visible), device=loss.device)})
+
+
+@dataclass
+class MaskedClusterConfig:
+    """``objectives.masked_cluster``."""
+
+    weight: float = 1.0
+    modality: str = "audio"
+    num_clusters: int = 100
+    mask: str = "span"  # "span" (time columns), "random" or "block"
+    mask_ratio: float = 0.5  # random / block
+    span_start_prob: float = 0.25  # span: starts per column (round(p·columns) spans)
+    span_length: int = 2  # span: columns per span
+    kmeans_iters: int = 20
+    refresh_every: int = 0  # steps between codebook re-fits (0: fit once, on the first batch)
+    seed: int = 0
+    global_norm: bool = True
+
+
+class MaskedClusterObjective(_PatchObjective):
+    def __init__(self, cfg: MaskedClusterConfig, spec: ModelSpec) -> None:
+        super().__init__()
+        self.patch_shape = self._setup(cfg.modality, spec, "masked_cluster")
+        if cfg.num_clusters < 2:
+            raise ObjectiveError(f"num_clusters must be >= 2, got {cfg.num_clusters}")
+        if cfg.mask not in ("span", "random", "block"):
+            raise ObjectiveError(f"mask must be 'span', 'random' or 'block', got {cfg.mask!r}")
+        if not 0 < cfg.mask_ratio < 1:
+            raise ObjectiveError(f"mask_ratio must be in (0, 1), got {cfg.mask_ratio}")
+        if cfg.span_length < 1 or not 0 < cfg.span_start_prob <= 1:
+            raise ObjectiveError(f"span_length={cfg.span_length} must be >= 1 and span_start_prob="
+                                 f"{cfg.span_start_prob} in (0, 1]")
+        self.cfg = cfg
+        self.refresh_every = cfg.refresh_every
+        width = spec.token_dims[cfg.modality]
+        self.mask_token = nn.Parameter(torch.randn(width) * 0.02)
+        self.head = nn.Linear(width, cfg.num_clusters)
+        self.register_buffer("codebook", torch.zeros(cfg.num_clusters, math.prod(self.patch_shape)))
+        self.register_buffer("codebook_fits", torch.zeros(1, dtype=torch.long))  # [1]: DeepSpeed broadcasts it
+        self._refit = False
+        self._fitted: bool | None = None  # mirrors codebook_fits > 0 without a device sync every step
+        self.requires = Requirements(modalities=(cfg.modality,), needs_masked_view=(cfg.modality,),
+                                     gathers_across_ranks=True)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._fitted = None
+
+    @classmethod
+    def from_config(cls, cfg: MaskedClusterConfig, spec: ModelSpec | None = None) -> MaskedClusterObjective:
+        if spec is None:
+            raise ObjectiveError("masked_cluster needs the model spec (patch shape, token width)")
+        return cls(cfg, spec)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"}
+
+    @torch.no_grad()
+    def fit_codebook(self, patches: Tensor) -> None:
+        """k-means over ``[n, P]`` raw patches gathered from every rank in rank order (so 1 rank and W ranks fit
+        the same codebook on the same global batch; warm-started from the codebook after the first fit), computed
+        on rank 0 and broadcast. Every rank must call it."""
+        rank, size = world()
+        patches = gather_rows(patches.float())
+        k = self.cfg.num_clusters
+        if patches.shape[0] < k:  # on every rank, before the broadcast
+            raise ObjectiveError(f"num_clusters={k} is more than the {patches.shape[0]} patches k-means sees")
+        if rank == 0:
+            init = self.codebook.float() if int(self.codebook_fits[0]) > 0 else None
+            centroids, _, _ = kmeans(patches, k, self.cfg.kmeans_iters, self.cfg.seed, init=init)
+            self.codebook.copy_(centroids)
+        if size > 1:
+            dist.broadcast(self.codebook, 0)
+        self.codebook_fits += 1
+        self._fitted = True
+
+    def refresh(self, step: int, features: Any) -> dict[str, float]:
+        self._refit = True  # the raw patches are not in the feature pass: re-fit on the next training batch
+        return {"codebook_fits": float(self.codebook_fits[0])}
+
+    def make_mask(self, batch: Any) -> Tensor:
+        x = batch.inputs[self.cfg.modality]
+        grid, rows = self._grid(x), x.shape[0]
+        gens = _gens(self.cfg.seed, batch, rows)
+        if self.cfg.mask == "span":
+            return time_span_mask(rows, grid, start_prob=self.cfg.span_start_prob, span=self.cfg.span_length,
+                                  generator=gens)
+        if self.cfg.mask == "block":
+            return block_mask(rows, grid, self.cfg.mask_ratio, gens)
+        return random_patch_mask(rows, grid[0] * grid[1], self.cfg.mask_ratio, gens)
+
+    def forward(self, outputs: ModelOutputs, batch: Any = None, model: Any = None) -> LossOutput:
+        if batch is None or model is None:
+            raise ObjectiveError("masked_cluster needs the batch and the model")
+        m = self.cfg.modality
+        x = batch.inputs[m]
+        valid = presence(outputs, batch, m, x.shape[0], x.device)
+        patches = patchify(x, self.patch_shape[1:]).float()
+        if self._fitted is None:
+            self._fitted = int(self.codebook_fits[0]) > 0
+        if not self._fitted or self._refit:
+            self.fit_codebook(patches[valid].flatten(0, 1))
+            self._refit = False
+        targets = cluster_targets(patches, self.codebook)
+        mask = self.make_mask(batch).to(x.device)
+        features = model.towers[m](x, mask=mask, mask_token=self.mask_token).features
+        states = features[:, features.shape[1] - mask.shape[1]:]
+        sel = mask & valid[:, None]
+        loss, metrics = token_ce(self.head(states[sel]), targets[sel], global_norm=self.cfg.global_norm)
+        metrics["masked_fraction"] = mask.float().mean()
+        return LossOutput(loss=loss, terms={"nll": loss.detach()}, metrics=metrics)
