@@ -121,3 +121,30 @@ def test_missing_tokenizer_and_bad_precision(recipe_file: Path, tmp_path: Path) 
     r = load_recipe(recipe_file, ["model.audio.arch=vit_nonexistent"])
     with pytest.raises(ArchitectureError, match="unknown timm architecture 'vit_nonexistent'"):
         validate_recipe(r, world_size=1)
+
+
+def _with_objectives(tmp_path: Path, asterisk_data: Path, objectives: dict, **sections: dict):
+    raw = tiny_recipe_dict(asterisk_data, **sections)
+    raw["objectives"] = objectives
+    return load_recipe(write_recipe(tmp_path / "o.yaml", raw))
+
+
+@pytest.mark.parametrize(("objectives", "sections", "error", "message"), [
+    ({"matching": {"query": "text", "context": "audio"}}, {}, ObjectiveError,
+     r"objectives\.matching needs a fusion module, which model\.family='fusion_free' does not have"),
+    ({"clustering": {"modalities": ["audio", "text"], "variant": "xdc", "num_clusters": 512,
+                     "samples_per_refresh": 256}}, {}, ObjectiveError,
+     r"objectives\.clustering: .*num_clusters.*512.*samples_per_refresh.*256"),
+    ({"siglip": {"pairs": [["audio", "video"]]}}, {}, ObjectiveError,
+     r"objectives\.siglip needs modality 'video'"),
+    ({"intramodal": {"modalities": ["audio"]}}, {}, RecipeError,
+     r"objectives\.intramodal needs the augmented view 'audio@1': set data\.views\.audio: 2"),
+    ({"momentum_contrastive": {"pairs": [["audio", "text"]]}}, {"train": {"zero_stage": 3}}, RecipeError,
+     r"objectives\.momentum_contrastive needs train\.zero_stage <= 2"),
+    ({"mae": {"modality": "text"}}, {}, ObjectiveError, r"objectives\.mae"),
+])
+def test_objective_configuration_errors_name_the_key(tmp_path: Path, asterisk_data: Path, objectives: dict,
+                                                     sections: dict, error: type, message: str) -> None:
+    recipe = _with_objectives(tmp_path, asterisk_data, objectives, **sections)
+    with pytest.raises(error, match=message):
+        validate_recipe(recipe, world_size=2)
