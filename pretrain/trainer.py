@@ -244,13 +244,15 @@ class Trainer:
             scale_metric = next((v for k, v in out.metrics.items() if k.endswith("logit_scale")), None)
             scale = float(scale_metric) if scale_metric is not None else float("nan")
             terms = {k: v.detach().float() for k, v in out.terms.items()}
+            # objectives' own metrics (accuracies, cluster sizes, ...): rank 0's values, not reduced
+            metrics = {k: v.detach().float() for k, v in out.metrics.items() if rank == 0 and v.numel() == 1}
             state.step += 1
             state.samples_seen += global_batch
             if state.step == first_step + 1:
                 timed_start = time.perf_counter()
             else:
                 timed_steps += 1
-            pending.append({"step": state.step, "loss": step_loss, "terms": terms,
+            pending.append({"step": state.step, "loss": step_loss, "terms": terms, "metrics": metrics,
                             "lr": self.scheduler.get_last_lr()[0], "logit_scale": scale,
                             "temperature": 1.0 / scale if scale else float("nan"), "data_wait_s": round(data_wait, 5),
                             **refreshed})
@@ -268,6 +270,7 @@ class Trainer:
                 losses = [row[0] for row in values]
                 for record, row in zip(pending, values, strict=True):
                     record.update({f"loss/{n}": v for n, v in zip(names, row[1:], strict=True)})
+                    record.update({f"rank0/{k}": float(v) for k, v in record.pop("metrics").items()})
                 elapsed = time.perf_counter() - timed_start - checkpoint_s if timed_start else 0.0
                 rate = timed_steps * global_batch / elapsed if elapsed > 0 and timed_steps else float("nan")
                 for record, loss in zip(pending, losses, strict=True):
