@@ -132,7 +132,12 @@ class ClusteringConfig:
 
 
 class ClusteringObjective(Objective):
-    """DeepCluster / XDC / MDC / CDC pseudo-label classification (see the module docstring)."""
+    """DeepCluster / XDC / MDC / CDC pseudo-label classification (see the module docstring).
+
+    ZeRO 0-2 only: the feature pass stops at each rank's quota, so ranks may run different numbers of forwards,
+    which ZeRO-3's parameter gathers would turn into a hang."""
+
+    max_zero_stage = 2
 
     def __init__(self, variant: str, modalities: Sequence[str], in_dims: dict[str, int], *, num_clusters: int = 64,
                  refresh_every: int = 100, samples_per_refresh: int = 2048, kmeans_iters: int = 20,
