@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from architectures.errors import ArchitectureError
+from architectures.outputs import tower_name
 
 
 class FusionLayer(nn.Module):
@@ -51,8 +52,7 @@ class CrossAttentionFusion(nn.Module):
         self.norm = nn.LayerNorm(width)
 
     def _project(self, name: str, x: Tensor) -> Tensor:
-        base = name.split("@", 1)[0]
-        return self.inputs[base](x)
+        return self.inputs[tower_name(name)](x)
 
     def forward(self, tokens: Mapping[str, Tensor], token_mask: Mapping[str, Tensor], query: str) -> Tensor:
         if query not in tokens:

@@ -13,14 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from architectures.outputs import ModelOutput, ModelSpec
+from architectures.outputs import ModelOutput, ModelSpec, tower_name
 from architectures.towers import ArchitectureError, Tower
-
-VIEW_SEP = "@"
-
-
-def tower_name(modality: str) -> str:
-    return modality.split(VIEW_SEP, 1)[0]
 
 
 def as_tokens(features: Tensor) -> Tensor:

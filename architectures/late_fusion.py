@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from architectures.fusion import CrossAttentionFusion
 from architectures.fusion_free import FusionFreeModel
-from architectures.outputs import ModelOutput
+from architectures.outputs import ModelOutput, tower_name
 from architectures.towers import Tower
 
 
@@ -29,7 +29,7 @@ class LateFusionModel(FusionFreeModel):
 
     def forward(self, inputs: Mapping[str, Any], present: Mapping[str, Tensor] | None = None) -> ModelOutput:
         out = self.encode_towers(inputs, present)
-        plain = [m for m in out.tokens if "@" not in m]
+        plain = [m for m in out.tokens if tower_name(m) == m]  # views are not fused
         if self.query in plain and len(plain) > 1:
             out.fused[self.query] = self.fusion({m: out.tokens[m] for m in plain},
                                                 {m: out.token_mask[m] for m in plain}, self.query)

@@ -6,6 +6,13 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+VIEW_SEP = "@"  # "audio@1": a second augmented view of "audio", encoded by the audio tower
+
+
+def tower_name(modality: str) -> str:
+    """The tower that encodes a batch key: ``"audio@1" -> "audio"``."""
+    return modality.split(VIEW_SEP, 1)[0]
+
 
 @dataclass
 class ModelOutput:

@@ -33,6 +33,21 @@ class ObjectiveError(ValueError):
     """An objective configured in a way that cannot work (bad pair, missing modality, bad hyper-parameter)."""
 
 
+def check_pairs(kind: str, pairs: Any) -> list[tuple[str, str]]:
+    """The ``pairs`` option of a pairwise objective as a list of distinct modality pairs; `ObjectiveError` naming
+    the bad pair otherwise."""
+    if not pairs:
+        raise ObjectiveError(f"{kind} objective needs at least one modality pair in `pairs`")
+    checked = []
+    for pair in pairs:
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise ObjectiveError(f"{kind} pair {list(pair)!r} must name two different modalities")
+        checked.append((str(pair[0]), str(pair[1])))
+    if len(set(checked)) != len(checked):
+        raise ObjectiveError(f"{kind} pairs {[list(p) for p in checked]} repeat a pair")
+    return checked
+
+
 class ModelOutputs(Protocol):
     embeddings: dict[str, Tensor]  # [B, E] projected, not normalised
     pooled: dict[str, Tensor]  # [B, D_m] tower features

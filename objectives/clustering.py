@@ -58,9 +58,9 @@ from objectives.base import (
     Requirements,
     base_modality,
 )
-from objectives.distributed import world
-from objectives.kmeans import gather_rows, kmeans, normalized_mutual_info
-from objectives.sinkhorn import global_count, swav_loss
+from objectives.distributed import gather_keyed_rows, sum_over_ranks, world
+from objectives.kmeans import kmeans, normalized_mutual_info
+from objectives.sinkhorn import swav_loss
 
 VARIANTS = ("deepcluster", "xdc", "mdc", "cdc")
 FEATURES = ("pooled", "embeddings")
@@ -73,7 +73,7 @@ def pseudo_label_loss(logits: Tensor, labels: Tensor, *, gather: bool = True) ->
     anywhere the loss is ``0 · Σ logits`` (zero, still in the graph). Every rank must call it when ``gather``."""
     rank_size = world()[1] if gather else 1
     keep = labels >= 0
-    n_global = global_count(keep.sum(), gather)
+    n_global = sum_over_ranks(keep.sum().float(), gather)
     if float(n_global) == 0:
         loss = logits.sum() * 0.0
     else:
@@ -260,7 +260,7 @@ class ClusteringObjective(Objective):
         new_labels: dict[str, dict[str, int]] = {}
         for idx_c, c in enumerate(self.clusterings):
             local = torch.cat(rows[c]) if rows[c] else torch.zeros(0, width[c], device=dev)
-            all_keys, x = gather_rows(keys[c], local) if size > 1 else (keys[c], local)
+            all_keys, x = gather_keyed_rows(keys[c], local) if self.gather else (keys[c], local)
             first = {k: i for i, k in reversed(list(enumerate(all_keys)))}  # first occurrence of each key
             order = sorted(first.values())
             all_keys, x = [all_keys[i] for i in order], x[torch.tensor(order, dtype=torch.long, device=x.device)]

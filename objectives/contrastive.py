@@ -31,53 +31,17 @@ Both keep the loss exact across ranks (local rows against gathered columns, the 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
+from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements, check_pairs
 from objectives.distributed import gather_no_grad, gather_with_grad, world
-
-UNKNOWN_ID = -1  # the id of a sample whose meta value is missing: it is nobody's positive or duplicate
-
-
-def stable_id(value: Any) -> int:
-    """A non-negative 63-bit id of ``value`` that is the same in every process (unlike the salted ``hash``): the
-    blake2b digest of a string's UTF-8 bytes, or of the canonical JSON of any other value."""
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def meta_ids(values: Sequence[Any], device: torch.device | str | None = None) -> Tensor:
-    """``int64[B]`` ids of one ``batch.meta`` field; ``None`` values get `UNKNOWN_ID`."""
-    ids = [UNKNOWN_ID if v is None else stable_id(v) for v in values]
-    return torch.tensor(ids, dtype=torch.int64, device=device)
-
-
-def batch_meta_ids(batch: Any, name: str, rows: int, device: torch.device | str | None = None, *,
-                   option: str = "field") -> Tensor:
-    """`meta_ids` of ``batch.meta[name]``; raises `ObjectiveError` naming ``option`` when the batch does not carry
-    that field."""
-    meta = getattr(batch, "meta", None)
-    if meta is None or name not in meta:
-        fields = sorted(meta) if meta else []
-        raise ObjectiveError(f"{option}={name!r}: batch.meta has no field {name!r} (fields: {fields})")
-    if len(meta[name]) != rows:
-        raise ObjectiveError(f"{option}={name!r}: batch.meta[{name!r}] has {len(meta[name])} entries for {rows} rows")
-    return meta_ids(meta[name], device)
-
-
-def same_id(row_ids: Tensor, col_ids: Tensor) -> Tensor:
-    """``bool[B, N]``: row and column share a known id."""
-    return (row_ids.unsqueeze(1) == col_ids.unsqueeze(0)) & (row_ids != UNKNOWN_ID).unsqueeze(1)
+from objectives.ids import batch_meta_ids, check_meta_field, same_id
 
 
 def contrastive_loss(
@@ -193,12 +157,6 @@ class ContrastiveConfig:
     exclude_duplicates: str | None = None
 
 
-def check_meta_field(name: str, value: str | None) -> None:
-    """Raise `ObjectiveError` unless ``value`` is ``None`` or a non-empty ``batch.meta`` field name."""
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ObjectiveError(f"{name} must name a batch.meta field (e.g. 'text') or be null, got {value!r}")
-
-
 class ContrastiveObjective(Objective):
     def __init__(
         self,
@@ -212,18 +170,13 @@ class ContrastiveObjective(Objective):
         exclude_duplicates: str | None = None,
     ) -> None:
         super().__init__()
-        if not pairs:
-            raise ObjectiveError("contrastive objective needs at least one modality pair in `pairs`")
-        for pair in pairs:
-            if len(pair) != 2 or pair[0] == pair[1]:
-                raise ObjectiveError(f"contrastive pair {list(pair)!r} must name two different modalities")
+        self.pairs = check_pairs("contrastive", pairs)
         if not init_temperature > 0:
             raise ObjectiveError(f"init_temperature must be > 0, got {init_temperature}")
         if max_logit_scale < 1:
             raise ObjectiveError(f"max_logit_scale must be >= 1, got {max_logit_scale}")
         check_meta_field("positives", positives)
         check_meta_field("exclude_duplicates", exclude_duplicates)
-        self.pairs = [tuple(p) for p in pairs]
         self.max_log_scale = math.log(max_logit_scale)
         # shape [1], not []: DeepSpeed cannot broadcast 0-dim parameters
         self.log_logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)),

@@ -51,3 +51,37 @@ def gather_no_grad(x: Tensor) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(world()[1])]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def gather_rows(x: Tensor) -> Tensor:
+    """``cat([x_0, ..., x_{W-1}])`` over ranks without gradient, where ranks may hold different numbers of rows
+    (padded to the largest for the collective, then trimmed)."""
+    _, size = world()
+    if size == 1:
+        return x
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(size)]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
+    most = int(max(int(c) for c in counts))
+    padded = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])]) if x.shape[0] < most else x
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[: int(c)] for p, c in zip(parts, counts, strict=True)])
+
+
+def gather_keyed_rows(keys: list[str], rows: Tensor) -> tuple[list[str], Tensor]:
+    """Sample keys and their rows ``[n_r, D]`` from every rank, in rank order (uneven ``n_r`` allowed)."""
+    _, size = world()
+    if size == 1:
+        return list(keys), rows
+    all_keys: list[list[str]] = [[] for _ in range(size)]
+    dist.all_gather_object(all_keys, list(keys))
+    return [k for ks in all_keys for k in ks], gather_rows(rows)
+
+
+def sum_over_ranks(x: Tensor, enabled: bool = True) -> Tensor:
+    """A detached copy of ``x`` summed over ranks (counts that normalise a global mean); ``x`` itself when
+    ``enabled`` is False or there is one process."""
+    x = x.detach().clone()
+    if enabled and world()[1] > 1:
+        dist.all_reduce(x)
+    return x

@@ -23,7 +23,7 @@ Distances ``||x||² - 2 x·c + ||c||²`` are computed in row chunks of ``chunk_e
 ``O(N·D + chunk_elems)``, never ``N×K×D`` (N=100k, D=256, K=1000 uses a few hundred MB in float32). Centroid sums
 use ``index_add_`` on CPU and a chunked one-hot matmul elsewhere (CUDA's ``index_add_`` is not deterministic).
 
-Also here: `gather_rows` (rows and keys of every rank, uneven counts) and `normalized_mutual_info` (between two
+Also here: `normalized_mutual_info` (between two
 clusterings, for the pseudo-label services' logs).
 """
 
@@ -33,11 +33,8 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-
-from objectives.distributed import world
 
 DEFAULT_CHUNK_ELEMS = 1 << 24  # distance-matrix elements per chunk (64 MB in float32)
 
@@ -209,20 +206,6 @@ def kmeans(
     info = {"inertia": inertia, "iterations": done, "converged": converged,
             "counts": torch.bincount(labels, minlength=k).cpu(), "reseeded": reseeded, "init": c_init}
     return c, labels, info
-
-
-def gather_rows(keys: list[str], rows: Tensor) -> tuple[list[str], Tensor]:
-    """``keys`` and ``rows [n_r, D]`` of every rank, concatenated in rank order (ranks may have different n_r)."""
-    if world()[1] == 1:
-        return list(keys), rows
-    all_keys: list[list[str]] = [[] for _ in range(world()[1])]
-    dist.all_gather_object(all_keys, list(keys))
-    most = max(len(k) for k in all_keys)
-    padded = rows.new_zeros(most, rows.shape[1])
-    padded[: rows.shape[0]] = rows
-    parts = [torch.empty_like(padded) for _ in all_keys]
-    dist.all_gather(parts, padded.contiguous())
-    return [k for ks in all_keys for k in ks], torch.cat([p[: len(k)] for p, k in zip(parts, all_keys, strict=True)])
 
 
 def normalized_mutual_info(a: Tensor, b: Tensor) -> float:

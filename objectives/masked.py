@@ -44,14 +44,13 @@ from torch import Tensor, nn
 
 from objectives.autoregressive import TransformerBlock
 from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
-from objectives.distributed import world
+from objectives.distributed import gather_rows, world
 from objectives.kmeans import kmeans
 from objectives.masking import (
     TokenMask,
     bert_mask,
     block_mask,
     cluster_targets,
-    gather_rows,
     global_mean,
     patchify,
     presence,

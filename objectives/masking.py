@@ -32,10 +32,9 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from objectives.distributed import world
+from objectives.distributed import sum_over_ranks, world
 
 Generators = torch.Generator | Sequence[torch.Generator]
 
@@ -173,20 +172,6 @@ def cluster_targets(patches: Tensor, codebook: Tensor) -> Tensor:
     return d.argmin(-1).view(patches.shape[:-1])
 
 
-def gather_rows(x: Tensor) -> Tensor:
-    """``cat([x_0, ..., x_{W-1}])`` over ranks without gradient, rows may differ in number per rank."""
-    _, size = world()
-    if size == 1:
-        return x
-    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(size)]
-    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
-    most = int(max(int(c) for c in counts))
-    padded = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])]) if x.shape[0] < most else x
-    parts = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[: int(c)] for p, c in zip(parts, counts, strict=True)])
-
-
 @lru_cache(maxsize=16)
 def sincos_2d(grid: tuple[int, int], width: int) -> Tensor:
     """``[gh·gw, width]``: half the channels sin/cos of the row index, half of the column index (MAE-style, fixed)."""
@@ -215,9 +200,6 @@ def global_mean(total: Tensor, count: Tensor | int, enabled: bool = True) -> Ten
     result multiplied by the world size ``W``: ``L_r = W·total_r / Σ_k count_k``, so ``mean_r L_r`` — what
     gradient averaging optimises — is the mean over every rank's tokens, as on one process with the global batch.
     Every rank must call it (an all-reduce of the count)."""
-    count_t = torch.as_tensor(count, dtype=torch.float32, device=total.device).detach().clone()
-    _, size = world()
-    if enabled and size > 1:
-        dist.all_reduce(count_t)
-        return total * size / count_t.clamp_min(1.0)
-    return total / count_t.clamp_min(1.0)
+    count_t = sum_over_ranks(torch.as_tensor(count, dtype=torch.float32, device=total.device), enabled)
+    size = world()[1] if enabled else 1
+    return total * size / count_t.clamp_min(1.0)

@@ -32,7 +32,7 @@ draws the same negative on 1 rank and on 2 ranks (up to float rounding of the si
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
+from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements, base_modality
 from objectives.distributed import gather_no_grad, gather_with_grad, world
+from objectives.ids import batch_meta_ids
 
 FuseFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor], str], Tensor]
 
@@ -225,13 +226,6 @@ def matching_loss(
     return loss, metrics, MatchingNegatives(context=neg_c, query=neg_q)
 
 
-def duplicate_groups(values: Sequence[Any], device: torch.device | str | None = None) -> Tensor:
-    """``long [B]`` stable ids of a metadata field (equal values, equal ids; None or "" -> -1)."""
-    ids = [-1 if v is None or v == "" else
-           int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little") >> 1 for v in values]
-    return torch.tensor(ids, dtype=torch.long, device=device)
-
-
 @dataclass
 class MatchingConfig:
     """``objectives.matching`` in a recipe."""
@@ -292,15 +286,7 @@ class MatchingObjective(Objective):
     def _groups(self, batch: Any, rows: int, device: torch.device) -> Tensor | None:
         if self.exclude_duplicates is None:
             return None
-        meta = getattr(batch, "meta", None) or {}
-        if self.exclude_duplicates not in meta:
-            raise ObjectiveError(f"exclude_duplicates={self.exclude_duplicates!r}: the batch has no such meta field "
-                                 f"(batch.meta has {sorted(meta)})")
-        values = meta[self.exclude_duplicates]
-        if len(values) != rows:
-            raise ObjectiveError(f"exclude_duplicates={self.exclude_duplicates!r}: {len(values)} values "
-                                 f"for {rows} rows")
-        return duplicate_groups(values, device)
+        return batch_meta_ids(batch, self.exclude_duplicates, rows, device, option="exclude_duplicates")
 
     def forward(self, outputs: ModelOutputs, batch: Any = None, model: Any = None) -> LossOutput:
         if self.head is None or model is None:
@@ -312,7 +298,7 @@ class MatchingObjective(Objective):
         step = index if isinstance(index, int) else self._calls
         self._calls += 1
         # reuse the forward's fused states only if they fused exactly this pair (no third modality as context)
-        plain = {m for m in outputs.tokens if "@" not in m}
+        plain = {m for m in outputs.tokens if base_modality(m) == m}
         fused_query = outputs.fused.get(q) if plain == {q, c} else None
         loss, metrics, negs = matching_loss(
             model.fuse, self.head, outputs.tokens, outputs.token_mask, valid, query=q, context=c,

@@ -55,9 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
+from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements, check_pairs
 from objectives.distributed import gather_no_grad, world
-from objectives.queue import NO_ID, FeatureQueue, sample_ids
+from objectives.ids import UNKNOWN_ID, meta_ids
+from objectives.queue import FeatureQueue
 
 
 class MomentumLoss(NamedTuple):
@@ -191,14 +192,7 @@ class MomentumContrastiveObjective(Objective):
         dedup_by: str = "key",
     ) -> None:
         super().__init__()
-        if not pairs:
-            raise ObjectiveError("momentum_contrastive objective needs at least one modality pair in `pairs`")
-        for pair in pairs:
-            if len(pair) != 2 or pair[0] == pair[1]:
-                raise ObjectiveError(f"momentum_contrastive pair {list(pair)!r} must name two different modalities")
-        self.pairs = [(str(p[0]), str(p[1])) for p in pairs]
-        if len(set(self.pairs)) != len(self.pairs):
-            raise ObjectiveError(f"momentum_contrastive pairs {[list(p) for p in self.pairs]} repeat a pair")
+        self.pairs = check_pairs("momentum_contrastive", pairs)
         if queue_size < 0:
             raise ObjectiveError(f"queue_size must be >= 0, got {queue_size}")
         if not 0.0 <= momentum <= 1.0:
@@ -315,19 +309,19 @@ class MomentumContrastiveObjective(Objective):
         if self.dedup_by == "key":
             names = list(getattr(batch, "keys", None) or [])
             if len(names) != rows:  # unknown ids; still a tensor, so every rank takes part in the same gathers
-                return torch.full((rows,), NO_ID, dtype=torch.int64, device=device)
+                return torch.full((rows,), UNKNOWN_ID, dtype=torch.int64, device=device)
         else:
             meta = getattr(batch, "meta", None) or {}
             if self.dedup_by not in meta:
                 raise ObjectiveError(f"dedup_by={self.dedup_by!r} is not a batch.meta field (have {sorted(meta)})")
             names = list(meta[self.dedup_by])
-        return sample_ids(names).to(device)
+        return meta_ids(names).to(device)
 
     @staticmethod
     def _columns(queue: FeatureQueue, current_ids: Tensor | None) -> Tensor:
         live = queue.mask()
         if current_ids is not None:
-            live &= ~(torch.isin(queue.ids, current_ids) & (queue.ids != NO_ID))
+            live &= ~(torch.isin(queue.ids, current_ids) & (queue.ids != UNKNOWN_ID))
         return queue.feats[live]
 
     def forward(self, outputs: ModelOutputs, batch: Any = None, model: object = None) -> LossOutput:

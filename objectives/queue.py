@@ -18,24 +18,11 @@ unwritten slots must never be used as negatives.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
 from objectives.distributed import gather_no_grad
-
-NO_ID = -1
-
-
-def sample_ids(names: Sequence[object]) -> Tensor:
-    """Stable int64 ids (in ``[0, 2^63)``) of sample keys or other labels: the first 8 bytes of a BLAKE2b digest of
-    ``str(name)``, ``NO_ID`` for ``None``. Unlike Python's ``hash`` it is identical on every rank and across
-    restarts."""
-    out = [NO_ID if n is None else int.from_bytes(hashlib.blake2b(str(n).encode("utf-8"), digest_size=8).digest(),
-                                                   "little") >> 1 for n in names]
-    return torch.tensor(out, dtype=torch.int64)
+from objectives.ids import UNKNOWN_ID
 
 
 class FeatureQueue(nn.Module):
@@ -51,7 +38,7 @@ class FeatureQueue(nn.Module):
         if size < 0 or dim < 1:
             raise ValueError(f"FeatureQueue needs size >= 0 and dim >= 1, got size={size}, dim={dim}")
         self.register_buffer("feats", torch.zeros(size, dim))
-        self.register_buffer("ids", torch.full((size,), NO_ID, dtype=torch.int64))
+        self.register_buffer("ids", torch.full((size,), UNKNOWN_ID, dtype=torch.int64))
         # shape [1], not []: collectives and some checkpoint tools mishandle 0-dim tensors
         self.register_buffer("ptr", torch.zeros(1, dtype=torch.int64))
         self.register_buffer("filled", torch.zeros(1, dtype=torch.int64))
@@ -86,7 +73,7 @@ class FeatureQueue(nn.Module):
             return
         x = x.detach()
         rows = x.shape[0]
-        ids = ids.to(device=x.device, dtype=torch.int64) if ids is not None else x.new_full((rows,), NO_ID,
+        ids = ids.to(device=x.device, dtype=torch.int64) if ids is not None else x.new_full((rows,), UNKNOWN_ID,
                                                                                           dtype=torch.int64)
         valid = valid.to(device=x.device, dtype=torch.bool) if valid is not None else x.new_ones(rows,
                                                                                              dtype=torch.bool)

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
-from objectives.contrastive import batch_meta_ids, check_meta_field, same_id
+from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements, check_pairs
 from objectives.distributed import gather_no_grad, gather_with_grad, world
+from objectives.ids import batch_meta_ids, check_meta_field, same_id
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
@@ -126,11 +126,7 @@ class SigLIPObjective(Objective):
         positives: str | None = None,
     ) -> None:
         super().__init__()
-        if not pairs:
-            raise ObjectiveError("siglip objective needs at least one modality pair in `pairs`")
-        for pair in pairs:
-            if len(pair) != 2 or pair[0] == pair[1]:
-                raise ObjectiveError(f"siglip pair {list(pair)!r} must name two different modalities")
+        self.pairs = check_pairs("siglip", pairs)
         if max_logit_scale < 1:
             raise ObjectiveError(f"max_logit_scale must be >= 1, got {max_logit_scale}")
         if not 1 <= init_logit_scale <= max_logit_scale:
@@ -139,7 +135,6 @@ class SigLIPObjective(Objective):
         if not math.isfinite(init_bias):
             raise ObjectiveError(f"init_bias must be finite, got {init_bias}")
         check_meta_field("positives", positives)
-        self.pairs = [tuple(p) for p in pairs]
         self.max_log_scale = math.log(max_logit_scale)
         # shape [1], not []: DeepSpeed cannot broadcast 0-dim parameters
         self.log_logit_scale = nn.Parameter(torch.full((1,), math.log(init_logit_scale)), requires_grad=learn_scale)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from objectives.distributed import world
+from objectives.distributed import sum_over_ranks, world
 
 
 def _all_reduce(x: Tensor, op: dist.ReduceOp.RedOpType) -> Tensor:
@@ -93,14 +93,6 @@ def sinkhorn(
     return torch.exp(logq)
 
 
-def global_count(n: Tensor, gather: bool) -> Tensor:
-    """``n`` summed over ranks (float, no gradient)."""
-    n = n.detach().float().reshape(1).clone()
-    if gather and world()[1] > 1:
-        dist.all_reduce(n)
-    return n.squeeze(0)
-
-
 def swav_loss(za: Tensor, zb: Tensor, prototypes: Tensor, *, temperature: float = 0.1, epsilon: float = 0.05,
               sinkhorn_iters: int = 3, valid: Tensor | None = None,
               gather: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
@@ -127,7 +119,7 @@ def swav_loss(za: Tensor, zb: Tensor, prototypes: Tensor, *, temperature: float 
     qb = sinkhorn(sb, epsilon, sinkhorn_iters, valid=valid, gather=gather)
     la, lb = F.log_softmax(sa / temperature, dim=1), F.log_softmax(sb / temperature, dim=1)
     per_row = -0.5 * ((qb * la).sum(1) + (qa * lb).sum(1))
-    n_global = global_count(valid.sum(), gather)
+    n_global = sum_over_ranks(valid.sum().float(), gather)
     loss = per_row.masked_fill(~valid, 0.0).sum() * rank_size / n_global.clamp_min(1)
     with torch.no_grad():
         v = valid

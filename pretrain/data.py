@@ -10,6 +10,7 @@ import torch
 from architectures.modalities import get_modality
 from data_pipelines.shards import resolve_shards
 from data_pipelines.stream import ShardStream, make_loader, read_once
+from objectives.base import VIEW_SEP
 from pretrain.recipe import Recipe
 
 
@@ -17,7 +18,7 @@ def view_names(recipe: Recipe) -> dict[str, str]:
     """batch key -> modality: each tower's modality, plus ``m@1 .. m@{k-1}`` for ``data.views: {m: k}``."""
     names = {m: m for m in recipe.model.towers}
     for m, k in recipe.data.views.items():
-        names.update({f"{m}@{i}": m for i in range(1, k)})
+        names.update({f"{m}{VIEW_SEP}{i}": m for i in range(1, k)})
     return names
 
 
@@ -31,6 +32,11 @@ def train_decoders(recipe: Recipe) -> dict[str, object]:
     """batch key -> training decoder (augmenting); views decode the same bytes with fresh random draws."""
     decoders = {m: get_modality(m).decoder(cfg, train=True) for m, cfg in recipe.model.towers.items()}
     return {key: decoders[m] for key, m in view_names(recipe).items()}
+
+
+def eval_decoders(recipe: Recipe) -> dict[str, object]:
+    """tower modality -> evaluation decoder (no augmentation)."""
+    return {m: get_modality(m).decoder(cfg, train=False) for m, cfg in recipe.model.towers.items()}
 
 
 def build_stream(recipe: Recipe, *, rank: int, world_size: int, start_batch: int) -> ShardStream:
@@ -63,8 +69,8 @@ def feature_source(recipe: Recipe, model: torch.nn.Module, *, rank: int, world_s
     shard from ``rank``) read once in order, decoded without augmentation, encoded by ``model`` in eval mode
     without gradient. Lazy: the consumer decides how many samples it clusters."""
     urls = resolve_shards(recipe.data.train, where="data.train")[rank::world_size]
-    decoders = {m: get_modality(m).decoder(cfg, train=False) for m, cfg in recipe.model.towers.items()}
-    fields = {m: list(recipe.data.fields.get(m) or get_modality(m).extensions) for m in recipe.model.towers}
+    decoders = eval_decoders(recipe)
+    fields = {m: exts for m, exts in modality_fields(recipe).items() if m in recipe.model.towers}
     dtype = torch.bfloat16 if recipe.train.precision == "bf16" else None
 
     def features() -> Iterator[tuple[list[str], Any]]:

@@ -241,8 +241,8 @@ class Trainer:
             if state.step > first_step:  # the first step pays one-off costs (worker start-up, allocation)
                 for phase in PHASES:
                     timings[phase] += split[phase]
-            scale_metric = next((v for k, v in out.metrics.items() if k.endswith("logit_scale")), None)
-            scale = float(scale_metric) if scale_metric is not None else float("nan")
+            # tensors stay on the device until the next log step: no host sync inside the step
+            scale = next((v.detach().float() for k, v in out.metrics.items() if k.endswith("logit_scale")), None)
             terms = {k: v.detach().float() for k, v in out.terms.items()}
             # objectives' own metrics (accuracies, cluster sizes, ...): rank 0's values, not reduced
             metrics = {k: v.detach().float() for k, v in out.metrics.items() if rank == 0 and v.numel() == 1}
@@ -254,8 +254,7 @@ class Trainer:
                 timed_steps += 1
             pending.append({"step": state.step, "loss": step_loss, "terms": terms, "metrics": metrics,
                             "lr": self.scheduler.get_last_lr()[0], "logit_scale": scale,
-                            "temperature": 1.0 / scale if scale else float("nan"), "data_wait_s": round(data_wait, 5),
-                            **refreshed})
+                            "data_wait_s": round(data_wait, 5), **refreshed})
 
             last = state.step == stop
             if state.step % cfg.log_every == 0 or last:
@@ -271,6 +270,9 @@ class Trainer:
                 for record, row in zip(pending, values, strict=True):
                     record.update({f"loss/{n}": v for n, v in zip(names, row[1:], strict=True)})
                     record.update({f"rank0/{k}": float(v) for k, v in record.pop("metrics").items()})
+                    scale_value = float(record["logit_scale"]) if record["logit_scale"] is not None else float("nan")
+                    record["logit_scale"] = scale_value
+                    record["temperature"] = 1.0 / scale_value if scale_value else float("nan")
                 elapsed = time.perf_counter() - timed_start - checkpoint_s if timed_start else 0.0
                 rate = timed_steps * global_batch / elapsed if elapsed > 0 and timed_steps else float("nan")
                 for record, loss in zip(pending, losses, strict=True):

@@ -10,7 +10,9 @@ import torch
 from architectures.config import build_model
 from architectures.modalities import get_modality
 from data_pipelines.shards import DataError, resolve_shards
+from objectives.base import VIEW_SEP, base_modality
 from objectives.registry import build_objectives
+from pretrain.data import view_names
 from pretrain.engine import check_train_config
 from pretrain.recipe import Recipe, RecipeError
 
@@ -28,11 +30,11 @@ def validate_recipe(recipe: Recipe, *, world_size: int) -> None:
     with torch.device("meta"):
         model = build_model(recipe.model)
         objectives, _ = build_objectives(recipe.objectives, model.spec)  # checks each objective against the model
-    views = {f"{m}@{i}" for m, k in recipe.data.views.items() for i in range(1, k)}
+    views = set(view_names(recipe)) - set(recipe.model.towers)
     for name, objective in objectives.items():
         for needed in objective.requires.modalities:
-            if "@" in needed and needed not in views:
-                base, index = needed.split("@", 1)
+            if base_modality(needed) != needed and needed not in views:
+                base, index = needed.split(VIEW_SEP, 1)
                 raise RecipeError(f"objectives.{name} needs the augmented view {needed!r}: set data.views.{base}: "
                                   f"{int(index) + 1} (data.views is {dict(recipe.data.views)})")
         if recipe.train.zero_stage > objective.max_zero_stage:

@@ -26,6 +26,24 @@ def asterisk_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+PROMPT_WORDS = ["please", "enter", "your", "password", "followed", "by", "the", "pound", "key", "thank", "you", "for",
+                "calling", "goodbye", "press", "one", "two", "sales", "support", "number", "have", "dialed", "is",
+                "not", "in", "service"]
+
+
+@pytest.fixture(scope="session")
+def spm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small sentencepiece model (with mmssl's specials and <mask>) trained on 60 random phone-prompt sentences,
+    for unit tests that need a real tokenizer but not the shards."""
+    import random
+
+    from data_pipelines.tokenizer_training import train_sentencepiece
+
+    rng = random.Random(0)
+    sents = [" ".join(rng.choice(PROMPT_WORDS) for _ in range(rng.randint(3, 10))) for _ in range(60)]
+    return train_sentencepiece(sents, tmp_path_factory.mktemp("spm") / "spm.model", vocab_size=100)
+
+
 def tiny_recipe_dict(root: Path, **sections: dict) -> dict:
     """A recipe small enough for a few CPU steps in seconds, on the real shards."""
     recipe = {

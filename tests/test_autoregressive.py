@@ -17,7 +17,6 @@ from architectures.config import ModelConfig, build_model
 from architectures.modalities import AudioConfig, TextConfig
 from architectures.modalities.tokenizers import load_tokenizer
 from data_pipelines.batch import Batch
-from data_pipelines.tokenizer_training import train_sentencepiece
 from objectives.autoregressive import (
     PrefixLMConfig,
     PrefixLMDecoder,
@@ -26,18 +25,9 @@ from objectives.autoregressive import (
     prefix_lm_loss,
 )
 from objectives.base import ObjectiveError
+from tests.conftest import PROMPT_WORDS
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-WORDS = ["please", "enter", "your", "password", "followed", "by", "the", "pound", "key", "thank", "you", "for",
-         "calling", "goodbye", "press", "one", "two", "sales", "support", "number", "have", "dialed", "is", "not",
-         "in", "service"]
-
-
-@pytest.fixture(scope="module")
-def spm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = random.Random(0)
-    sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) for _ in range(60)]
-    return train_sentencepiece(sents, tmp_path_factory.mktemp("spm") / "spm.model", vocab_size=100)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +41,7 @@ def model(spm: Path):
 def _batch(spm: Path, n: int = 6) -> Batch:
     rng = random.Random(0)
     tok = load_tokenizer(spm, 12)
-    enc = [tok.encode(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))) for _ in range(n)]
+    enc = [tok.encode(" ".join(rng.choice(PROMPT_WORDS) for _ in range(rng.randint(2, 12)))) for _ in range(n)]
     text = {k: torch.stack([e[k] for e in enc]) for k in enc[0]}
     ones = torch.ones(n, dtype=torch.bool)
     return Batch(inputs={"audio": torch.randn(n, 1, 32, 32, generator=torch.Generator().manual_seed(0)),

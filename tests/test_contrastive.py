@@ -66,6 +66,20 @@ def _rank_main(rank: int, world: int) -> dict:
     return {"ours": ours, "ref": ref, "grouped": _grouped_rank(rank, world)}
 
 
+def _assert_ranks_equal_global(per_rank: list, global_: tuple, rows_per_rank: int) -> None:
+    """Per-rank ``(loss, d/da, d/db, d/dscale)`` against the 1-rank values over the concatenated batch: the mean
+    over ranks of the loss and of d/dscale equal the global ones; each rank's gradient is
+    d(Σ_k L_k)/dx = world · dL/dx (DeepSpeed's averaging divides by world), so d/da / world equals its rows."""
+    world = len(per_rank)
+    global_loss, ga, gb, gs = global_
+    for rank, (_, da, db, _) in enumerate(per_rank):
+        rows = slice(rank * rows_per_rank, (rank + 1) * rows_per_rank)
+        torch.testing.assert_close(da / world, ga[rows], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(db / world, gb[rows], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.stack([r[0] for r in per_rank]).mean(), global_loss)
+    torch.testing.assert_close(torch.stack([r[3] for r in per_rank]).mean(), gs)
+
+
 @pytest.fixture(scope="module")
 def two_ranks() -> list[dict]:
     return spawn_ranks(_rank_main, world=2)
@@ -75,20 +89,10 @@ def test_gathered_over_two_ranks_matches_open_clip_and_the_global_loss(two_ranks
     world = 2
     a_all, b_all = _inputs(8 * world, seed=3)
     global_loss, ga, gb, gs = _grads(lambda x, y, s: contrastive_loss(x, y, s)[0], a_all, b_all, 20.0)
-    losses, scale_grads = [], []
-    for rank in range(world):
-        res = two_ranks[rank]
+    for res in two_ranks:
         for mine, theirs in zip(res["ours"], res["ref"], strict=True):  # loss, d/da, d/db, d/dscale
             torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
-        loss, da, db, ds = res["ours"]
-        rows = slice(rank * 8, (rank + 1) * 8)
-        # each rank's gradient is d(sum_k L_k)/dx = world * dL/dx; DeepSpeed's averaging divides by world
-        torch.testing.assert_close(da / world, ga[rows], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(db / world, gb[rows], rtol=1e-5, atol=1e-7)
-        losses.append(loss)
-        scale_grads.append(ds)
-    torch.testing.assert_close(torch.stack(losses).mean(), global_loss)
-    torch.testing.assert_close(torch.stack(scale_grads).mean(), gs)
+    _assert_ranks_equal_global([res["ours"] for res in two_ranks], (global_loss, ga, gb, gs), rows_per_rank=8)
 
 
 # --- MIL-NCE multiple positives and duplicate exclusion --------------------------------------------------------------
@@ -157,7 +161,7 @@ def test_grouped_path_with_singleton_groups_equals_the_plain_loss() -> None:
 def test_meta_ids_are_a_stable_hash() -> None:
     import hashlib
 
-    from objectives.contrastive import meta_ids
+    from objectives.ids import meta_ids
 
     expected = int.from_bytes(hashlib.blake2b(b"press one", digest_size=8).digest(), "little") & (2**63 - 1)
     ids = meta_ids(["press one", "goodbye", "press one", None, 3])
@@ -170,7 +174,7 @@ def test_objective_reads_meta_fields() -> None:
     from architectures.outputs import ModelOutput
     from data_pipelines.batch import Batch
     from objectives.base import ObjectiveError
-    from objectives.contrastive import meta_ids
+    from objectives.ids import meta_ids
 
     a, b, valid, _, _ = _grouped_case()
     texts = ["hi", "bye", "hi", "x", None, "bye", "y", "hi", None, "z", "x", "y"]
@@ -217,20 +221,10 @@ def _grouped_rank(rank: int, world: int) -> dict:
 def test_grouped_options_gathered_over_two_ranks_match_one_rank(two_ranks: list[dict]) -> None:
     """Per variant: mean over ranks of the loss and of d/dscale = the 1-rank values over the concatenated batch;
     each rank's d/da, d/db (summed over ranks by gather_with_grad) / world = the 1-rank gradient of its rows."""
-    world = 2
     results = [res["grouped"] for res in two_ranks]
     a_all, b_all, valid, pos, dup = _grouped_case()
     for which in _VARIANTS:
         kw = _variant_kw(which, pos, dup, slice(None))
         global_loss, ga, gb, gs = _grads(lambda x, y, s, kw=kw: contrastive_loss(
             x, y, s, valid=torch.tensor(valid), **kw)[0], a_all, b_all, 9.0)
-        losses, scale_grads = [], []
-        for rank, res in enumerate(results):
-            loss, da, db, ds = res[which]
-            rows = slice(rank * 6, (rank + 1) * 6)
-            torch.testing.assert_close(da / world, ga[rows], rtol=1e-5, atol=1e-7)
-            torch.testing.assert_close(db / world, gb[rows], rtol=1e-5, atol=1e-7)
-            losses.append(loss)
-            scale_grads.append(ds)
-        torch.testing.assert_close(torch.stack(losses).mean(), global_loss)
-        torch.testing.assert_close(torch.stack(scale_grads).mean(), gs)
+        _assert_ranks_equal_global([res[which] for res in results], (global_loss, ga, gb, gs), rows_per_rank=6)

@@ -19,7 +19,6 @@ from architectures.modalities import AudioConfig, TextConfig
 from architectures.modalities.tokenizers import load_tokenizer
 from architectures.outputs import ModelSpec
 from data_pipelines.batch import Batch
-from data_pipelines.tokenizer_training import train_sentencepiece
 from objectives.base import ObjectiveError
 from objectives.kmeans import kmeans
 from objectives.masked import (
@@ -51,19 +50,10 @@ from objectives.masking import (
     time_span_mask,
     unpatchify,
 )
+from tests.conftest import PROMPT_WORDS
 from tests.helpers.spawn import spawn_ranks
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-WORDS = ["please", "enter", "your", "password", "followed", "by", "the", "pound", "key", "thank", "you", "for",
-         "calling", "goodbye", "press", "one", "two", "sales", "support", "number", "have", "dialed", "is", "not",
-         "in", "service"]
-
-
-@pytest.fixture(scope="module")
-def spm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = random.Random(0)
-    sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) for _ in range(60)]
-    return train_sentencepiece(sents, tmp_path_factory.mktemp("spm") / "spm.model", vocab_size=100)
 
 
 def _cfg(spm: Path, family: str = "late_fusion") -> ModelConfig:
@@ -75,7 +65,7 @@ def _cfg(spm: Path, family: str = "late_fusion") -> ModelConfig:
 def _batch(spm: Path, n: int = 6, seed: int = 0) -> Batch:
     rng = random.Random(seed)
     tok = load_tokenizer(spm, 12)
-    enc = [tok.encode(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))) for _ in range(n)]
+    enc = [tok.encode(" ".join(rng.choice(PROMPT_WORDS) for _ in range(rng.randint(2, 12)))) for _ in range(n)]
     text = {k: torch.stack([e[k] for e in enc]) for k in enc[0]}
     audio = torch.randn(n, 1, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 + 0.5
     ones = torch.ones(n, dtype=torch.bool)

@@ -14,10 +14,10 @@ from architectures.fusion import CrossAttentionFusion
 from architectures.outputs import ModelOutput, ModelSpec
 from data_pipelines.batch import Batch
 from objectives.base import ObjectiveError
+from objectives.ids import meta_ids
 from objectives.matching import (
     MatchingConfig,
     MatchingObjective,
-    duplicate_groups,
     negative_candidates,
     negative_probs,
     negative_uniforms,
@@ -155,7 +155,7 @@ def test_hard_negative_distribution_is_the_softmax_without_the_positive() -> Non
     c = torch.nn.functional.normalize(torch.randn(n, E, generator=g, dtype=torch.float64), dim=-1)
     sim = q @ c.T
     valid = torch.tensor([True, True, True, True, False, True])  # row 4 absent: never a candidate
-    groups = duplicate_groups(["a", "b", "c", "a", "d", None])  # rows 0 and 3 are duplicates
+    groups = meta_ids(["a", "b", "c", "a", "d", None])  # rows 0 and 3 are duplicates
     rows = torch.arange(n)
     allowed = negative_candidates(valid, valid, rows, groups, groups)
     probs = negative_probs(sim, allowed, scale)

@@ -21,8 +21,9 @@ from torch import nn
 from data_pipelines.batch import Batch
 from objectives.base import ObjectiveError
 from objectives.contrastive import contrastive_loss
+from objectives.ids import UNKNOWN_ID, meta_ids
 from objectives.momentum import MomentumContrastiveConfig, MomentumContrastiveObjective, momentum_contrastive_loss
-from objectives.queue import NO_ID, FeatureQueue, sample_ids
+from objectives.queue import FeatureQueue
 from tests.helpers.spawn import spawn_ranks
 
 E = 8
@@ -158,7 +159,7 @@ def test_queue_fifo_wraparound_and_partial_fill() -> None:
     assert q.ordered()[0][:, 0].tolist() == [4, 5, 6, 7, 9] and int(q.ptr) == 3
     q.enqueue(rows(*range(10, 22)))  # more rows than slots: the last 5 survive, ids unknown
     assert q.ordered()[0][:, 0].tolist() == [17, 18, 19, 20, 21] and int(q.ptr) == (3 + 12) % 5
-    assert (q.ids == NO_ID).all()
+    assert (q.ids == UNKNOWN_ID).all()
 
 
 def test_queue_matches_a_deque_on_random_writes() -> None:
@@ -177,9 +178,9 @@ def test_queue_matches_a_deque_on_random_writes() -> None:
 
 
 def test_sample_ids_are_stable_and_distinct() -> None:
-    ids = sample_ids(["a", "b", "a"])
+    ids = meta_ids(["a", "b", "a"])
     assert ids[0] == ids[2] and ids[0] != ids[1] and (ids >= 0).all()
-    assert sample_ids(["a"]).tolist() == sample_ids(["a"]).tolist() and sample_ids([None]).tolist() == [NO_ID]
+    assert meta_ids(["a"]).tolist() == meta_ids(["a"]).tolist() and meta_ids([None]).tolist() == [UNKNOWN_ID]
 
 
 # --- the objective ---------------------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def test_objective_forward_matches_loop_and_enqueues_teacher_features() -> None:
     g = torch.Generator().manual_seed(9)
     old_a, old_b = F.normalize(torch.randn(4, E, generator=g), dim=-1), F.normalize(torch.randn(4, E, generator=g),
                                                                                      dim=-1)
-    old_ids = sample_ids(["x0", batch.keys[3], "x2", "x3"])
+    old_ids = meta_ids(["x0", batch.keys[3], "x2", "x3"])
     q = obj.queues["audio-text"]
     q["audio"].enqueue(old_a, old_ids, gather=False)
     q["text"].enqueue(old_b, old_ids, gather=False)
@@ -211,7 +212,7 @@ def test_objective_forward_matches_loop_and_enqueues_teacher_features() -> None:
     feats, ids = q["audio"].ordered()
     expect = torch.cat([old_a, F.normalize(teacher["audio"][valid], dim=-1)])[-7:]
     torch.testing.assert_close(feats, expect)
-    assert ids.tolist() == torch.cat([old_ids, sample_ids(batch.keys)[valid]])[-7:].tolist()
+    assert ids.tolist() == torch.cat([old_ids, meta_ids(batch.keys)[valid]])[-7:].tolist()
     assert int(q["text"].ptr) == (4 + 5) % 7
     # evaluation mode reads the queue but does not write it; the teacher follows the mode
     obj.eval()
@@ -325,7 +326,7 @@ def _run_steps(rank: int, world: int) -> dict:
     g = torch.Generator().manual_seed(4)
     prefill = F.normalize(torch.randn(6, E, generator=g), dim=-1)
     first = _batch(GLOBAL, seed=20, absent=(1, 6))
-    prefill_ids = sample_ids(["p0", "p1", first.keys[5], "p3", first.keys[0], "p5"])
+    prefill_ids = meta_ids(["p0", "p1", first.keys[5], "p3", first.keys[0], "p5"])
     for side in ("audio", "text"):
         obj.queues["audio-text"][side].enqueue(prefill, prefill_ids, gather=False)
     result: dict = {}

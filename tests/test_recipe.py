@@ -148,3 +148,21 @@ def test_objective_configuration_errors_name_the_key(tmp_path: Path, asterisk_da
     recipe = _with_objectives(tmp_path, asterisk_data, objectives, **sections)
     with pytest.raises(error, match=message):
         validate_recipe(recipe, world_size=2)
+
+
+@pytest.mark.parametrize(("overrides", "error", "message"), [
+    (["train.accumulation=sometimes"], RecipeError, r"train\.accumulation must be 'cached' or 'naive', got 'some"),
+    (["data.views={video: 2}"], RecipeError, r"data\.views\.video: the model has no 'video' tower"),
+    (["data.views={audio: 0}"], RecipeError, r"data\.views\.audio must be >= 1, got 0"),
+    (["model.family=late_fusion", "model.fusion.query=image"], ArchitectureError,
+     r"model\.fusion\.query='image' names no tower"),
+])
+def test_new_model_and_train_keys_are_checked(recipe_file: Path, overrides: list[str], error: type,
+                                              message: str) -> None:
+    r = load_recipe(recipe_file, overrides)
+    with pytest.raises(error, match=message):
+        validate_recipe(r, world_size=2)
+
+
+def test_late_fusion_recipe_validates(recipe_file: Path) -> None:
+    validate_recipe(load_recipe(recipe_file, ["model.family=late_fusion"]), world_size=2)

@@ -11,10 +11,9 @@ from safetensors.torch import load_file
 
 from architectures.config import build_model
 from architectures.encoder import Encoder
-from architectures.modalities import get_modality
 from data_pipelines.shards import resolve_shards
 from data_pipelines.stream import read_once
-from pretrain.data import modality_fields
+from pretrain.data import eval_decoders, modality_fields
 from pretrain.recipe import load_recipe
 from tests.conftest import mmssl, run_ranks, tiny_recipe_dict, write_recipe
 from tools.export import consolidated_state_dict, export_run
@@ -62,7 +61,7 @@ def test_export_reloads_the_training_model_exactly(fixed_runs: dict[int, Path], 
     recipe = load_recipe(run / "recipe.yaml")
     export_run(run, tmp_path / "export")
     live = load_file(str(run.parent / "features2.safetensors"))
-    decoders = {m: get_modality(m).decoder(c, train=False) for m, c in recipe.model.towers.items()}
+    decoders = eval_decoders(recipe)
     batch = next(read_once(resolve_shards(recipe.data.train), fields=modality_fields(recipe), decoders=decoders,
                            batch_size=16))
     for m in ("audio", "text"):

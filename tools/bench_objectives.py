@@ -100,6 +100,7 @@ def random_batch(recipe: Any, batch: int) -> Any:
 
 def objective_table(batch_size: int, repeat: int, device: torch.device) -> list[dict[str, Any]]:
     from architectures.config import build_model
+    from objectives.base import base_modality
     from objectives.registry import OBJECTIVES, ObjectivesConfig, build_objectives
     from pretrain.recipe import RecipeError, convert
     from pretrain.task import PretrainTask
@@ -120,7 +121,7 @@ def objective_table(batch_size: int, repeat: int, device: torch.device) -> list[
             objectives, weights = build_objectives(terms, model.spec)
             task = PretrainTask(model, objectives, weights).to(device)
             needed = {m for o in objectives.values() for m in o.requires.modalities}
-            batch = full_batch.only([m for m in full_batch.inputs if "@" not in m or m in needed])
+            batch = full_batch.only([m for m in full_batch.inputs if base_modality(m) == m or m in needed])
             for objective in objectives.values():  # pseudo-label services label the bench batch first
                 if objective.refresh_every:
                     objective.refresh(0, _single_batch(model, batch))

@@ -19,10 +19,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from architectures.modalities import get_modality
 from data_pipelines.shards import resolve_shards
 from data_pipelines.stream import read_once
-from pretrain.data import modality_fields
+from pretrain.data import eval_decoders, modality_fields
 from pretrain.launch import prepare_run_dir
 from pretrain.recipe import load_recipe
 from pretrain.trainer import Trainer, init_distributed
@@ -34,7 +33,7 @@ def main() -> None:
     rank, world, _ = init_distributed()
     accum = recipe.train.grad_accum
     recipe.data.batch_size = global_batch // (world * accum)
-    decoders = {m: get_modality(m).decoder(c, train=False) for m, c in recipe.model.towers.items()}
+    decoders = eval_decoders(recipe)
 
     def global_batches():
         return read_once(resolve_shards(recipe.data.train), fields=modality_fields(recipe), decoders=decoders,

@@ -1,7 +1,8 @@
 """Run a function on N real gloo ranks (``torch.multiprocessing.spawn``) and collect what each rank saved.
 
-``fn(rank, world, *args) -> dict[str, Tensor | ...]`` runs inside an initialised process group (1 thread per
-rank); its return value is saved with ``torch.save`` and returned here, one entry per rank. Pickled by
+``fn(rank, world, *args)`` runs inside an initialised process group (1 thread per rank); its return value
+(tensors, numbers, strings and lists / tuples / dicts of them) is saved with ``torch.save``, read back with
+``weights_only=True`` and returned here, one entry per rank. Pickled by
 reference, so ``fn`` must be a module-level function of an importable module (a test file is fine).
 """
 
@@ -41,4 +42,4 @@ def spawn_ranks(fn: Callable[..., Any], *args: Any, world: int = 2) -> list[Any]
     """``[fn(0, world, *args), ..., fn(world-1, world, *args)]``, each computed on its own gloo rank."""
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_entry, args=(world, _free_port(), out_dir, fn, args), nprocs=world, join=True)
-        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
