@@ -5,7 +5,11 @@ A plug-in owns everything that is specific to one modality:
 * its tower configuration (a dataclass: tower size and the preprocessing the tower expects),
 * ``decoder(cfg, train)``: shard member bytes -> tensor (tree), the per-sample preprocessing run in loader workers,
 * ``build_tower(cfg)``: the encoder, from timm or transformers, randomly initialised or from local weights,
-* ``export_assets(cfg, out_dir)``: files an exported encoder needs besides its weights (a tokenizer).
+* ``export_assets(cfg, out_dir)``: files an exported encoder needs besides its weights (a tokenizer),
+* ``build_embedder(cfg, width)``: the modality's tokeniser for the unified encoder (`architectures.embedders`):
+  input -> ``[B, T, width]`` tokens with positional encoding, and a ``bool[B, T]`` real-token mask,
+* ``mask(cfg, x, ratio, generator)``: a masking function over those ``T`` tokens (``bool[B, T]``, True = masked),
+* ``target(cfg, x)``: the per-token reconstruction target for masked prediction (``[B, T, ...]``).
 
 Adding a modality means adding one file that defines a subclass and registering it in ``modalities/__init__.py``.
 Fields whose metadata carries ``{"path": True}`` are file paths: recipe loading resolves and checks them.
@@ -20,8 +24,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from torch import Tensor
 
+from architectures.embedders import TokenEmbedder
 from architectures.towers import TimmTower, Tower
 
 Decoded = Tensor | dict[str, Tensor]
@@ -81,6 +87,15 @@ class ModalityPlugin(ABC):
         """Copy what the exported encoder needs besides weights into ``out_dir``; return config overrides
         (paths rewritten relative to ``out_dir``)."""
         return {}
+
+    def build_embedder(self, cfg: Any, width: int) -> TokenEmbedder:
+        raise NotImplementedError(f"modality {self.name!r} has no token embedder")
+
+    def mask(self, cfg: Any, x: Decoded, ratio: float, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError(f"modality {self.name!r} has no masking function")
+
+    def target(self, cfg: Any, x: Decoded) -> Tensor:
+        raise NotImplementedError(f"modality {self.name!r} has no reconstruction target")
 
     def random_example(self, cfg: Any, batch_size: int) -> Decoded:
         """A batch of valid random inputs (for shape checks, benchmarks and meta-device builds)."""
