@@ -26,6 +26,23 @@ def as_tokens(features: Tensor) -> Tensor:
     return features
 
 
+def batch_size(x: Any) -> int:
+    """Rows of a modality's input (a tensor, or a dict of tensors such as text's ids + mask)."""
+    return int(next(iter(x.values())).shape[0]) if isinstance(x, Mapping) else int(x.shape[0])
+
+
+def select_rows(x: Any, rows: Tensor) -> Any:
+    if isinstance(x, Mapping):
+        return {k: v.index_select(0, rows) for k, v in x.items()}
+    return x.index_select(0, rows)
+
+
+def scatter_rows(values: Tensor, rows: Tensor, batch: int) -> Tensor:
+    """``[n, ...]`` values of ``rows`` placed into a zero ``[batch, ...]`` tensor (differentiable in ``values``)."""
+    full = values.new_zeros((batch, *values.shape[1:]))
+    return full.index_copy(0, rows, values)
+
+
 class FusionFreeModel(nn.Module):
     family = "fusion_free"
 
@@ -42,22 +59,34 @@ class FusionFreeModel(nn.Module):
         return list(self.towers)
 
     def encode_towers(self, inputs: Mapping[str, Any], present: Mapping[str, Tensor] | None) -> ModelOutput:
+        """Encode each given modality with its tower. Rows whose modality is absent (``present`` False) are not
+        encoded: the tower sees only the present rows (so batch statistics, e.g. BatchNorm, and cost depend on
+        them alone) and the absent rows' outputs are zeros with an all-False token mask. If no row of a batch
+        carries the modality, the tower still runs once on the whole batch, so every rank calls every tower
+        (parameter-gathering hooks under ZeRO-3 stay in step)."""
         unknown = sorted(m for m in inputs if tower_name(m) not in self.towers)
         if unknown:
             raise ArchitectureError(f"the model has no tower for modality {unknown[0]!r} (towers: {self.modalities})")
         out = ModelOutput(embeddings={}, pooled={}, tokens={}, present={})
         for m, x in inputs.items():
             name = tower_name(m)
+            batch = batch_size(x)
+            mask = present.get(m) if present is not None else None
+            rows = None
+            if mask is not None and bool(mask.any()) and not bool(mask.all()):
+                rows = mask.nonzero().squeeze(1)
+                x = select_rows(x, rows)
             features, pooled = self.towers[name](x)
             tokens = as_tokens(features)
-            out.tokens[m], out.pooled[m] = tokens, pooled
-            out.embeddings[m] = self.heads[name](pooled)
-            batch = pooled.shape[0]
+            embedding = self.heads[name](pooled)
             if isinstance(x, Mapping) and "attention_mask" in x and x["attention_mask"].shape[1] == tokens.shape[1]:
-                out.token_mask[m] = x["attention_mask"].bool()
+                token_mask = x["attention_mask"].bool()
             else:
-                out.token_mask[m] = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-            mask = present.get(m) if present is not None else None
+                token_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            if rows is not None:
+                tokens, pooled, embedding, token_mask = (scatter_rows(t, rows, batch)
+                                                         for t in (tokens, pooled, embedding, token_mask))
+            out.tokens[m], out.pooled[m], out.embeddings[m], out.token_mask[m] = tokens, pooled, embedding, token_mask
             out.present[m] = mask if mask is not None else torch.ones(batch, dtype=torch.bool, device=pooled.device)
         return out
 
@@ -70,6 +99,11 @@ class FusionFreeModel(nn.Module):
     def encode(self, modality: str, x: Any) -> Tensor:
         """The projected embedding of one modality."""
         return self.forward({modality: x}).embeddings[modality]
+
+    def frozen_sources(self) -> dict[str, str | None]:
+        """Module prefix -> the local weights file of each frozen tower (None: frozen at its random init)."""
+        return {f"towers.{m}": getattr(t, "source", None) for m, t in self.towers.items()
+                if not any(p.requires_grad for p in t.parameters())}
 
     # timm-style contract, delegated to the towers ------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -89,12 +89,15 @@ class TimmTower(Tower):
         self.arch = arch
         self.model_args = dict(model_args)
         self.input_size = tuple(input_size) if input_size else None
+        self.source: str | None = None  # the local weights file this tower was initialised from
         overlay: dict[str, Any] | None = None
         if pretrained:
             weights = _weights_file(pretrained)
+            self.source = str(weights.resolve())
             overlay = {"file": str(weights), **({"input_size": self.input_size} if self.input_size else {})}
-        self.model = timm.create_model(
-            arch, pretrained=bool(pretrained), pretrained_cfg_overlay=overlay, num_classes=0, **self.model_args
+        self.model = timm.create_model(  # a shape-only build (meta device) reads no weights
+            arch, pretrained=bool(pretrained) and not building_on_meta(), pretrained_cfg_overlay=overlay,
+            num_classes=0, **self.model_args
         )
         self.num_features = int(self.model.num_features)
 
@@ -204,11 +207,19 @@ class HFTextTower(Tower):
 
         if pool not in ("cls", "mean"):
             raise ArchitectureError(f"text pool must be 'cls' or 'mean', got {pool!r}")
+        self.source: str | None = None  # the local weights file this tower was initialised from
         if pretrained:
             path = Path(pretrained)
             if not (path / "config.json").is_file():
                 raise ArchitectureError(f"no transformers model at {path} (config.json missing)")
-            self.model = _without_pooler(AutoModel.from_pretrained, str(path))
+            weights = path / "model.safetensors"
+            self.source = str(weights.resolve()) if weights.is_file() else str(path.resolve())
+            if building_on_meta():  # shape-only build (recipe validation): the architecture, not the weights
+                from transformers import AutoConfig
+
+                self.model = _without_pooler(AutoModel.from_config, AutoConfig.from_pretrained(str(path)))
+            else:
+                self.model = _without_pooler(AutoModel.from_pretrained, str(path))
         elif config is not None:
             self.model = _without_pooler(AutoModel.from_config, config)
         else:
@@ -254,6 +265,11 @@ class HFTextTower(Tower):
             self.model.save_pretrained(str(out_dir), safe_serialization=True)
         finally:
             del self.model.config.mmssl
+
+
+def building_on_meta() -> bool:
+    """True inside ``with torch.device("meta")``: modules are being built for their shapes only."""
+    return torch.empty(0).device.type == "meta"
 
 
 def _without_pooler(factory: Any, source: Any) -> nn.Module:

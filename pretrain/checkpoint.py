@@ -4,6 +4,8 @@ Layout under ``<run>/checkpoints``::
 
     step_00000100/             one DeepSpeed tag (model + optimizer + scheduler, ZeRO shards per rank)
         rng_rank00000.pt       per-rank RNG states (torch.load(weights_only=True)-safe: tensors, ints, tuples)
+        frozen.json            when parts are frozen: their path + hash reference (`pretrain.frozen`); the
+                               frozen weights themselves are not stored
     latest                     the newest complete tag, replaced atomically
 
 A save goes to ``.tmp-step_...`` and is renamed once every rank has written its part; ``latest`` is then
@@ -25,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipelines.shards import atomic_write_text
+from pretrain.frozen import check_reference, write_reference
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -73,12 +76,18 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], *, keep_last: int) -> str:
+def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], *, keep_last: int,
+         frozen: dict[str, Any] | None = None) -> str:
+    """Save a checkpoint; ``frozen`` (`pretrain.frozen.frozen_reference`) excludes frozen weights and stores the
+    reference to them instead."""
     root = run_dir / CHECKPOINTS
     tag = tag_for(step)
     tmp_tag = TMP_PREFIX + tag
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"mmssl": state}, save_latest=False)
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"mmssl": state}, save_latest=False,
+                           exclude_frozen_parameters=frozen is not None)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if frozen is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        write_reference(root / tmp_tag, frozen)
     rng_file = root / tmp_tag / f"rng_rank{rank:05d}.pt"
     torch.save(rng_state(), str(rng_file) + ".part")
     os.replace(str(rng_file) + ".part", rng_file)
@@ -124,9 +133,11 @@ def find(run_dir: Path, resume: str) -> tuple[Path, str] | None:
     raise CheckpointError(f"train.resume={resume!r}: no such checkpoint (use 'latest', a tag, or a tag directory)")
 
 
-def load(engine: Any, root: Path, tag: str) -> dict[str, Any]:
-    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the trainer state."""
-    _, client_state = engine.load_checkpoint(str(root), tag=tag)
+def load(engine: Any, root: Path, tag: str, frozen: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the trainer state. ``frozen``:
+    the reference of the frozen weights built now, checked against the checkpoint's."""
+    excluded = check_reference(root / tag, frozen)
+    _, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=not excluded)
     if not client_state or "mmssl" not in client_state:
         raise CheckpointError(f"{root / tag} was not written by mmssl (no trainer state)")
     rank = dist.get_rank() if dist.is_initialized() else 0

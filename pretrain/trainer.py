@@ -34,6 +34,7 @@ from pretrain import checkpoint
 from pretrain.accumulation import cached_accumulation_step
 from pretrain.data import build_loader, feature_source
 from pretrain.engine import build_engine
+from pretrain.frozen import frozen_reference, optimizer_memory
 from pretrain.recipe import Recipe
 from pretrain.runlog import MetricsWriter, plot_loss_curve, setup_text_logs
 from pretrain.task import PretrainTask
@@ -132,6 +133,7 @@ class Trainer:
         self.model = build_model(recipe.model, seed=cfg.seed)
         objectives, weights = build_objectives(recipe.objectives, self.model.spec)
         task = PretrainTask(self.model, objectives, weights)
+        self.frozen = frozen_reference(self.model, task)  # before ZeRO-3 partitions the weights
         self.engine, _, self.scheduler = build_engine(task, cfg, recipe.data.batch_size, self.world)
         _seed_everything(cfg.seed + self.rank)
         self.state = self._resume() if cfg.resume else TrainerState(world_size=self.world)
@@ -146,7 +148,7 @@ class Trainer:
         if found is None:
             self.log.info("train.resume: no checkpoint in %s yet; starting from step 0", self.run_dir)
             return TrainerState(world_size=self.world)
-        state = TrainerState(**checkpoint.load(self.engine, *found))
+        state = TrainerState(**checkpoint.load(self.engine, *found, frozen=self.frozen))
         if state.world_size != self.world:
             raise checkpoint.CheckpointError(
                 f"checkpoint {found[1]} was written by {state.world_size} ranks; resume needs the same world size "
@@ -282,7 +284,8 @@ class Trainer:
                 pending.clear()
             if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or last:
                 t_save = time.perf_counter()
-                tag = checkpoint.save(engine, run_dir, state.step, asdict(state), keep_last=cfg.keep_last)
+                tag = checkpoint.save(engine, run_dir, state.step, asdict(state), keep_last=cfg.keep_last,
+                                      frozen=self.frozen)
                 checkpoint_s += time.perf_counter() - t_save if timed_start else 0.0
                 log.info("saved checkpoint %s", tag)
 
@@ -290,7 +293,8 @@ class Trainer:
         keylog.close()
         wall = time.perf_counter() - timed_start - checkpoint_s if timed_start else 0.0
         per_rank: list[Any] = [None] * world
-        dist.all_gather_object(per_rank, {"peak_rss_mb": round(_peak_rss_mb(), 1), "data_errors": dict(data_errors)})
+        dist.all_gather_object(per_rank, {"peak_rss_mb": round(_peak_rss_mb(), 1), "data_errors": dict(data_errors),
+                                          **optimizer_memory(engine)})
         total_errors: Counter[str] = Counter()
         for r in per_rank:
             total_errors.update(r["data_errors"])
@@ -311,6 +315,9 @@ class Trainer:
             "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in per_rank],
             "data_errors": dict(total_errors),
             **model_summary(self.model),
+            "frozen_parameters": self.frozen["parameters"] if self.frozen else 0,
+            "memory_bytes_per_rank": {k: [r[k] for r in per_rank] for k in
+                                      ("optimizer_state_bytes", "master_weight_bytes", "gradient_bytes")},
             "checkpoint": str(run_dir / checkpoint.CHECKPOINTS / checkpoint.tag_for(state.step)),
         }
         if rank == 0:

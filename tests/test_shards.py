@@ -154,8 +154,14 @@ def test_fashion_mnist_shards_keep_the_original_pixels(tmp_path: Path) -> None:
     cfg = image.config_cls(image_size=28, in_chans=1, mean=[0.0], std=[1.0])
     batches = list(read_once(resolve_shards(str(tmp_path / "train")), fields={"image": ["png"]},
                              decoders={"image": image.decoder(cfg, train=False)}, batch_size=64))
+    captions = {}
+    for shard in sorted((tmp_path / "train").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            captions.update({m.name.split(".")[0]: tar.extractfile(m).read().decode()
+                             for m in tar.getmembers() if m.name.endswith(".txt")})
     (batch,) = batches
     for row, (index, label) in enumerate(zip(batch.meta["index"], batch.meta["label"], strict=True)):
         assert label == fashion_mnist.CLASSES[labels[index]]
+        assert captions[batch.keys[row]] == fashion_mnist.TEMPLATES[index % len(fashion_mnist.TEMPLATES)].format(label)
         restored = (batch.inputs["image"][row, 0] * 255).round().to(torch.uint8).numpy()
         assert (restored == images[index]).all()

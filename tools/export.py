@@ -18,6 +18,7 @@ import torch
 from architectures.config import build_model
 from architectures.encoder import save_encoder
 from pretrain import checkpoint
+from pretrain.frozen import check_reference, frozen_reference
 from pretrain.launch import RECIPE_FILE
 from pretrain.recipe import RecipeError, load_recipe
 
@@ -46,6 +47,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint_tag: str 
     root, tag = found
     state = consolidated_state_dict(root, tag)
     model = build_model(recipe.model, seed=recipe.train.seed)
+    check_reference(root / tag, frozen_reference(model))  # frozen weights rebuilt now = those trained with
     own = model.state_dict()
     prefix = "model."
     trained = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

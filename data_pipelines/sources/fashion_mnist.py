@@ -3,7 +3,9 @@ image-only source).
 
 Source: ``/usr/share/datasets/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` (70,000 real 28x28
 grey-scale Zalando article images, 10 classes; MIT license). Each sample: ``png`` (lossless, the original pixels),
-``json`` ``{"label": class name, "label_id": int, "index": position in the source file}``.
+``json`` ``{"label": class name, "label_id": int, "index": position in the source file}``, and ``txt``: a caption
+made from the class name with one of `TEMPLATES` (chosen by the image's index), so image-text recipes (stitching a
+frozen language model, CLIP-style zero-shot) have a real image source. The caption carries no more than the label.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ ROOT = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_COMMAND = "apt-get install -y --no-install-recommends dataset-fashion-mnist"
 CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 FILES = {"train": "train", "test": "t10k"}
+TEMPLATES = ("a photo of a {}.", "a grey picture of a {}.", "a {} on a black background.", "an image of a {}.",
+             "a small photo of the {}.")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -50,7 +54,8 @@ def _samples(images: np.ndarray, labels: np.ndarray, split: str, indices: np.nda
         Image.fromarray(images[i], mode="L").save(buf, format="PNG")
         label = int(labels[i])
         yield {"__key__": f"{split}-{i:05d}", "png": buf.getvalue(),
-               "json": {"label": CLASSES[label], "label_id": label, "index": i}}
+               "json": {"label": CLASSES[label], "label_id": label, "index": i},
+               "txt": TEMPLATES[i % len(TEMPLATES)].format(CLASSES[label])}
 
 
 def build(out_dir: str | Path, *, shard_size: int = 5000, limit: int | None = None,
