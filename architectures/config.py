@@ -11,27 +11,50 @@ from typing import Any, ClassVar
 
 import torch
 
-from architectures.fusion import CrossAttentionFusion
 from architectures.fusion_free import FusionFreeModel
+from architectures.fusion_ops import build_fusion, fusion_options
 from architectures.heads import HEAD_KINDS, ProjectionHead
 from architectures.late_fusion import LateFusionModel
 from architectures.modalities import MODALITIES, TowerConfig, get_modality
 from architectures.outputs import ModelSpec
 from architectures.towers import ArchitectureError, TimmTower
+from architectures.unified import UnifiedModel
 
-FAMILIES = ("fusion_free", "late_fusion")
+FAMILIES = ("fusion_free", "late_fusion", "unified", "stitched")
 
 
 @dataclass
 class FusionConfig:
-    """``model.fusion`` (late_fusion): ``query``'s tokens attend to the other modalities' tokens."""
+    """``model.fusion`` (late_fusion): the fusion operator ``kind`` (`OPERATOR_FUSIONS`) over the towers' tokens;
+    ``fused[query]`` is the query modality's fused states. ``depth``/``heads``/``mlp_ratio``/``dropout`` reach the
+    kinds that take them; ``options`` holds the rest (``rank`` for low_rank, ``gate`` for gated, ...)."""
 
+    kind: str = "cross_attention"
     query: str = "text"
     width: int = 256
     depth: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class UnifiedConfig:
+    """``model.unified``: one shared transformer over every modality's tokens (`architectures.unified`); each
+    modality's ``model.<m>`` section then configures only its tokeniser (patch / frame / vocabulary sizes)."""
+
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    experts: bool = False
+    fusion_depth: int = 1
+    latents: int = 0
+    latent_depth: int = 1
+    drop_path: float = 0.0
+    query: str = "text"
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -40,6 +63,7 @@ class ModelConfig:
     embed_dim: int = 256
     head: str = "linear"
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    unified: UnifiedConfig = field(default_factory=UnifiedConfig)
     towers: dict[str, TowerConfig] = field(default_factory=dict)
 
     # Keys of `model:` that are not fields are modality names; their values parse into the plug-in's config.
@@ -69,13 +93,19 @@ class ModelConfig:
                                         f"(towers: {sorted(self.towers)})")
             if len(self.towers) < 2:
                 raise ArchitectureError("model.family=late_fusion needs at least two towers")
+            fusion_options(self.fusion.kind)  # names the kind if unknown
+        if self.family == "unified" and len(self.towers) > 1 and self.unified.query not in self.towers:
+            raise ArchitectureError(f"model.unified.query={self.unified.query!r} names no modality "
+                                    f"(modalities: {sorted(self.towers)})")
 
 
-def build_model(cfg: ModelConfig, *, seed: int | None = None) -> FusionFreeModel:
+def build_model(cfg: ModelConfig, *, seed: int | None = None) -> torch.nn.Module:
     """Build the model (its ``spec`` set); with ``seed``, parameter initialisation is reproducible."""
     cfg.validate()
     if seed is not None:
         torch.manual_seed(seed)
+    if cfg.family == "unified":
+        return build_unified(cfg)
     towers, heads = {}, {}
     for name, tower_cfg in cfg.towers.items():
         tower = get_modality(name).build_tower(tower_cfg)
@@ -86,14 +116,32 @@ def build_model(cfg: ModelConfig, *, seed: int | None = None) -> FusionFreeModel
         towers[name] = tower
         heads[name] = ProjectionHead(tower.num_features, cfg.embed_dim, cfg.head)
     if cfg.family == "late_fusion":
-        f = cfg.fusion
-        fusion = CrossAttentionFusion({m: t.num_features for m, t in towers.items()}, width=f.width, depth=f.depth,
-                                      heads=f.heads, mlp_ratio=f.mlp_ratio, dropout=f.dropout)
-        model: FusionFreeModel = LateFusionModel(towers, heads, fusion, f.query)
+        model: FusionFreeModel = LateFusionModel(towers, heads, build_late_fusion(cfg.fusion, towers), cfg.fusion.query)
     else:
         model = FusionFreeModel(towers, heads)
     model.spec = model_spec(cfg, towers)
     return model
+
+
+def build_unified(cfg: ModelConfig) -> UnifiedModel:
+    u = cfg.unified
+    embedders = {m: get_modality(m).build_embedder(tower_cfg, u.width) for m, tower_cfg in cfg.towers.items()}
+    model = UnifiedModel(embedders, width=u.width, depth=u.depth, heads=u.heads, mlp_ratio=u.mlp_ratio,
+                         embed_dim=cfg.embed_dim, head=cfg.head, experts=u.experts, fusion_depth=u.fusion_depth,
+                         latents=u.latents, latent_depth=u.latent_depth, drop_path=u.drop_path, query=u.query)
+    if u.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    widths = dict.fromkeys(cfg.towers, u.width)
+    model.spec = model_spec(cfg, widths, fusion_dim=u.width if u.fusion_depth > 0 else None)
+    return model
+
+
+def build_late_fusion(f: FusionConfig, towers: dict[str, Any]) -> torch.nn.Module:
+    accepted = fusion_options(f.kind)
+    common = {k: getattr(f, k) for k in ("depth", "heads", "mlp_ratio", "dropout") if k in accepted}
+    if "queries" in accepted and "queries" not in f.options:
+        common["queries"] = [f.query]  # MulT: build only the query's crossmodal transformers (no unused weights)
+    return build_fusion(f.kind, {m: t.num_features for m, t in towers.items()}, f.width, **common, **f.options)
 
 
 def model_spec(cfg: ModelConfig, towers: dict[str, Any]) -> ModelSpec:
@@ -113,7 +161,7 @@ def model_spec(cfg: ModelConfig, towers: dict[str, Any]) -> ModelSpec:
             tok = tokenizer(tower_cfg)
             spec.vocab_sizes[m] = int(tok.vocab_size)
             spec.special_tokens[m] = tok.special_ids()
-        tower = towers[m]
+        tower = (towers or {}).get(m)
         if isinstance(tower, TimmTower) and tower.patch_shape() is not None:
             spec.patch_shapes[m] = tower.patch_shape()
     return spec

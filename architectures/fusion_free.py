@@ -86,6 +86,8 @@ class FusionFreeModel(nn.Module):
             if rows is not None:
                 tokens, pooled, embedding, token_mask = (scatter_rows(t, rows, batch)
                                                          for t in (tokens, pooled, embedding, token_mask))
+            elif mask is not None:
+                token_mask = token_mask & mask.view(-1, 1)  # no row present: encoded, but no real token
             out.tokens[m], out.pooled[m], out.embeddings[m], out.token_mask[m] = tokens, pooled, embedding, token_mask
             out.present[m] = mask if mask is not None else torch.ones(batch, dtype=torch.bool, device=pooled.device)
         return out

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from architectures.errors import ArchitectureError
+from architectures.fusion import CrossAttentionFusion
 from architectures.mult import MulT, check_positive, collect_fusion_inputs
 from architectures.outputs import tower_name
 
@@ -209,6 +210,7 @@ class MultiplicativeFusion(VectorFusion):
 
 
 OPERATOR_FUSIONS: dict[str, type[nn.Module]] = {
+    "cross_attention": CrossAttentionFusion,
     "concat": ConcatFusion,
     "tensor": TensorFusion,
     "low_rank": LowRankFusion,
@@ -234,3 +236,6 @@ def build_fusion(kind: str, token_dims: Mapping[str, int], width: int, **options
         raise ArchitectureError(f"model.fusion.{unknown[0]} is not an option of model.fusion.kind={kind!r} "
                                 f"(its options: {list(accepted)})")
     return OPERATOR_FUSIONS[kind](token_dims, width, **options)
+
+
+SINGLE_TOKEN_FUSIONS = ("concat", "tensor", "low_rank", "gated", "multiplicative")  # fused output: [B, 1, width]

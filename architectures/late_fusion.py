@@ -1,5 +1,9 @@
 """Late fusion (ALBEF / FLAVA style): the towers of a fusion-free model, then a fusion module over their tokens.
 
+The fusion module is any of `architectures.fusion_ops.OPERATOR_FUSIONS` (``model.fusion.kind``): cross-attention
+(the default), MulT, or a vector fusion (concat/MLP, tensor, low-rank, gated, multiplicative) whose fused output is
+one token.
+
 ``forward`` returns the fusion-free outputs plus ``fused[query]``: the query modality's tokens fused with every
 other modality given in the batch. ``fuse`` is the same fusion on any token set, which matching and cross-modal
 masked objectives call on negative pairs and masked views.
@@ -12,7 +16,6 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from architectures.fusion import CrossAttentionFusion
 from architectures.fusion_free import FusionFreeModel
 from architectures.outputs import ModelOutput, tower_name
 from architectures.towers import Tower
@@ -21,7 +24,7 @@ from architectures.towers import Tower
 class LateFusionModel(FusionFreeModel):
     family = "late_fusion"
 
-    def __init__(self, towers: Mapping[str, Tower], heads: Mapping[str, nn.Module], fusion: CrossAttentionFusion,
+    def __init__(self, towers: Mapping[str, Tower], heads: Mapping[str, nn.Module], fusion: nn.Module,
                  query: str) -> None:
         super().__init__(towers, heads)
         self.fusion = fusion
@@ -37,3 +40,7 @@ class LateFusionModel(FusionFreeModel):
 
     def fuse(self, tokens: Mapping[str, Tensor], token_mask: Mapping[str, Tensor], query: str) -> Tensor:
         return self.fusion(tokens, token_mask, query)
+
+    def no_weight_decay(self) -> set[str]:
+        names = super().no_weight_decay()
+        return names | {f"fusion.{n}" for n in getattr(self.fusion, "no_weight_decay", set)()}

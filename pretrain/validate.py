@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 
 from architectures.config import build_model
+from architectures.fusion_ops import SINGLE_TOKEN_FUSIONS
 from architectures.modalities import get_modality
 from data_pipelines.shards import DataError, resolve_shards
 from objectives.base import VIEW_SEP, base_modality
-from objectives.registry import build_objectives
+from objectives.registry import build_objectives, kind_of
 from pretrain.data import view_names
 from pretrain.engine import check_train_config
 from pretrain.recipe import Recipe, RecipeError
@@ -30,6 +31,13 @@ def validate_recipe(recipe: Recipe, *, world_size: int) -> None:
     with torch.device("meta"):
         model = build_model(recipe.model)
         objectives, _ = build_objectives(recipe.objectives, model.spec)  # checks each objective against the model
+    fusion = recipe.model.fusion
+    if recipe.model.family == "late_fusion" and fusion.kind in SINGLE_TOKEN_FUSIONS:
+        for name in objectives:
+            if kind_of(name) == "masked_cross":
+                raise RecipeError(f"objectives.{name} predicts masked tokens from per-token fused states, but "
+                                  f"model.fusion.kind={fusion.kind!r} fuses into one vector; use cross_attention "
+                                  f"or mult")
     views = set(view_names(recipe)) - set(recipe.model.towers)
     for name, objective in objectives.items():
         for needed in objective.requires.modalities:

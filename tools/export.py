@@ -23,6 +23,7 @@ from pretrain.launch import RECIPE_FILE
 from pretrain.recipe import RecipeError, load_recipe
 
 EXPORT_INDEX = "export.json"
+EXPORTABLE = ("fusion_free", "late_fusion")  # families made of one tower + head per modality
 
 
 def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -46,6 +47,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint_tag: str 
         raise checkpoint.CheckpointError(f"{run} has no checkpoint to export yet")
     root, tag = found
     state = consolidated_state_dict(root, tag)
+    if recipe.model.family not in EXPORTABLE:
+        raise RecipeError(f"mmssl export writes per-tower encoders, which model.family={recipe.model.family!r} "
+                          f"does not have (exportable families: {list(EXPORTABLE)})")
     model = build_model(recipe.model, seed=recipe.train.seed)
     check_reference(root / tag, frozen_reference(model))  # frozen weights rebuilt now = those trained with
     own = model.state_dict()
