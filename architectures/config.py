@@ -119,7 +119,9 @@ def build_model(cfg: ModelConfig, *, seed: int | None = None) -> torch.nn.Module
         model: FusionFreeModel = LateFusionModel(towers, heads, build_late_fusion(cfg.fusion, towers), cfg.fusion.query)
     else:
         model = FusionFreeModel(towers, heads)
-    model.spec = model_spec(cfg, towers)
+    widths = {m: int(t.num_features) for m, t in towers.items()}
+    model.spec = model_spec(cfg, widths, fusion_dim=cfg.fusion.width if cfg.family == "late_fusion" else None,
+                            towers=towers)
     return model
 
 
@@ -144,15 +146,17 @@ def build_late_fusion(f: FusionConfig, towers: dict[str, Any]) -> torch.nn.Modul
     return build_fusion(f.kind, {m: t.num_features for m, t in towers.items()}, f.width, **common, **f.options)
 
 
-def model_spec(cfg: ModelConfig, towers: dict[str, Any]) -> ModelSpec:
-    """Sizes objectives build their heads from: widths, vocabularies and special tokens, maskable patch shapes."""
+def model_spec(cfg: ModelConfig, widths: dict[str, int], *, fusion_dim: int | None,
+               towers: dict[str, Any] | None = None) -> ModelSpec:
+    """Sizes objectives build their heads from: widths, vocabularies and special tokens, maskable patch shapes
+    (towers that encode masked views)."""
     spec = ModelSpec(
         family=cfg.family,
-        modalities=tuple(towers),
+        modalities=tuple(widths),
         embed_dim=cfg.embed_dim,
-        feature_dims={m: int(t.num_features) for m, t in towers.items()},
-        token_dims={m: int(t.num_features) for m, t in towers.items()},
-        fusion_dim=cfg.fusion.width if cfg.family == "late_fusion" else None,
+        feature_dims=dict(widths),
+        token_dims=dict(widths),
+        fusion_dim=fusion_dim,
     )
     for m, tower_cfg in cfg.towers.items():
         plugin = get_modality(m)

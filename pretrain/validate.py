@@ -38,6 +38,12 @@ def validate_recipe(recipe: Recipe, *, world_size: int) -> None:
                 raise RecipeError(f"objectives.{name} predicts masked tokens from per-token fused states, but "
                                   f"model.fusion.kind={fusion.kind!r} fuses into one vector; use cross_attention "
                                   f"or mult")
+    if not getattr(model, "tokens_align_with_inputs", True):
+        for name in objectives:
+            if kind_of(name) in ("mlm", "masked_cross"):
+                raise RecipeError(f"objectives.{name} predicts masked input tokens, but with "
+                                  f"model.unified.latents={recipe.model.unified.latents} the model's token states "
+                                  f"are Perceiver latents; set model.unified.latents: 0")
     views = set(view_names(recipe)) - set(recipe.model.towers)
     for name, objective in objectives.items():
         for needed in objective.requires.modalities:
