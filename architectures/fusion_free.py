@@ -79,9 +79,8 @@ class FusionFreeModel(nn.Module):
             features, pooled = self.towers[name](x)
             tokens = as_tokens(features)
             embedding = self.heads[name](pooled)
-            if isinstance(x, Mapping) and "attention_mask" in x and x["attention_mask"].shape[1] == tokens.shape[1]:
-                token_mask = x["attention_mask"].bool()
-            else:
+            token_mask = self.towers[name].feature_mask(x)
+            if token_mask is None or token_mask.shape != tokens.shape[:2]:  # CNN maps, ViT tokens: all real
                 token_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
             if rows is not None:
                 tokens, pooled, embedding, token_mask = (scatter_rows(t, rows, batch)

@@ -49,6 +49,11 @@ class Tower(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         raise NotImplementedError
 
+    def feature_mask(self, x: Any) -> Tensor | None:
+        """``bool[B, T]`` aligned with ``forward_features(x)``'s tokens, True where a token is real (not padding);
+        None when every token is real."""
+        return None
+
     def no_weight_decay(self) -> set[str]:
         return set()
 
@@ -67,7 +72,7 @@ class Tower(nn.Module):
         raise NotImplementedError
 
 
-def _prefixed(prefix: str, matcher: dict[str, Any]) -> dict[str, Any]:
+def prefixed_matcher(prefix: str, matcher: dict[str, Any]) -> dict[str, Any]:
     def fix(pattern: Any) -> Any:
         if isinstance(pattern, str):
             return "|".join(f"^{prefix}" + p.lstrip("^") for p in pattern.split("|"))
@@ -173,7 +178,7 @@ class TimmTower(Tower):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         if not hasattr(self.model, "group_matcher"):
             return {}
-        return _prefixed("model.", self.model.group_matcher(coarse))
+        return prefixed_matcher("model.", self.model.group_matcher(coarse))
 
     def timm_config(self) -> dict[str, Any]:
         pretrained_cfg: dict[str, Any] = {"num_classes": 0}
@@ -242,6 +247,9 @@ class HFTextTower(Tower):
     def forward(self, x: dict[str, Tensor]) -> TowerOutput:
         features = self.forward_features(x)
         return TowerOutput(features, self.forward_head(features, attention_mask=x["attention_mask"]))
+
+    def feature_mask(self, x: dict[str, Tensor]) -> Tensor:
+        return x["attention_mask"].bool()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         kwargs = {"use_reentrant": False}

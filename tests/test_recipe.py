@@ -42,9 +42,9 @@ def test_unknown_key_names_key_file_and_valid_keys(tmp_path: Path, asterisk_data
 
 
 def test_unknown_modality_lists_registered_ones(recipe_file: Path) -> None:
-    with pytest.raises(RecipeError, match=r"command-line override 'model\.video\.depth=2': unknown key "
-                                          r"'model\.video'.*audio, image, text"):
-        load_recipe(recipe_file, ["model.video.depth=2"])
+    with pytest.raises(RecipeError, match=r"command-line override 'model\.smell\.depth=2': unknown key "
+                                          r"'model\.smell'.*audio, image, sequence, text, video"):
+        load_recipe(recipe_file, ["model.smell.depth=2"])
 
 
 @pytest.mark.parametrize(

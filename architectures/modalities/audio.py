@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from architectures.embedders import PatchEmbedder, patchify
 from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
+from architectures.modalities.masking import Generators, random_token_mask
 from architectures.towers import ArchitectureError, TimmTower
 
 
@@ -157,6 +159,15 @@ def spec_augment(mel: Tensor, rng: np.random.Generator, freq_mask: int, time_mas
     return mel
 
 
+def _patch(cfg: AudioConfig) -> tuple[int, int]:
+    size = [cfg.patch_size] if isinstance(cfg.patch_size, int) else list(cfg.patch_size)
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2:
+        raise ArchitectureError(f"model.audio.patch_size must be [height, width], got {cfg.patch_size!r}")
+    return int(size[0]), int(size[1])
+
+
 class AudioPlugin(ModalityPlugin):
     name = "audio"
     config_cls = AudioConfig
@@ -167,6 +178,19 @@ class AudioPlugin(ModalityPlugin):
 
     def build_tower(self, cfg: AudioConfig) -> TimmTower:
         return timm_tower(cfg, in_chans=1, img_size=[cfg.n_mels, cfg.frames], patch_size=list(cfg.patch_size))
+
+    def build_embedder(self, cfg: AudioConfig, width: int) -> PatchEmbedder:
+        return PatchEmbedder(1, (cfg.n_mels, cfg.frames), _patch(cfg), width)
+
+    def mask(self, cfg: AudioConfig, x: Tensor, ratio: float, generator: Generators = None) -> Tensor:
+        """MAE's uniform patch masking over the spectrogram patches: exactly ``⌊ratio·N + ½⌋`` per row."""
+        ph, pw = _patch(cfg)
+        return random_token_mask(x.shape[0], (x.shape[-2] // ph) * (x.shape[-1] // pw), ratio, generator,
+                                 device=x.device)
+
+    def target(self, cfg: AudioConfig, x: Tensor) -> Tensor:
+        """The spectrogram patches ``[B, N, ph·pw]`` (`patchify` order, the embedder's token order)."""
+        return patchify(x, _patch(cfg))
 
     def random_example(self, cfg: AudioConfig, batch_size: int) -> Tensor:
         return torch.randn(batch_size, 1, cfg.n_mels, cfg.frames)

@@ -11,7 +11,8 @@ A plug-in owns everything that is specific to one modality:
 * ``mask(cfg, x, ratio, generator)``: a masking function over those ``T`` tokens (``bool[B, T]``, True = masked),
 * ``target(cfg, x)``: the per-token reconstruction target for masked prediction (``[B, T, ...]``).
 
-Adding a modality means adding one file that defines a subclass and registering it in ``modalities/__init__.py``.
+Adding a modality means adding one file to this package that defines a subclass (``modalities/__init__.py`` discovers
+and registers it by ``name``).
 Fields whose metadata carries ``{"path": True}`` are file paths: recipe loading resolves and checks them.
 """
 

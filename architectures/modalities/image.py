@@ -17,7 +17,9 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
+from architectures.embedders import PatchEmbedder, patchify
 from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
+from architectures.modalities.masking import Generators, random_token_mask
 from architectures.towers import TimmTower
 
 
@@ -81,6 +83,19 @@ class ImagePlugin(ModalityPlugin):
     def build_tower(self, cfg: ImageConfig) -> TimmTower:
         size = [cfg.image_size, cfg.image_size]
         return timm_tower(cfg, in_chans=cfg.in_chans, img_size=size, patch_size=cfg.patch_size)
+
+    def build_embedder(self, cfg: ImageConfig, width: int) -> PatchEmbedder:
+        size, patch = (cfg.image_size, cfg.image_size), (cfg.patch_size, cfg.patch_size)
+        return PatchEmbedder(cfg.in_chans, size, patch, width)
+
+    def mask(self, cfg: ImageConfig, x: Tensor, ratio: float, generator: Generators = None) -> Tensor:
+        """MAE's uniform patch masking: exactly ``⌊ratio·N + ½⌋`` of the ``N`` patches of every row."""
+        tokens = (x.shape[-2] // cfg.patch_size) * (x.shape[-1] // cfg.patch_size)
+        return random_token_mask(x.shape[0], tokens, ratio, generator, device=x.device)
+
+    def target(self, cfg: ImageConfig, x: Tensor) -> Tensor:
+        """The patches' pixels ``[B, N, ph·pw·C]`` (`patchify` order, the embedder's token order)."""
+        return patchify(x, (cfg.patch_size, cfg.patch_size))
 
     def random_example(self, cfg: ImageConfig, batch_size: int) -> Tensor:
         return torch.randn(batch_size, cfg.in_chans, cfg.image_size, cfg.image_size)

@@ -3,6 +3,10 @@
 The tower is ``AutoModel.from_config(AutoConfig.for_model(arch, ...))`` (a BERT-style encoder by default),
 randomly initialised, or ``AutoModel.from_pretrained(pretrained)`` from a local directory. ``vocab_size`` and
 ``pad_token_id`` come from the tokenizer; ``max_position_embeddings`` from ``max_len``.
+
+Token embedder: `TokenIdEmbedder` (an id lookup plus a learned position). Masking selects, per row,
+``max(1, ⌊ratio·n + ½⌋)`` of the ``n`` real tokens that are not special ids (pad / bos / eos / mask), uniformly:
+BERT's selection (Devlin et al. 2019; the 80/10/10 replacement is the objective's job). Target: the ids ``[B, L]``.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from architectures.embedders import TokenIdEmbedder
 from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, path_field
+from architectures.modalities.masking import Generators, random_token_mask
 from architectures.modalities.tokenizers import Tokenizer, load_tokenizer
 from architectures.towers import ArchitectureError, HFTextTower
 
@@ -42,11 +49,24 @@ class TextPlugin(ModalityPlugin):
     config_cls = TextConfig
     extensions = ("txt", "text", "caption")
 
+    def __init__(self) -> None:
+        self._special: dict[tuple[str, int, float], tuple[int, ...]] = {}
+
     def tokenizer(self, cfg: TextConfig) -> Tokenizer:
         source = cfg.tokenizer or cfg.pretrained
         if not source:
             raise ArchitectureError("model.text.tokenizer is not set (a sentencepiece .model or a tokenizer.json)")
         return load_tokenizer(source, cfg.max_len)
+
+    def special_ids(self, cfg: TextConfig) -> tuple[int, ...]:
+        """The tokenizer's special ids (``Tokenizer.special_ids`` values), cached per tokenizer file version."""
+        source = str(cfg.tokenizer or cfg.pretrained or "")
+        path = Path(source)
+        stamp = path.stat().st_mtime if path.exists() else 0.0
+        key = (source, cfg.max_len, stamp)
+        if key not in self._special:
+            self._special[key] = tuple(sorted(set(self.tokenizer(cfg).special_ids().values())))
+        return self._special[key]
 
     def decoder(self, cfg: TextConfig, *, train: bool) -> DecoderFn:
         return TextDecoder(self.tokenizer(cfg))
@@ -74,6 +94,22 @@ class TextPlugin(ModalityPlugin):
         except ValueError as exc:
             raise ArchitectureError(f"model.text.arch={cfg.arch!r}: {exc}") from None
         return HFTextTower(config=hf_config, pool=cfg.pool)
+
+    def build_embedder(self, cfg: TextConfig, width: int) -> TokenIdEmbedder:
+        tok = self.tokenizer(cfg)
+        return TokenIdEmbedder(tok.vocab_size, cfg.max_len, width, pad_id=tok.pad_id)
+
+    def mask(self, cfg: TextConfig, x: dict[str, Tensor], ratio: float, generator: Generators = None) -> Tensor:
+        """BERT's selection over real, non-special tokens (module docstring); ``bool[B, L]``."""
+        ids = x["input_ids"]
+        specials = torch.tensor(self.special_ids(cfg), dtype=ids.dtype, device=ids.device)
+        maskable = x["attention_mask"].bool() & ~torch.isin(ids, specials)
+        return random_token_mask(ids.shape[0], ids.shape[1], ratio, generator, maskable=maskable, min_count=1,
+                                 device=ids.device)
+
+    def target(self, cfg: TextConfig, x: dict[str, Tensor]) -> Tensor:
+        """The token ids ``[B, L]``."""
+        return x["input_ids"]
 
     def export_assets(self, cfg: TextConfig, out_dir: Path) -> dict[str, Any]:
         return {"tokenizer": self.tokenizer(cfg).save(out_dir)}
