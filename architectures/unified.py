@@ -89,7 +89,8 @@ class UnifiedModel(nn.Module):
         self.cls_tokens = nn.ParameterDict({m: nn.Parameter(torch.empty(1, 1, width)) for m in embedders})
         self.type_embeds = nn.ParameterDict({m: nn.Parameter(torch.empty(1, 1, width)) for m in embedders})
         self.perceiver = PerceiverEncoder(width, heads, latents, latent_depth, mlp_ratio) if latents > 0 else None
-        rates = torch.linspace(0, drop_path, depth + fusion_depth).tolist()
+        total = depth + fusion_depth  # drop-path rates rise linearly (plain floats: builds on the meta device too)
+        rates = [drop_path * i / max(1, total - 1) for i in range(total)]
         modality_experts = list(embedders) if experts else None
         self.blocks = nn.ModuleList(MomeBlock(width, heads, mlp_ratio, modality_experts, rates[i])
                                     for i in range(depth))
