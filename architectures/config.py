@@ -17,6 +17,9 @@ from architectures.heads import HEAD_KINDS, ProjectionHead
 from architectures.late_fusion import LateFusionModel
 from architectures.modalities import MODALITIES, TowerConfig, get_modality
 from architectures.outputs import ModelSpec
+from architectures.stitching.bridges import build_bridge
+from architectures.stitching.lm import FrozenLM
+from architectures.stitching.model import StitchedModel
 from architectures.towers import ArchitectureError, TimmTower
 from architectures.unified import UnifiedModel
 
@@ -58,12 +61,25 @@ class UnifiedConfig:
 
 
 @dataclass
+class StitchConfig:
+    """``model.stitched``: a frozen vision tower (``model.image``: a timm ``arch`` and local ``pretrained``
+    weights) and a frozen language model (``model.text.pretrained``: a local transformers directory, with its
+    tokenizer) joined by a trainable ``bridge`` (`architectures.stitching.bridges.build_bridge`: linear, mlp,
+    prefix, qformer, flamingo; ``options`` go to its constructor)."""
+
+    bridge: str = "qformer"
+    options: dict[str, Any] = field(default_factory=dict)
+    fuse_text: bool = True
+
+
+@dataclass
 class ModelConfig:
     family: str = "fusion_free"
     embed_dim: int = 256
     head: str = "linear"
     fusion: FusionConfig = field(default_factory=FusionConfig)
     unified: UnifiedConfig = field(default_factory=UnifiedConfig)
+    stitched: StitchConfig = field(default_factory=StitchConfig)
     towers: dict[str, TowerConfig] = field(default_factory=dict)
 
     # Keys of `model:` that are not fields are modality names; their values parse into the plug-in's config.
@@ -94,6 +110,14 @@ class ModelConfig:
             if len(self.towers) < 2:
                 raise ArchitectureError("model.family=late_fusion needs at least two towers")
             fusion_options(self.fusion.kind)  # names the kind if unknown
+        if self.family == "stitched":
+            if set(self.towers) != {"image", "text"}:
+                raise ArchitectureError(f"model.family=stitched joins model.image (frozen vision tower) and "
+                                        f"model.text (frozen language model); got towers {sorted(self.towers)}")
+            for m, what in (("image", "a .safetensors file of the vision tower"),
+                            ("text", "a local transformers directory")):
+                if not self.towers[m].pretrained:
+                    raise ArchitectureError(f"model.family=stitched needs model.{m}.pretrained: {what}")
         if self.family == "unified" and len(self.towers) > 1 and self.unified.query not in self.towers:
             raise ArchitectureError(f"model.unified.query={self.unified.query!r} names no modality "
                                     f"(modalities: {sorted(self.towers)})")
@@ -106,6 +130,8 @@ def build_model(cfg: ModelConfig, *, seed: int | None = None) -> torch.nn.Module
         torch.manual_seed(seed)
     if cfg.family == "unified":
         return build_unified(cfg)
+    if cfg.family == "stitched":
+        return build_stitched(cfg)
     towers, heads = {}, {}
     for name, tower_cfg in cfg.towers.items():
         tower = get_modality(name).build_tower(tower_cfg)
@@ -135,6 +161,21 @@ def build_unified(cfg: ModelConfig) -> UnifiedModel:
         model.set_grad_checkpointing(True)
     widths = dict.fromkeys(cfg.towers, u.width)
     model.spec = model_spec(cfg, widths, fusion_dim=u.width if u.fusion_depth > 0 else None)
+    return model
+
+
+def build_stitched(cfg: ModelConfig) -> StitchedModel:
+    s, image, text = cfg.stitched, cfg.towers["image"], cfg.towers["text"]
+    vision = get_modality("image").build_tower(image)
+    lm = FrozenLM.from_pretrained(str(text.pretrained))
+    options = dict(s.options)
+    if s.bridge == "flamingo":
+        options.setdefault("num_lm_layers", len(lm.layers()))
+    bridge = build_bridge(s.bridge, vision.num_features, lm.hidden_size, **options)
+    tok = get_modality("text").tokenizer(text)
+    model = StitchedModel(vision, lm, bridge, embed_dim=cfg.embed_dim, head=cfg.head,
+                          special_tokens=tok.special_ids(), vocab_size=tok.vocab_size, fuse_text=s.fuse_text)
+    model.spec = model.model_spec()
     return model
 
 

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from objectives.autoregressive import PrefixLMConfig, PrefixLMObjective
 from objectives.base import ModelSpec, Objective, ObjectiveError
+from objectives.captioning import CaptioningConfig, CaptioningObjective
 from objectives.clustering import ClusteringConfig, ClusteringObjective, SwapClusteringObjective, SwAVConfig
 from objectives.contrastive import ContrastiveConfig, ContrastiveObjective
 from objectives.factorcl import FactorCLConfig, FactorCLObjective
@@ -33,6 +34,7 @@ from objectives.siglip import SigLIPConfig, SigLIPObjective
 
 # kind -> (config dataclass, factory(config, model spec) -> objective)
 OBJECTIVES: dict[str, tuple[type, Callable[[Any, ModelSpec], Objective]]] = {
+    "captioning": (CaptioningConfig, CaptioningObjective.from_config),
     "clustering": (ClusteringConfig, ClusteringObjective.from_config),
     "contrastive": (ContrastiveConfig, ContrastiveObjective.from_config),
     "factorcl": (FactorCLConfig, FactorCLObjective.from_config),

@@ -10,7 +10,8 @@ reference to the frozen ones::
 
     {"parameters": 22713216,                      frozen parameter count
      "sources": {"towers.text": {"path": "/…/model.safetensors", "sha256": "…"}},
-     "state_sha256": "…"}                          digest of the frozen tensors (ZeRO 0-2; null at ZeRO-3)
+     "state_sha256": "…"}                          digest of the frozen tensors at the save (ZeRO 0-2; null at
+                                                   ZeRO-3): equal to the digest at the start of training
 
 Resuming rebuilds the frozen parts from the recipe (same paths, same seed) and checks both hashes, so a changed
 weights file or a different random init is an error naming the file, not a silent drift.

@@ -34,7 +34,7 @@ from pretrain import checkpoint
 from pretrain.accumulation import cached_accumulation_step
 from pretrain.data import build_loader, feature_source
 from pretrain.engine import build_engine
-from pretrain.frozen import frozen_reference, optimizer_memory
+from pretrain.frozen import frozen_reference, frozen_state_sha256, optimizer_memory
 from pretrain.recipe import Recipe
 from pretrain.runlog import MetricsWriter, plot_loss_curve, setup_text_logs
 from pretrain.task import PretrainTask
@@ -284,8 +284,9 @@ class Trainer:
                 pending.clear()
             if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or last:
                 t_save = time.perf_counter()
+                frozen = self.frozen and {**self.frozen, "state_sha256": frozen_state_sha256(self.model)}
                 tag = checkpoint.save(engine, run_dir, state.step, asdict(state), keep_last=cfg.keep_last,
-                                      frozen=self.frozen)
+                                      frozen=frozen)
                 checkpoint_s += time.perf_counter() - t_save if timed_start else 0.0
                 log.info("saved checkpoint %s", tag)
 

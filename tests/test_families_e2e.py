@@ -62,3 +62,61 @@ def test_family_trains_on_two_ranks(family: str, asterisk_data: Path, tmp_path: 
     _assert_terms_go_down(run, spec["objectives"], family)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["steps"] == 40
+
+
+@pytest.fixture(scope="module")
+def fashion_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 400 real Fashion-MNIST images with their templated captions, in 16 shards of 25."""
+    from data_pipelines.sources import fashion_mnist
+
+    out = tmp_path_factory.mktemp("fashion")
+    fashion_mnist.build(out, limit=400, shard_size=25)
+    return out
+
+
+def test_stitched_frozen_models_train_only_the_bridge(fashion_data: Path, tmp_path: Path) -> None:
+    """BLIP-2 stage 1 on real pretrained parts: the ImageNet EfficientNet-Lite0 (frozen, timm) and
+    all-MiniLM-L6-v2 (frozen, transformers) joined by a Q-Former; image-text contrastive on Fashion-MNIST captions.
+    The loss goes down, the checkpoint holds only bridge and head weights, and the frozen weights at the end hash
+    exactly as built from their files."""
+    from architectures.config import build_model
+    from architectures.stitching.pretrained import efficientnet_lite0_weights, minilm_dir
+    from pretrain.frozen import FROZEN_FILE, frozen_state_sha256
+    from pretrain.recipe import load_recipe
+    from tools.export import consolidated_state_dict
+
+    minilm = minilm_dir()
+    recipe = {
+        "name": "stitch-tiny",
+        "data": {"train": str(fashion_data / "train"), "batch_size": 16, "shuffle_buffer": 64,
+                 "streams_per_rank": 2, "num_workers": 0, "seed": 0},
+        "model": {"family": "stitched", "embed_dim": 64,
+                  "image": {"arch": "efficientnet_lite0", "pretrained": str(efficientnet_lite0_weights(tmp_path)),
+                            "image_size": 64, "in_chans": 3, "mean": [0.485, 0.456, 0.406],
+                            "std": [0.229, 0.224, 0.225]},
+                  "text": {"pretrained": str(minilm), "tokenizer": str(minilm / "tokenizer.json"), "max_len": 16},
+                  "stitched": {"bridge": "qformer", "fuse_text": False,
+                               "options": {"num_queries": 8, "width": 64, "depth": 1, "heads": 2}}},
+        "objectives": {"contrastive": {"pairs": [["image", "text"]], "exclude_duplicates": "label"}},
+        "train": {"steps": 40, "lr": 1e-3, "warmup_steps": 5, "log_every": 10, "zero_stage": 2,
+                  "precision": "fp32", "tensorboard": False, "threads": 1},
+    }
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    run = tmp_path / "run"
+    proc = mmssl("pretrain", str(path), "--nproc", "2", "--run-dir", str(run), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _assert_terms_go_down(run, recipe["objectives"], "stitched")
+    root = run / "checkpoints"
+    tag = (root / "latest").read_text().strip()
+    state = consolidated_state_dict(root, tag)
+    fresh = build_model(load_recipe(path).model, seed=0)
+    buffers = {f"model.{k}" for k, _ in fresh.named_buffers()}  # BatchNorm statistics: tiny, kept
+    stored = {k for k in state if k not in buffers}
+    trainable = {f"model.{k}" for k, p in fresh.named_parameters() if p.requires_grad}
+    assert stored - {k for k in stored if k.startswith("objectives.")} == trainable
+    assert all(k.startswith(("model.bridge.", "model.heads.")) for k in trainable)
+    ref = json.loads((root / tag / FROZEN_FILE).read_text())
+    assert set(ref["sources"]) == {"vision", "lm"}
+    assert ref["state_sha256"] == frozen_state_sha256(fresh)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["frozen_parameters"] > 20 * summary["trainable_parameters"]

