@@ -116,8 +116,8 @@ def check_reference(tag_dir: Path, current: dict[str, Any] | None) -> bool:
 
 
 def optimizer_memory(engine: Any) -> dict[str, int]:
-    """Bytes this rank holds for optimizer state (AdamW's moments, DeepSpeed's fp32 master partition) and
-    gradient buffers, read from the live optimizer. Frozen parameters contribute nothing to any of them."""
+    """Bytes this rank holds for optimizer state, read from the live optimizer after training: AdamW's moments
+    and DeepSpeed's fp32 master partition (ZeRO 1-3). Frozen parameters contribute nothing to either."""
     optimizer = engine.optimizer
     inner = getattr(optimizer, "optimizer", optimizer)
     state = sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
@@ -126,13 +126,4 @@ def optimizer_memory(engine: Any) -> dict[str, int]:
     for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-1/2, ZeRO-3
         for t in getattr(optimizer, attr, None) or []:
             masters += t.numel() * t.element_size()
-    grads = 0
-    for p in engine.module.parameters():
-        if p.grad is not None:
-            grads += p.grad.numel() * p.grad.element_size()
-    for attr in ("averaged_gradients",):
-        buffers = getattr(optimizer, attr, None) or {}
-        for group in buffers.values() if isinstance(buffers, dict) else buffers:
-            for t in group or []:
-                grads += t.numel() * t.element_size()
-    return {"optimizer_state_bytes": int(state), "master_weight_bytes": int(masters), "gradient_bytes": int(grads)}
+    return {"optimizer_state_bytes": int(state), "master_weight_bytes": int(masters)}

@@ -318,7 +318,7 @@ class Trainer:
             **model_summary(self.model),
             "frozen_parameters": self.frozen["parameters"] if self.frozen else 0,
             "memory_bytes_per_rank": {k: [r[k] for r in per_rank] for k in
-                                      ("optimizer_state_bytes", "master_weight_bytes", "gradient_bytes")},
+                                      ("optimizer_state_bytes", "master_weight_bytes")},
             "checkpoint": str(run_dir / checkpoint.CHECKPOINTS / checkpoint.tag_for(state.step)),
         }
         if rank == 0:
