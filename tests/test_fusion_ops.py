@@ -81,7 +81,8 @@ def linear(x: Tensor, layer: nn.Linear) -> Tensor:
 
 
 def test_registry_holds_every_kind() -> None:
-    assert set(OPERATOR_FUSIONS) == {"concat", "tensor", "low_rank", "gated", "multiplicative", "mult"}
+    assert set(OPERATOR_FUSIONS) == {"cross_attention", "concat", "tensor", "low_rank", "gated", "multiplicative",
+                                     "mult"}
     assert OPERATOR_FUSIONS["mult"] is MulT
 
 
