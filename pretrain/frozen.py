@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from architectures.stitching.pretrained import sha256_file
 from data_pipelines.shards import atomic_write_text
 
 FROZEN_FILE = "frozen.json"
@@ -34,14 +35,6 @@ FROZEN_FILE = "frozen.json"
 
 class FrozenWeightsError(ValueError):
     pass
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def frozen_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -77,7 +70,7 @@ def frozen_reference(model: nn.Module, task: nn.Module | None = None) -> dict[st
     sources = getattr(model, "frozen_sources", dict)()
     return {
         "parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for _, p in frozen),
-        "sources": {prefix: ({"path": path, "sha256": file_sha256(path)} if path else None)
+        "sources": {prefix: ({"path": path, "sha256": sha256_file(path)} if path else None)
                     for prefix, path in sorted(sources.items())},
         "state_sha256": frozen_state_sha256(model),
     }

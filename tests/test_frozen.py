@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from architectures.config import build_model
-from pretrain.frozen import FROZEN_FILE, FrozenWeightsError, check_reference, file_sha256, frozen_reference
+from architectures.stitching.pretrained import sha256_file
+from pretrain.frozen import FROZEN_FILE, FrozenWeightsError, check_reference, frozen_reference
 from pretrain.recipe import load_recipe
 from tests.conftest import mmssl, tiny_recipe_dict, write_recipe
 from tools.export import consolidated_state_dict
@@ -68,7 +69,7 @@ def test_checkpoint_stores_trainable_weights_and_a_hash_reference(lit_run: Path)
     ref = json.loads((tag_dir / FROZEN_FILE).read_text())
     source = ref["sources"]["towers.text"]
     assert Path(source["path"]) == (_minilm() / "model.safetensors").resolve()
-    assert source["sha256"] == file_sha256(source["path"])
+    assert source["sha256"] == sha256_file(source["path"])
     assert ref["parameters"] == summary["frozen_parameters"]
     state = consolidated_state_dict(lit_run / "checkpoints", tag)
     assert not any(k.startswith("model.towers.text.") for k in state)

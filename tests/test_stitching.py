@@ -330,7 +330,7 @@ def test_model_facts_and_errors(vision, effnet_file: Path, minilm: FrozenLM) -> 
         StitchedModel(vision, tiny_gpt2(), LinearBridge(VISION_DIM, 384), embed_dim=8)
     with pytest.raises(ArchitectureError, match="vision width 512, but the vision tower gives 1280"):
         StitchedModel(vision, tiny_gpt2(), LinearBridge(512, 32), embed_dim=8)
-    with pytest.raises(ArchitectureError, match=r"model\.bridge\.kind must be one of"):
+    with pytest.raises(ArchitectureError, match=r"model\.stitched\.bridge must be one of"):
         build_bridge("adapter", VISION_DIM, 32)
     with pytest.raises(ArchitectureError, match="no tower for modality 'audio'"):
         model({"audio": torch.zeros(1, 1, 8, 8)})

@@ -58,7 +58,7 @@ class Bridge(nn.Module):
 
 def check_positive(name: str, value: int) -> int:
     if value < 1:
-        raise ArchitectureError(f"model.bridge.{name} must be >= 1, got {value}")
+        raise ArchitectureError(f"model.stitched.options.{name} must be >= 1, got {value}")
     return int(value)
 
 
@@ -70,9 +70,9 @@ class LinearBridge(Bridge):
     def __init__(self, vision_dim: int, lm_dim: int, *, num_prompts: int | None = 2, source: str = "pooled") -> None:
         super().__init__()
         if source not in SOURCES:
-            raise ArchitectureError(f"model.bridge.source must be one of {SOURCES}, got {source!r}")
+            raise ArchitectureError(f"model.stitched.options.source must be one of {SOURCES}, got {source!r}")
         if source == "pooled" and num_prompts is None:
-            raise ArchitectureError("model.bridge.num_prompts is required with source='pooled'")
+            raise ArchitectureError("model.stitched.options.num_prompts is required with source='pooled'")
         self.vision_dim, self.lm_dim = check_positive("vision_dim", vision_dim), check_positive("lm_dim", lm_dim)
         self.width = self.lm_dim
         self.source = source
@@ -116,7 +116,7 @@ class PrefixMapper(Bridge):
                  depth: int = 2, heads: int = 8, mlp_ratio: float = 2.0) -> None:
         super().__init__()
         if mapping not in PREFIX_MAPPINGS:
-            raise ArchitectureError(f"model.bridge.mapping must be one of {PREFIX_MAPPINGS}, got {mapping!r}")
+            raise ArchitectureError(f"model.stitched.options.mapping must be one of {PREFIX_MAPPINGS}, got {mapping!r}")
         self.vision_dim, self.lm_dim = check_positive("vision_dim", vision_dim), check_positive("lm_dim", lm_dim)
         self.width = self.lm_dim
         self.num_prompts, self.mapping = check_positive("num_prompts", num_prompts), mapping
@@ -127,7 +127,7 @@ class PrefixMapper(Bridge):
             self.mlp = nn.Sequential(nn.Linear(vision_dim, hidden), nn.Tanh(), nn.Linear(hidden, k * lm_dim))
         else:
             if lm_dim % heads:
-                raise ArchitectureError(f"model.bridge.heads={heads} must divide the LM width {lm_dim}")
+                raise ArchitectureError(f"model.stitched.options.heads={heads} must divide the LM width {lm_dim}")
             self.expand = nn.Linear(vision_dim, k * lm_dim)
             self.prefix_const = nn.Parameter(torch.randn(k, lm_dim))  # ClipCap: torch.randn
             layer = nn.TransformerEncoderLayer(lm_dim, heads, int(lm_dim * mlp_ratio), dropout=0.0,
@@ -164,9 +164,9 @@ def build_bridge(kind: str, vision_dim: int, lm_dim: int, **kwargs: Any) -> Brid
     kinds: dict[str, type[Bridge]] = {c.kind: c for c in (LinearBridge, MLPBridge, PrefixMapper, QFormer,
                                                           FlamingoBridge)}
     if kind not in kinds:
-        raise ArchitectureError(f"model.bridge.kind must be one of {sorted(kinds)}, got {kind!r}")
+        raise ArchitectureError(f"model.stitched.bridge must be one of {sorted(kinds)}, got {kind!r}")
     try:
         return kinds[kind](vision_dim, lm_dim, **kwargs)
     except TypeError as exc:
-        raise ArchitectureError(f"model.bridge options {sorted(kwargs)} do not fit bridge kind {kind!r}: {exc}") \
+        raise ArchitectureError(f"model.stitched.options {sorted(kwargs)} do not fit bridge kind {kind!r}: {exc}") \
             from None

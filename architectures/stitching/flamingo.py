@@ -61,7 +61,8 @@ class PerceiverResampler(nn.Module):
                  mlp_ratio: float = 4.0) -> None:
         super().__init__()
         if width % heads:
-            raise ArchitectureError(f"model.bridge.width={width} must be divisible by model.bridge.heads={heads}")
+            raise ArchitectureError(f"model.stitched.options.width={width} must be divisible by "
+                                    f"model.stitched.options.heads={heads}")
         self.input = nn.Linear(vision_dim, width) if vision_dim != width else nn.Identity()
         self.latents = nn.Parameter(torch.randn(check_positive("num_latents", num_latents), width) * 0.02)
         self.layers = nn.ModuleList(ResamplerLayer(width, heads, mlp_ratio)
@@ -86,7 +87,7 @@ class GatedCrossAttention(nn.Module):
     def __init__(self, lm_dim: int, context_dim: int, *, heads: int = 4, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         if lm_dim % heads:
-            raise ArchitectureError(f"model.bridge.xattn_heads={heads} must divide the LM width {lm_dim}")
+            raise ArchitectureError(f"model.stitched.options.xattn_heads={heads} must divide the LM width {lm_dim}")
         self.norm = nn.LayerNorm(lm_dim)
         self.attn = nn.MultiheadAttention(lm_dim, heads, kdim=context_dim, vdim=context_dim, batch_first=True)
         self.ffn = feed_forward(lm_dim, mlp_ratio)

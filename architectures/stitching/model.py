@@ -63,11 +63,11 @@ class StitchedModel(nn.Module):
                  text_key: str = "text") -> None:
         super().__init__()
         if bridge.vision_dim != vision.num_features:
-            raise ArchitectureError(f"model.bridge was built for vision width {bridge.vision_dim}, but the vision "
-                                    f"tower gives {vision.num_features}")
+            raise ArchitectureError(f"model.stitched.bridge was built for vision width {bridge.vision_dim}, "
+                                    f"but the vision tower gives {vision.num_features}")
         if bridge.lm_dim != lm.hidden_size:
-            raise ArchitectureError(f"model.bridge was built for LM width {bridge.lm_dim}, but the LM's hidden size "
-                                    f"is {lm.hidden_size}")
+            raise ArchitectureError(f"model.stitched.bridge was built for LM width {bridge.lm_dim}, "
+                                    f"but the LM's hidden size is {lm.hidden_size}")
         if embed_dim < 1:
             raise ArchitectureError(f"model.embed_dim must be >= 1, got {embed_dim}")
         self.vision = vision.requires_grad_(False)

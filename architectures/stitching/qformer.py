@@ -57,7 +57,8 @@ class QFormer(Bridge):
                  heads: int = 4, mlp_ratio: float = 4.0, cross_every: int = 1) -> None:
         super().__init__()
         if width % heads:
-            raise ArchitectureError(f"model.bridge.width={width} must be divisible by model.bridge.heads={heads}")
+            raise ArchitectureError(f"model.stitched.options.width={width} must be divisible by "
+                                    f"model.stitched.options.heads={heads}")
         self.vision_dim, self.lm_dim = check_positive("vision_dim", vision_dim), check_positive("lm_dim", lm_dim)
         self.width, self.num_queries = check_positive("width", width), check_positive("num_queries", num_queries)
         every = check_positive("cross_every", cross_every)
