@@ -280,3 +280,9 @@ def to_dict(obj: Any) -> Any:
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+def model_config_from_dict(raw: Mapping[str, Any], source: str) -> ModelConfig:
+    """A ``model:`` section (as `to_dict` wrote it, e.g. into an export's config.json) parsed and type-checked;
+    errors name ``source`` and the key."""
+    return from_dict(ModelConfig, dict(raw), path=("model",), origin=_Origin(source, {}))

@@ -1,10 +1,17 @@
-"""``mmssl export RUN_DIR --out DIR``: one directory per encoder from any checkpoint of a run.
+"""``mmssl export RUN_DIR --out DIR``: the encoders of any checkpoint of a run, of any architecture family.
 
 The fp32 weights are consolidated from the DeepSpeed checkpoint with DeepSpeed's own ``zero_to_fp32`` reader
 (it handles ZeRO stages 0-3 and the fp32 master weights kept for bf16 training); parameters that were frozen
-and not saved fall back to the weights the recipe loaded them from. Each encoder is then written by
-`architectures.encoder.save_encoder` (``model.safetensors`` + ``config.json`` + ``head.safetensors`` +
-tokenizer), and ``DIR/export.json`` records the run, the checkpoint and the learned logit scale.
+and not saved fall back to the weights the recipe loaded them from (their sha256 checked against the run's
+``frozen.json``). Written:
+
+* ``DIR/model/``: the whole model (`tools.exported_model`): the unified encoder, the late-fusion towers + fusion
+  (+ ITM head), or a stitched model's bridge and heads with references to its frozen towers. Every family.
+* ``DIR/<modality>/``: one encoder per tower (tower + projection head + tokenizer) where the family has separate
+  towers (fusion_free, late_fusion), written by `architectures.encoder.save_encoder` in the tower library's own
+  format, so ``timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": ...})`` or
+  ``transformers.AutoModel.from_pretrained(dir)`` loads it directly.
+* ``DIR/export.json``: the run, the checkpoint, the family, both kinds of directories and the learned logit scale.
 """
 
 from __future__ import annotations
@@ -17,13 +24,17 @@ import torch
 
 from architectures.config import build_model
 from architectures.encoder import save_encoder
+from objectives.registry import kind_of
 from pretrain import checkpoint
 from pretrain.frozen import check_reference, frozen_reference
 from pretrain.launch import RECIPE_FILE
-from pretrain.recipe import RecipeError, load_recipe
+from pretrain.recipe import Recipe, RecipeError, load_recipe
+from tools.exported_model import check_state, save_model
+from tools.probe import ProbeError
 
 EXPORT_INDEX = "export.json"
-EXPORTABLE = ("fusion_free", "late_fusion")  # families made of one tower + head per modality
+MODEL_DIR = "model"
+PER_TOWER = ("fusion_free", "late_fusion")  # families made of one tower + head per modality
 
 
 def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -47,39 +58,51 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint_tag: str 
         raise checkpoint.CheckpointError(f"{run} has no checkpoint to export yet")
     root, tag = found
     state = consolidated_state_dict(root, tag)
-    if recipe.model.family not in EXPORTABLE:
-        raise RecipeError(f"mmssl export writes per-tower encoders, which model.family={recipe.model.family!r} "
-                          f"does not have (exportable families: {list(EXPORTABLE)})")
     model = build_model(recipe.model, seed=recipe.train.seed)
     check_reference(root / tag, frozen_reference(model))  # frozen weights rebuilt now = those trained with
     own = model.state_dict()
     prefix = "model."
     trained = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    unknown = sorted(set(trained) - set(own))
-    if unknown:
-        raise checkpoint.CheckpointError(f"{root / tag} holds {unknown[0]!r}, which the recipe's model lacks")
-    missing = sorted(k for k in set(own) - set(trained) if not _is_frozen(model, k))
-    if missing:
-        raise checkpoint.CheckpointError(f"{root / tag} lacks trained weights for {missing[0]!r}")
+    frozen = [k for k in own if _is_frozen(model, k)]
+    try:
+        check_state(own, trained, f"checkpoint {root / tag}", allowed_missing=frozen)
+    except ProbeError as exc:
+        raise checkpoint.CheckpointError(f"{exc} (the recipe in {run / RECIPE_FILE} builds a "
+                                         f"{recipe.model.family} model)") from None
     model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in trained.items()}})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoders = {}
-    for name, tower_cfg in recipe.model.towers.items():
-        path = save_encoder(out / name, name, tower_cfg, model.towers[name], model.heads[name], recipe.model.embed_dim)
-        encoders[name] = str(path)
+    if recipe.model.family in PER_TOWER:
+        for name, tower_cfg in recipe.model.towers.items():
+            path = save_encoder(out / name, name, tower_cfg, model.towers[name], model.heads[name],
+                                recipe.model.embed_dim)
+            encoders[name] = str(path)
+    model_dir = save_model(out / MODEL_DIR, recipe.model, model, itm=_matching_head(recipe, state))
     scales = {k: float(v.detach().exp().clamp(max=1e4).reshape(-1)[0]) for k, v in state.items()
               if k.endswith("log_logit_scale")}
     index = {
         "run": str(run.resolve()),
         "recipe": recipe.name,
+        "family": recipe.model.family,
         "checkpoint": str(root / tag),
+        "model": str(model_dir),
         "encoders": encoders,
         "embed_dim": recipe.model.embed_dim,
         "logit_scales": scales,
     }
     (out / EXPORT_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return index
+
+
+def _matching_head(recipe: Recipe, state: dict[str, torch.Tensor]
+                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The first matching objective's ITM head (``objectives.<name>.head.*``) and its query/context."""
+    for name, term in recipe.objectives.terms.items():
+        head = {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.startswith(f"objectives.{name}.head.")}
+        if kind_of(name) == "matching" and head:
+            return {"objective": name, "query": term.query, "context": term.context}, head
+    return None
 
 
 def _is_frozen(model: torch.nn.Module, key: str) -> bool:
