@@ -35,6 +35,37 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
+def _assert_export_reloads(run: Path, tmp_path: Path) -> Path:
+    """`mmssl export` of the run, reloaded with `tools.exported_model.load_model`, gives the outputs of the model
+    rebuilt from the consolidated checkpoint (<= 1e-6) on a real batch; returns the model directory."""
+    import torch
+
+    from architectures.config import build_model
+    from data_pipelines.shards import resolve_shards
+    from data_pipelines.stream import read_once
+    from pretrain.data import eval_decoders, modality_fields
+    from pretrain.recipe import load_recipe
+    from tools.export import consolidated_state_dict
+    from tools.exported_model import load_model
+
+    proc = mmssl("export", str(run), "--out", str(tmp_path / "export"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recipe = load_recipe(run / "recipe.yaml")
+    root = run / "checkpoints"
+    state = consolidated_state_dict(root, (root / "latest").read_text().strip())
+    reference = build_model(recipe.model, seed=recipe.train.seed).eval()
+    reference.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")}, strict=False)
+    loaded = load_model(tmp_path / "export" / "model")
+    batch = next(read_once(resolve_shards(recipe.data.train), fields=modality_fields(recipe),
+                           decoders=eval_decoders(recipe), batch_size=8))
+    with torch.no_grad():
+        got, want = loaded.model(batch.inputs, batch.present), reference(batch.inputs, batch.present)
+    for field in ("embeddings", "pooled", "fused"):
+        for m, value in getattr(want, field).items():
+            assert float((getattr(got, field)[m] - value).abs().max()) <= 1e-6, (field, m)
+    return tmp_path / "export" / "model"
+
+
 def _terms(run: Path) -> dict[str, list[float]]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     names = [k for k in records[0] if k.startswith("loss/") and k.count("/") == 1]
@@ -62,6 +93,7 @@ def test_family_trains_on_two_ranks(family: str, asterisk_data: Path, tmp_path: 
     _assert_terms_go_down(run, spec["objectives"], family)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["steps"] == 40
+    _assert_export_reloads(run, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +152,18 @@ def test_stitched_frozen_models_train_only_the_bridge(fashion_data: Path, tmp_pa
     assert ref["state_sha256"] == frozen_state_sha256(fresh)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["frozen_parameters"] > 20 * summary["trainable_parameters"]
+    # the export holds the bridge and heads only; the frozen towers are re-read from their files, by hash
+    from safetensors import safe_open
+
+    model_dir = _assert_export_reloads(run, tmp_path)
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        assert all(k.startswith(("bridge.", "heads.")) for k in f.keys())
+    frozen = json.loads((model_dir / "config.json").read_text())["mmssl"]["frozen"]
+    assert set(frozen) == {"vision", "lm"}
+    vision_file = Path(frozen["vision"]["path"])
+    vision_file.write_bytes(vision_file.read_bytes() + b" ")  # the vision weights change after the export
+    from tools.exported_model import load_model
+    from tools.probe import ProbeError
+
+    with pytest.raises(ProbeError, match="frozen part 'vision'.*sha256"):
+        load_model(model_dir)
