@@ -14,12 +14,20 @@ Preprocessing (per sample, in loader workers):
    to ``freq_mask`` bins and two time spans of up to ``time_mask`` frames (SpecAugment, Park et al. 2019).
 
 The result is a ``[1, n_mels, frames]`` image that a ViT cuts into ``patch_size`` patches.
+
+Corruptions (robustness evaluation, `AudioPlugin.corrupted_decoder`), applied to the real (not zero-padded) samples of
+the waveform after step 2, before the spectrogram, at ``level ∈ (0, 1]`` (level 0 is the clean decoder):
+
+* ``noise``: white Gaussian noise at ``SNR = 40·(1 - level) - 10·level`` dB (40 dB, barely audible, down to -10 dB,
+  noise 10x the signal power);
+* ``gaps``: ``level`` of the waveform zeroed in randomly chosen 50 ms chunks (dropouts).
 """
 
 from __future__ import annotations
 
 import io
 import wave
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +35,7 @@ import torch
 from torch import Tensor
 
 from architectures.embedders import PatchEmbedder, patchify
+from architectures.modalities import corruptions
 from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
 from architectures.modalities.masking import Generators, random_token_mask
 from architectures.towers import ArchitectureError, TimmTower
@@ -108,14 +117,26 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float, f_ma
     return torch.from_numpy(np.maximum(0.0, np.minimum(lower, upper))).float()
 
 
-class LogMel:
-    """Waveform -> normalised log-mel ``[1, n_mels, frames]`` (see the module docstring)."""
+WaveCorruption = Callable[[Tensor, np.random.Generator], Tensor]
+SNR_CLEAN_DB, SNR_NOISY_DB = 40.0, -10.0  # the noise corruption's SNR at levels 0+ and 1
+GAP_SECONDS = 0.05
 
-    def __init__(self, cfg: AudioConfig, train: bool) -> None:
+
+def noise_snr_db(level: float) -> float:
+    """The ``noise`` corruption's SNR: ``40·(1 - level) - 10·level`` dB."""
+    return SNR_CLEAN_DB * (1.0 - level) + SNR_NOISY_DB * level
+
+
+class LogMel:
+    """Waveform -> normalised log-mel ``[1, n_mels, frames]`` (see the module docstring); ``corrupt`` (evaluation
+    corruptions) acts on the real samples of the cropped waveform."""
+
+    def __init__(self, cfg: AudioConfig, train: bool, corrupt: WaveCorruption | None = None) -> None:
         if cfg.crop not in ("start", "random"):
             raise ArchitectureError(f"audio crop must be 'start' or 'random', got {cfg.crop!r}")
         self.cfg = cfg
         self.train = train
+        self.corrupt = corrupt
         self.window = torch.hann_window(cfg.n_fft)
         f_max = cfg.f_max if cfg.f_max is not None else cfg.sample_rate / 2
         self.filters = mel_filterbank(cfg.n_fft, cfg.n_mels, cfg.sample_rate, cfg.f_min, f_max)
@@ -136,7 +157,10 @@ class LogMel:
             x = resample(x, round(cfg.sample_rate * factor), cfg.sample_rate)
         if self.train and cfg.gain_db:
             x = x * 10 ** (float(rng.uniform(-cfg.gain_db, cfg.gain_db)) / 20)
+        real = min(x.numel(), self.clip)
         x = self.waveform(x, rng)
+        if self.corrupt is not None:
+            x = torch.cat([self.corrupt(x[:real], rng), x[real:]])
         spec = torch.stft(x, cfg.n_fft, cfg.hop_length, window=self.window, center=True, return_complex=True)
         mel = torch.log(self.filters.T @ spec.abs().pow(2) + 1e-6)
         mel = (mel - cfg.norm_mean) / cfg.norm_std
@@ -172,9 +196,19 @@ class AudioPlugin(ModalityPlugin):
     name = "audio"
     config_cls = AudioConfig
     extensions = ("wav", "flac", "ogg", "mp3")
+    corruptions = ("noise", "gaps")
 
     def decoder(self, cfg: AudioConfig, *, train: bool) -> DecoderFn:
         return LogMel(cfg, train)
+
+    def build_corrupted_decoder(self, cfg: AudioConfig, kind: str, level: float) -> LogMel:
+        """The evaluation decoder with ``kind`` at ``level`` applied to the waveform (module docstring)."""
+        if kind == "noise":
+            corrupt = corruptions.Bound(corruptions.add_noise_at_snr, noise_snr_db(level))
+        else:
+            chunk = max(1, round(GAP_SECONDS * cfg.sample_rate))
+            corrupt = corruptions.Bound(corruptions.zero_chunks, level, {"chunk": chunk})
+        return LogMel(cfg, train=False, corrupt=corrupt)
 
     def build_tower(self, cfg: AudioConfig) -> TimmTower:
         return timm_tower(cfg, in_chans=1, img_size=[cfg.n_mels, cfg.frames], patch_size=list(cfg.patch_size))

@@ -9,7 +9,11 @@ A plug-in owns everything that is specific to one modality:
 * ``build_embedder(cfg, width)``: the modality's tokeniser for the unified encoder (`architectures.embedders`):
   input -> ``[B, T, width]`` tokens with positional encoding, and a ``bool[B, T]`` real-token mask,
 * ``mask(cfg, x, ratio, generator)``: a masking function over those ``T`` tokens (``bool[B, T]``, True = masked),
-* ``target(cfg, x)``: the per-token reconstruction target for masked prediction (``[B, T, ...]``).
+* ``target(cfg, x)``: the per-token reconstruction target for masked prediction (``[B, T, ...]``),
+* ``corruptions`` and ``corrupted_decoder(cfg, kind, level)``: the modality's noise topology for robustness
+  evaluation (MultiBench, Liang et al. 2021): the evaluation decoder with corruption ``kind`` applied at strength
+  ``level ∈ [0, 1]`` at the stage it belongs to (`architectures.modalities.corruptions`); level 0 is the clean
+  evaluation decoder, bit for bit.
 
 Adding a modality means adding one file to this package that defines a subclass (``modalities/__init__.py`` discovers
 and registers it by ``name``).
@@ -18,6 +22,7 @@ Fields whose metadata carries ``{"path": True}`` are file paths: recipe loading 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +34,7 @@ import torch
 from torch import Tensor
 
 from architectures.embedders import TokenEmbedder
+from architectures.errors import ArchitectureError
 from architectures.towers import TimmTower, Tower
 
 Decoded = Tensor | dict[str, Tensor]
@@ -77,6 +83,7 @@ class ModalityPlugin(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type[TowerConfig]]
     extensions: ClassVar[tuple[str, ...]]  # shard member extensions this modality is read from, by preference
+    corruptions: ClassVar[tuple[str, ...]] = ()  # corruption kinds `corrupted_decoder` supports
 
     @abstractmethod
     def decoder(self, cfg: Any, *, train: bool) -> DecoderFn: ...
@@ -101,3 +108,32 @@ class ModalityPlugin(ABC):
     def random_example(self, cfg: Any, batch_size: int) -> Decoded:
         """A batch of valid random inputs (for shape checks, benchmarks and meta-device builds)."""
         raise NotImplementedError
+
+    def corrupted_decoder(self, cfg: Any, kind: str, level: float) -> DecoderFn:
+        """The evaluation decoder (``decoder(cfg, train=False)``) with corruption ``kind`` at strength ``level`` in
+        [0, 1] (0: the clean evaluation decoder itself). Random draws come from the per-sample generator the stream
+        passes, so the corrupted data is a deterministic function of the sample key."""
+        level = check_corruption(self.name, self.corruptions, kind, level)
+        if level == 0.0:
+            return self.decoder(cfg, train=False)
+        return self.build_corrupted_decoder(cfg, kind, level)
+
+    def build_corrupted_decoder(self, cfg: Any, kind: str, level: float) -> DecoderFn:
+        """`corrupted_decoder` for a checked ``kind`` and a ``level`` in (0, 1]; plug-ins with ``corruptions``
+        override it."""
+        raise NotImplementedError(f"modality {self.name!r} has no corruption {kind!r}")
+
+
+def check_corruption(modality: str, supported: tuple[str, ...], kind: str, level: float) -> float:
+    """``level`` as a float after checking that ``kind`` is one of ``supported`` and ``0 <= level <= 1``."""
+    if kind not in supported:
+        raise ArchitectureError(f"modality {modality!r}: unknown corruption kind {kind!r}; supported: "
+                                f"{list(supported)}")
+    try:
+        value = float(level)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise ArchitectureError(f"modality {modality!r}: corruption level for {kind!r} must be in [0, 1], got "
+                                f"{level!r} (corruption kinds: {list(supported)})")
+    return value

@@ -3,12 +3,21 @@
 Training augmentation (only when ``train`` and enabled): random resized crop (scale ``crop_scale``, aspect ratio
 3/4..4/3) and horizontal flip, drawn from the per-sample generator the stream supplies, so a resumed run
 augments each sample exactly as the uninterrupted run would.
+
+Corruptions (robustness evaluation, `ImagePlugin.corrupted_decoder`), applied to the ``[0, 1]`` pixels after resizing
+and before normalisation, at ``level ∈ [0, 1]``:
+
+* ``blur``: Gaussian blur of std ``σ = 0.1·level·image_size`` pixels (3.2 px at level 1 for 32 px images);
+* ``occlusion``: one random rectangle covering ``level`` of the image area, filled with the normalisation ``mean``
+  (exactly 0 after normalisation);
+* ``noise``: additive Gaussian noise of std ``level`` (in ``[0, 1]`` pixel units, not clipped).
 """
 
 from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +27,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from architectures.embedders import PatchEmbedder, patchify
+from architectures.modalities import corruptions
 from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
 from architectures.modalities.masking import Generators, random_token_mask
 from architectures.towers import TimmTower
@@ -36,10 +46,18 @@ class ImageConfig(TowerConfig):
     hflip: bool = False
 
 
+PixelCorruption = Callable[[Tensor, np.random.Generator], Tensor]
+BLUR_SIGMA_PER_SIDE = 0.1  # blur std at level 1, as a fraction of the image side
+
+
 class ImageDecoder:
-    def __init__(self, cfg: ImageConfig, train: bool) -> None:
+    """Bytes -> ``[C, H, W]`` normalised pixels; ``corrupt`` (evaluation corruptions) acts on the resized ``[0, 1]``
+    pixels before normalisation."""
+
+    def __init__(self, cfg: ImageConfig, train: bool, corrupt: PixelCorruption | None = None) -> None:
         self.cfg = cfg
         self.train = train
+        self.corrupt = corrupt
         channels = cfg.in_chans
         self.mean = torch.tensor((cfg.mean * channels)[:channels]).view(-1, 1, 1)
         self.std = torch.tensor((cfg.std * channels)[:channels]).view(-1, 1, 1)
@@ -57,7 +75,21 @@ class ImageDecoder:
             x = TF.resize(x, size, antialias=True)
         if self.train and cfg.hflip and rng.random() < 0.5:
             x = x.flip(-1)
+        if self.corrupt is not None:
+            x = self.corrupt(x, rng)
         return ((x - self.mean) / self.std).contiguous()
+
+
+def pixel_corruption(kind: str, level: float, image_size: int, mean: Tensor) -> PixelCorruption:
+    """The ``[0, 1]``-pixel corruption of ``kind`` at ``level`` (module docstring); ``mean``: the occlusion fill
+    (per channel). Shared with the video decoder, which applies it to every frame."""
+    if kind == "blur":
+        return corruptions.Bound(corruptions.gaussian_blur, BLUR_SIGMA_PER_SIDE * level * image_size)
+    if kind == "occlusion":
+        return corruptions.Bound(corruptions.occlude, level, {"fill": mean.flatten()})
+    if kind == "noise":
+        return corruptions.Bound(corruptions.add_gaussian_noise, level)
+    raise ValueError(f"unknown pixel corruption {kind!r}")
 
 
 def _crop_box(height: int, width: int, scale: list[float], rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -76,9 +108,15 @@ class ImagePlugin(ModalityPlugin):
     name = "image"
     config_cls = ImageConfig
     extensions = ("png", "jpg", "jpeg", "webp")
+    corruptions = ("blur", "occlusion", "noise")
 
     def decoder(self, cfg: ImageConfig, *, train: bool) -> DecoderFn:
         return ImageDecoder(cfg, train)
+
+    def build_corrupted_decoder(self, cfg: ImageConfig, kind: str, level: float) -> ImageDecoder:
+        """The evaluation decoder with ``kind`` at ``level`` applied to the resized pixels (module docstring)."""
+        clean = ImageDecoder(cfg, train=False)
+        return ImageDecoder(cfg, train=False, corrupt=pixel_corruption(kind, level, cfg.image_size, clean.mean))
 
     def build_tower(self, cfg: ImageConfig) -> TimmTower:
         size = [cfg.image_size, cfg.image_size]

@@ -19,6 +19,15 @@ with a one-entry vocabulary since ids are never read) fed ``inputs_embeds = [CLS
 ``[1; token mask]``; pooled output: the CLS state (``pool="cls"``) or the mean over real tokens (``pool="mean"``).
 Token embedder (`SequenceEmbedder`): the same tokenizer plus a learned position. Masking: ``⌊ratio·n + ½⌋`` of a
 row's ``n`` real tokens, uniformly; target: the token's values (``[B, T, P·C]`` patches, ``[B, C, 1]`` features).
+
+Corruptions (robustness evaluation, `SequencePlugin.corrupted_decoder`), applied to the normalised real steps after
+cropping, before zero-padding, at ``level ∈ [0, 1]``:
+
+* ``gaps``: ``⌊level·n⌉`` of the ``n`` real time steps (all channels), or of the ``C`` columns of a tabular row,
+  chosen at random, are set to 0, the value the decoder gives a missing entry (the channel mean); ``mask`` is
+  unchanged, as for values missing in the data;
+* ``noise``: Gaussian noise of std ``level·σ_c`` per channel, ``σ_c`` the channel's standard deviation over the
+  sample's real steps (for a tabular row: ``σ_c = 1``, one configured std).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +47,7 @@ from torch import Tensor, nn
 
 from architectures.embedders import EmbeddedTokens, TokenEmbedder, learned_positions
 from architectures.errors import ArchitectureError
+from architectures.modalities import corruptions
 from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig
 from architectures.modalities.masking import Generators, random_token_mask
 from architectures.towers import HFTextTower, Tower, TowerOutput
@@ -102,10 +113,16 @@ def read_table(data: bytes) -> np.ndarray:
     return np.asarray([[number(f) for f in r] for r in rows], dtype=np.float64)
 
 
+StepCorruption = Callable[[Tensor, np.random.Generator], Tensor]
+
+
 class SequenceDecoder:
-    def __init__(self, cfg: SequenceConfig, train: bool) -> None:
+    """Bytes -> ``{"values", "mask"}``; ``corrupt`` (evaluation corruptions) acts on the normalised real steps
+    ``[n, C]`` (float64) before padding."""
+
+    def __init__(self, cfg: SequenceConfig, train: bool, corrupt: StepCorruption | None = None) -> None:
         check_config(cfg)
-        self.cfg, self.train = cfg, train
+        self.cfg, self.train, self.corrupt = cfg, train, corrupt
         c = cfg.channels
         self.mean = np.asarray((cfg.mean * c)[:c] if cfg.mean else [0.0] * c, dtype=np.float64)
         self.std = np.asarray((cfg.std * c)[:c] if cfg.std else [1.0] * c, dtype=np.float64)
@@ -128,11 +145,15 @@ class SequenceDecoder:
             if x.shape[0] != 1:
                 raise ArchitectureError(f"model.sequence.layout='features' reads one tabular row per sample, "
                                         f"got {x.shape[0]} rows")
+            if self.corrupt is not None:
+                x = self.corrupt(torch.from_numpy(x), rng).numpy()
             return {"values": torch.from_numpy(x).float(), "mask": torch.ones(1, dtype=torch.bool)}
         n = x.shape[0]
         if n > cfg.length:
             start = int(rng.integers(0, n - cfg.length + 1)) if self.train else 0
             x, n = x[start : start + cfg.length], cfg.length
+        if self.corrupt is not None:
+            x = self.corrupt(torch.from_numpy(np.ascontiguousarray(x)), rng).numpy()
         values = torch.zeros(cfg.length, cfg.channels)
         values[:n] = torch.from_numpy(np.ascontiguousarray(x)).float()
         return {"values": values, "mask": torch.arange(cfg.length) < n}
@@ -317,9 +338,19 @@ class SequencePlugin(ModalityPlugin):
     name = "sequence"
     config_cls = SequenceConfig
     extensions = ("npy", "csv", "tsv")
+    corruptions = ("gaps", "noise")
 
     def decoder(self, cfg: SequenceConfig, *, train: bool) -> DecoderFn:
         return SequenceDecoder(cfg, train)
+
+    def build_corrupted_decoder(self, cfg: SequenceConfig, kind: str, level: float) -> SequenceDecoder:
+        """The evaluation decoder with ``kind`` at ``level`` applied to the normalised steps (module docstring)."""
+        if kind == "gaps":
+            axis = 1 if cfg.layout == "features" else 0
+            corrupt = corruptions.Bound(corruptions.zero_slices, level, {"axis": axis, "fill": 0.0})
+        else:
+            corrupt = corruptions.Bound(corruptions.add_channel_noise, level)
+        return SequenceDecoder(cfg, train=False, corrupt=corrupt)
 
     def build_tower(self, cfg: SequenceConfig) -> SequenceTower:
         return SequenceTower(cfg)

@@ -7,10 +7,19 @@ randomly initialised, or ``AutoModel.from_pretrained(pretrained)`` from a local 
 Token embedder: `TokenIdEmbedder` (an id lookup plus a learned position). Masking selects, per row,
 ``max(1, ⌊ratio·n + ½⌋)`` of the ``n`` real tokens that are not special ids (pad / bos / eos / mask), uniformly:
 BERT's selection (Devlin et al. 2019; the 80/10/10 replacement is the objective's job). Target: the ids ``[B, L]``.
+
+Corruptions (robustness evaluation, `TextPlugin.corrupted_decoder`), applied to the decoded, stripped string before
+tokenisation, at ``level ∈ [0, 1]``:
+
+* ``token_drop``: each whitespace-separated word is dropped with probability ``level``;
+* ``typos``: each letter or digit gets, with probability ``level``, a keyboard typo (a QWERTY-neighbour substitution,
+  a swap with the next character, or a deletion; Belinkov & Bisk 2018; the neighbour map is
+  `corruptions.keyboard_neighbours`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +29,7 @@ import torch
 from torch import Tensor
 
 from architectures.embedders import TokenIdEmbedder
+from architectures.modalities import corruptions
 from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, path_field
 from architectures.modalities.masking import Generators, random_token_mask
 from architectures.modalities.tokenizers import Tokenizer, load_tokenizer
@@ -36,18 +46,28 @@ class TextConfig(TowerConfig):
     max_len: int = 32
 
 
+TextCorruption = Callable[[str, np.random.Generator], str]
+
+
 class TextDecoder:
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    """UTF-8 bytes -> token ids; ``corrupt`` (evaluation corruptions) acts on the stripped string."""
+
+    def __init__(self, tokenizer: Tokenizer, corrupt: TextCorruption | None = None) -> None:
         self.tokenizer = tokenizer
+        self.corrupt = corrupt
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        return self.tokenizer.encode(data.decode("utf-8").strip())
+        text = data.decode("utf-8").strip()
+        if self.corrupt is not None:
+            text = self.corrupt(text, rng)
+        return self.tokenizer.encode(text)
 
 
 class TextPlugin(ModalityPlugin):
     name = "text"
     config_cls = TextConfig
     extensions = ("txt", "text", "caption")
+    corruptions = ("token_drop", "typos")
 
     def __init__(self) -> None:
         self._special: dict[tuple[str, int, float], tuple[int, ...]] = {}
@@ -70,6 +90,11 @@ class TextPlugin(ModalityPlugin):
 
     def decoder(self, cfg: TextConfig, *, train: bool) -> DecoderFn:
         return TextDecoder(self.tokenizer(cfg))
+
+    def build_corrupted_decoder(self, cfg: TextConfig, kind: str, level: float) -> TextDecoder:
+        """The evaluation decoder with ``kind`` at ``level`` applied to the raw string (module docstring)."""
+        fn = corruptions.drop_words if kind == "token_drop" else corruptions.keyboard_typos
+        return TextDecoder(self.tokenizer(cfg), corrupt=corruptions.Bound(fn, level))
 
     def build_tower(self, cfg: TextConfig) -> HFTextTower:
         if cfg.pretrained:

@@ -23,11 +23,19 @@ each linearly projected (a Conv3d with kernel = stride), plus a factorised learn
 ``gh·gw`` patch positions and a temporal table over the ``G = T / tubelet`` groups. Tokens are group-major
 (``g·gh·gw + s``). Masking is tube masking (VideoMAE, Tong et al. 2022): the same ``⌊ratio·S + ½⌋`` spatial
 positions in every group. Target: the tubelet pixels ``[B, G·gh·gw, tubelet·ph·pw·C]`` (channels last).
+
+Corruptions (robustness evaluation, `VideoPlugin.corrupted_decoder`), applied to the sampled, resized ``[0, 1]``
+frames ``[T, C, H, W]`` before normalisation, at ``level ∈ [0, 1]``:
+
+* ``frame_drop``: ``⌊level·(T-1)⌉`` of frames ``1..T-1`` are replaced by the last kept frame before them (a stalled
+  stream; frame 0 is always kept, so level 1 is a still image);
+* ``blur``: every frame blurred as the image ``blur`` corruption (Gaussian, std ``0.1·level·image_size`` pixels).
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +50,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from architectures.embedders import EmbeddedTokens, TokenEmbedder, learned_positions
 from architectures.errors import ArchitectureError
+from architectures.modalities import corruptions
 from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
+from architectures.modalities.image import pixel_corruption
 from architectures.modalities.masking import Generators, tube_mask
 from architectures.towers import Tower, TowerOutput, prefixed_matcher
 
@@ -115,9 +125,15 @@ def read_frames(data: bytes, frames: int, offset: float, channels: int) -> np.nd
     return stacked[..., None] if stacked.ndim == 3 else stacked
 
 
+FrameCorruption = Callable[[Tensor, np.random.Generator], Tensor]
+
+
 class VideoDecoder:
-    def __init__(self, cfg: VideoConfig, train: bool) -> None:
-        self.cfg, self.train = cfg, train
+    """Bytes -> ``[C, T, H, W]``; ``corrupt`` (evaluation corruptions) acts on the resized ``[0, 1]`` frames
+    ``[T, C, H, W]`` before normalisation."""
+
+    def __init__(self, cfg: VideoConfig, train: bool, corrupt: FrameCorruption | None = None) -> None:
+        self.cfg, self.train, self.corrupt = cfg, train, corrupt
         c = cfg.in_chans
         self.mean = torch.tensor((cfg.mean * c)[:c], dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor((cfg.std * c)[:c], dtype=torch.float32).view(1, -1, 1, 1)
@@ -127,6 +143,8 @@ class VideoDecoder:
         offset = float(rng.random()) if self.train else 0.5
         frames = torch.from_numpy(np.ascontiguousarray(read_frames(data, cfg.frames, offset, cfg.in_chans)))
         x = TF.resize(frames.permute(0, 3, 1, 2), [cfg.image_size, cfg.image_size], antialias=True)
+        if self.corrupt is not None:
+            x = self.corrupt(x, rng)
         return ((x - self.mean) / self.std).transpose(0, 1).contiguous()  # [C, T, H, W]
 
 
@@ -259,9 +277,18 @@ class VideoPlugin(ModalityPlugin):
     name = "video"
     config_cls = VideoConfig
     extensions = ("gif", "webp", "npy")
+    corruptions = ("frame_drop", "blur")
 
     def decoder(self, cfg: VideoConfig, *, train: bool) -> DecoderFn:
         return VideoDecoder(cfg, train)
+
+    def build_corrupted_decoder(self, cfg: VideoConfig, kind: str, level: float) -> VideoDecoder:
+        """The evaluation decoder with ``kind`` at ``level`` applied to the resized frames (module docstring)."""
+        if kind == "frame_drop":
+            corrupt: FrameCorruption = corruptions.Bound(corruptions.drop_frames, level)
+        else:
+            corrupt = pixel_corruption("blur", level, cfg.image_size, torch.zeros(cfg.in_chans))
+        return VideoDecoder(cfg, train=False, corrupt=corrupt)
 
     def build_tower(self, cfg: VideoConfig) -> VideoTower:
         return VideoTower(cfg)
