@@ -142,6 +142,9 @@ def _with_objectives(tmp_path: Path, asterisk_data: Path, objectives: dict, **se
     ({"momentum_contrastive": {"pairs": [["audio", "text"]]}}, {"train": {"zero_stage": 3}}, RecipeError,
      r"objectives\.momentum_contrastive needs train\.zero_stage <= 2"),
     ({"mae": {"modality": "text"}}, {}, ObjectiveError, r"objectives\.mae"),
+    ({"matching": {"query": "text", "context": "audio"}},
+     {"model": {"family": "unified", "unified": {"width": 48, "depth": 1, "heads": 2}}, "train": {"zero_stage": 3}},
+     RecipeError, r"objectives\.matching re-runs the unified model's joint.*train\.zero_stage <= 2"),
 ])
 def test_objective_configuration_errors_name_the_key(tmp_path: Path, asterisk_data: Path, objectives: dict,
                                                      sections: dict, error: type, message: str) -> None:
