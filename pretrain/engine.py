@@ -1,4 +1,9 @@
-"""The DeepSpeed engine: its config from a recipe, torch AdamW with decay / no-decay groups, warmup + cosine LR."""
+"""The DeepSpeed engine: its config from a recipe, torch AdamW with decay / no-decay groups, warmup + cosine LR.
+
+Callers with their own parameter grouping (fine-tuning's layer-wise LR decay, `tools.finetune_model`) pass explicit
+``groups`` to `build_engine`; a group's ``"lr"`` is its peak learning rate (``train.lr`` where absent) and the
+schedule multiplies every group's peak by the same `lr_factor`.
+"""
 
 from __future__ import annotations
 
@@ -80,17 +85,18 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [g for g in groups if g["params"]]
 
 
-def build_engine(task: nn.Module, train: TrainConfig, micro_batch: int, world_size: int) -> tuple[Any, Any, Any]:
-    """``(engine, optimizer, scheduler)`` from ``deepspeed.initialize`` around ``task``."""
+def build_engine(task: nn.Module, train: TrainConfig, micro_batch: int, world_size: int,
+                 groups: list[dict[str, Any]] | None = None) -> tuple[Any, Any, Any]:
+    """``(engine, optimizer, scheduler)`` from ``deepspeed.initialize`` around ``task``. ``groups``: explicit AdamW
+    parameter groups (default: `param_groups`, decay / no-decay at ``train.lr``)."""
     import deepspeed
 
     if train.zero_stage == 3:  # parameters read outside their owner's forward must be gathered for the reader
         for module in task.modules():
             for param in getattr(module, "parameters_outside_forward", list)():
                 deepspeed.zero.register_external_parameter(module, param)
-    optimizer = torch.optim.AdamW(
-        param_groups(task, train.weight_decay), lr=train.lr, betas=tuple(train.betas), eps=train.eps
-    )
+    chosen = groups if groups is not None else param_groups(task, train.weight_decay)
+    optimizer = torch.optim.AdamW(chosen, lr=train.lr, betas=tuple(train.betas), eps=train.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=task,

@@ -157,7 +157,7 @@ def test_stitched_frozen_models_train_only_the_bridge(fashion_data: Path, tmp_pa
 
     model_dir = _assert_export_reloads(run, tmp_path)
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-        assert all(k.startswith(("bridge.", "heads.")) for k in f.keys())
+        assert all(k.startswith(("bridge.", "heads.")) for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
     frozen = json.loads((model_dir / "config.json").read_text())["mmssl"]["frozen"]
     assert set(frozen) == {"vision", "lm"}
     vision_file = Path(frozen["vision"]["path"])
@@ -165,5 +165,5 @@ def test_stitched_frozen_models_train_only_the_bridge(fashion_data: Path, tmp_pa
     from tools.exported_model import load_model
     from tools.probe import ProbeError
 
-    with pytest.raises(ProbeError, match="frozen part 'vision'.*sha256"):
+    with pytest.raises(ProbeError, match=r"frozen part 'vision'.*sha256"):
         load_model(model_dir)

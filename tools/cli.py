@@ -9,6 +9,12 @@
     mmssl export RUN_DIR --out DIR                        one directory per encoder
     mmssl probe ENCODER_DIR --shards TRAIN --test-shards TEST --label FIELD
     mmssl retrieval EXPORT_DIR --shards TEST --query audio --target text
+    mmssl evaluate RUN_OR_EXPORT --shards TRAIN --test-shards TEST --label FIELD
+                                                          every downstream number of any family (probes, retrieval,
+                                                          zero-shot, diagnostics, PID, robustness): table,
+                                                          results.json, plots
+    mmssl compare EVAL_DIR_OR_RUN ...                     several evaluations side by side
+    mmssl finetune ENCODER_DIR --shards TRAIN --test-shards TEST --label FIELD --nproc 2
     mmssl report RUN_DIR                                  training + evaluation table, summary.json
 
 Bad input ends the command with one line ``mmssl: error: ...`` naming the value and its origin, exit code 2.
@@ -28,10 +34,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from data_pipelines.shards import DataError
     from objectives.base import ObjectiveError
     from pretrain.checkpoint import CheckpointError
+    from pretrain.frozen import FrozenWeightsError
     from pretrain.recipe import RecipeError
     from tools.probe import ProbeError
 
-    return RecipeError, DataError, ArchitectureError, ObjectiveError, CheckpointError, ProbeError
+    return (RecipeError, DataError, ArchitectureError, ObjectiveError, CheckpointError, ProbeError,
+            FrozenWeightsError)
 
 
 def cmd_make_shards(args: argparse.Namespace) -> int:
@@ -97,6 +105,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
                         features=args.features, few_shot=args.few_shot, floor=not args.no_floor, seed=args.seed,
                         json_out=args.json)
     print(format_probe(results))
+    if args.out:
+        print(f"results: {write_single_result(results, args.out, 'probe')}")
     return 0
 
 
@@ -106,7 +116,57 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
     results = run_retrieval(args.export_dir, shards=args.shards, query=args.query, target=args.target,
                             match_field=args.match_field, floor=not args.no_floor, json_out=args.json)
     print(format_retrieval(results))
+    if args.out:
+        print(f"results: {write_single_result(results, args.out, 'retrieval')}")
     return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tools.eval_report import format_evaluation
+    from tools.evaluation import evaluate
+
+    pairs = [tuple(p.split(":", 1)) for p in args.pairs] if args.pairs else None
+    for p in pairs or []:
+        if len(p) != 2:
+            from tools.probe import ProbeError
+
+            raise ProbeError(f"--pairs takes QUERY:TARGET items, got {':'.join(p)!r}")
+    results = evaluate(args.target, shards=args.shards, test_shards=args.test_shards, label=args.label,
+                       out_dir=args.out, match_field=args.match_field, pairs=pairs, prompts=args.prompts,
+                       floor=not args.no_floor, few_shot=args.few_shot, seed=args.seed,
+                       robustness=not args.no_robustness, levels=args.levels, rerank_k=args.rerank_k)
+    print(format_evaluation(results))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tools.eval_report import compare
+
+    _, table = compare(args.evaluations, out=args.out)
+    print(table)
+    return 0
+
+
+def write_single_result(results: dict, out: str, kind: str) -> str:
+    from pathlib import Path
+
+    from data_pipelines.shards import atomic_write_text
+    from tools.plots import plot_bars, plot_probe_sweep
+
+    target = Path(out)
+    if kind == "probe":
+        plot_probe_sweep({k: results[k] for k in ("pretrained", "random_init") if k in results},
+                         target / "probe_sweep.png")
+    else:
+        groups: dict[str, dict[str, float]] = {}
+        for variant in ("pretrained", "random_init"):
+            for direction, recall in results.get(variant, {}).items():
+                if "->" in direction:
+                    for k, v in recall.items():
+                        groups.setdefault(f"{direction} {k}", {})[variant] = v
+        plot_bars(groups, target / "retrieval.png", ylabel="recall (%)", title="retrieval Recall@K")
+    atomic_write_text(target / "results.json", json.dumps(results, indent=2) + "\n")
+    return str(target / "results.json")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -168,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-floor", action="store_true", help="skip the random-init floor")
     s.add_argument("--json", default=None, help="write the results to this file")
+    s.add_argument("--out", default=None, help="write results.json and probe_sweep.png to this directory")
     s.set_defaults(fn=cmd_probe)
 
     s = sub.add_parser("retrieval", help="cross-modal retrieval Recall@1/5/10, both directions")
@@ -178,7 +239,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--match-field", default=None, help="samples with equal values of this field are positives")
     s.add_argument("--no-floor", action="store_true")
     s.add_argument("--json", default=None)
+    s.add_argument("--out", default=None, help="write results.json and retrieval.png to this directory")
     s.set_defaults(fn=cmd_retrieval)
+
+    s = sub.add_parser("evaluate", help="all downstream evaluations of a run / export, with the random-init floor")
+    s.add_argument("target", help="a run directory (exported on the fly), an export directory or <export>/model")
+    s.add_argument("--shards", required=True, help="labelled training shards for the probes")
+    s.add_argument("--test-shards", required=True)
+    s.add_argument("--label", default=None, help="metadata field holding the class label (probes, zero-shot, PID)")
+    s.add_argument("--out", default=None, help="output directory (default: <run>/eval)")
+    s.add_argument("--match-field", default=None, help="retrieval: samples with equal values are positives")
+    s.add_argument("--pairs", nargs="*", default=None, help="retrieval pairs QUERY:TARGET (default: all)")
+    s.add_argument("--prompts", default=None, help="zero-shot classnames/templates file (JSON or text)")
+    s.add_argument("--few-shot", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="robustness noise levels in [0, 1]")
+    s.add_argument("--rerank-k", type=int, default=16, help="ITM re-ranking depth (fusion models)")
+    s.add_argument("--no-floor", action="store_true")
+    s.add_argument("--no-robustness", action="store_true")
+    s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("compare", help="line several evaluations up side by side")
+    s.add_argument("evaluations", nargs="+", help="run directories, eval directories or results.json files")
+    s.add_argument("--out", default=None, help="also write compare.json and compare.png here")
+    s.set_defaults(fn=cmd_compare)
+
+    from tools.finetune import add_finetune_parser
+
+    add_finetune_parser(sub)
 
     s = sub.add_parser("report", help="print a run's training and evaluation table; update summary.json")
     s.add_argument("run_dir")

@@ -73,6 +73,26 @@ def few_shot_subset(y: Tensor, k: int, seed: int) -> Tensor:
 
 
 @dataclass
+class FittedProbe:
+    """The refitted classifier: standardisation + ``W``, ``b`` over ``classes`` (apply to new features)."""
+
+    mean: Tensor
+    std: Tensor
+    w: Tensor
+    b: Tensor
+    classes: list[str]
+
+    def predict_index(self, x: Tensor) -> Tensor:
+        return predict((x.double() - self.mean) / self.std, self.w, self.b)
+
+    def accuracy(self, x: Tensor, labels: Sequence[str]) -> float:
+        """Top-1 on ``labels`` (a label the probe never saw counts as wrong)."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        y = torch.tensor([index.get(c, -1) for c in labels])
+        return float((self.predict_index(x) == y).double().mean())
+
+
+@dataclass
 class ProbeResult:
     top1: float
     best_l2: float
@@ -84,9 +104,14 @@ class ProbeResult:
     classes: list[str] = field(default_factory=list)
     per_class_top1: dict[str, float] = field(default_factory=dict)
     chance_top1: float = 0.0
+    probe: FittedProbe | None = None  # not serialised
+    test_predictions: list[str] = field(default_factory=list)  # not serialised
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("probe")
+        out.pop("test_predictions")
+        return out
 
 
 def linear_probe(train_x: Tensor, train_labels: Sequence[str], test_x: Tensor, test_labels: Sequence[str], *,
@@ -124,7 +149,8 @@ def linear_probe(train_x: Tensor, train_labels: Sequence[str], test_x: Tensor, t
     return ProbeResult(
         top1=float(correct.mean()), best_l2=best_l2, val_top1=val_top1, n_train=int(tr.numel()),
         n_val=int(va.numel()), n_test=len(test_labels), dim=int(x.shape[1]), classes=classes,
-        per_class_top1=per_class, chance_top1=round(majority, 4),
+        per_class_top1=per_class, chance_top1=round(majority, 4), probe=FittedProbe(mean, std, w, b, classes),
+        test_predictions=[classes[i] for i in pred.tolist()],
     )
 
 

@@ -1,0 +1,259 @@
+"""``mmssl evaluate``: the standard downstream numbers of any checkpoint of any architecture family, in one command.
+
+Given a run directory (exported on the fly from its latest checkpoint), an export directory or ``<export>/model``,
+and labelled train/test shards, it computes, for the pretrained model and for the same architecture randomly
+initialised (the floor):
+
+* **linear probes** (`tools.probe`: L2 sweep on a validation split, refit, test) on every modality's pooled
+  features and on the fused feature (`tools.model_features`);
+* **retrieval** Recall@1/5/10 both directions for every modality pair (chunked), with ITM re-ranking of the top-k
+  for models trained with a matching head;
+* **zero-shot classification** of every non-text modality from text prompts (templates x class names, CLIP);
+* **diagnostics**: alignment / uniformity (Wang & Isola 2020), modality gap (Liang et al. 2022), effective rank
+  (Roy & Vetterli 2007), and the partial information decomposition of the label over the unimodal probes'
+  discretised predictions (redundancy, uniqueness, synergy; Liang et al. 2023, BROJA estimator);
+* **robustness** (`tools.robustness_eval`): metrics vs noise level per modality and with each modality removed,
+  one robustness score.
+
+Everything goes to ``<out>/results.json`` with PNG plots beside it, and a table is printed (`tools.eval_report`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_pipelines.batch import collate
+from data_pipelines.shards import atomic_write_text
+from pretrain import checkpoint
+from pretrain.launch import RECIPE_FILE
+from tools.diagnostics import embedding_diagnostics
+from tools.export import EXPORT_INDEX, MODEL_DIR, export_run
+from tools.exported_model import CONFIG, LoadedModel, load_model
+from tools.interactions import pid_from_predictions
+from tools.model_features import ModelFeatures, extract_model_features
+from tools.probe import ProbeError, ProbeResult, labels_of, linear_probe
+from tools.retrieval import first_positive_rank, group_ids, recall_at_k, rerank_recall
+from tools.zero_shot import DEFAULT_TEMPLATES, load_prompts, zero_shot_accuracy
+
+FLOOR_SEED = 0
+VARIANTS = ("pretrained", "random_init")
+RESULTS = "results.json"
+TEXT = "text"
+
+
+def resolve_model_dir(target: str | Path) -> tuple[Path, Path | None]:
+    """``(model dir, run dir or None)`` from a run directory, an export directory or a model directory; a run is
+    exported (to ``<run>/export``) when it has no export of its latest checkpoint yet."""
+    path = Path(target)
+    if (path / RECIPE_FILE).is_file():
+        found = checkpoint.find(path, "latest")
+        if found is None:
+            raise ProbeError(f"{path} has no checkpoint to evaluate yet")
+        export = path / "export"
+        index = export / EXPORT_INDEX
+        current = index.is_file() and json.loads(index.read_text()).get("checkpoint") == str(found[0] / found[1])
+        if not current or not (export / MODEL_DIR / CONFIG).is_file():
+            export_run(path, export)
+        return export / MODEL_DIR, path
+    if (path / EXPORT_INDEX).is_file():
+        return path / MODEL_DIR, None
+    if (path / CONFIG).is_file():
+        return path, None
+    raise ProbeError(f"{path} is neither a run directory ({RECIPE_FILE}), an export directory ({EXPORT_INDEX}) nor "
+                     f"an exported model ({CONFIG})")
+
+
+def _rows(feats: ModelFeatures, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features [N, D], usable bool [N])`` of a probe input: a modality's pooled features or ``fused``."""
+    if name == "fused":
+        assert feats.fused is not None and feats.fused_present is not None
+        return feats.fused, feats.fused_present
+    return feats.pooled[name], feats.present[name]
+
+
+def probe_inputs(feats: ModelFeatures) -> list[str]:
+    return [*feats.pooled, *(["fused"] if feats.fused is not None else [])]
+
+
+def run_probes(train: ModelFeatures, test: ModelFeatures, label: str, *, few_shot: int | None, seed: int
+               ) -> dict[str, ProbeResult]:
+    out = {}
+    for name in probe_inputs(train):
+        x, usable = _rows(train, name)
+        xt, usable_t = _rows(test, name)
+        tr_rows, tr_labels = labels_of(train.meta, usable, label, "--shards")
+        te_rows, te_labels = labels_of(test.meta, usable_t, label, "--test-shards")
+        out[name] = linear_probe(x[tr_rows], tr_labels, xt[te_rows], te_labels, few_shot=few_shot, seed=seed)
+    return out
+
+
+def retrieval_pairs(modalities: Sequence[str]) -> list[tuple[str, str]]:
+    return list(itertools.combinations(modalities, 2))
+
+
+def run_retrieval(feats: ModelFeatures, pairs: Sequence[tuple[str, str]], match_field: str | None,
+                  loaded: LoadedModel | None = None, rerank_k: int = 16) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for q, t in pairs:
+        rows = (feats.present[q] & feats.present[t]).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            raise ProbeError(f"no test sample carries both {q!r} and {t!r}")
+        if match_field:
+            if match_field not in feats.meta:
+                raise ProbeError(f"--match-field {match_field!r} is not a metadata field (fields: "
+                                 f"{sorted(feats.meta)})")
+            groups = group_ids([feats.meta[match_field][i] for i in rows.tolist()])
+        else:
+            groups = torch.arange(rows.numel())
+        eq, et = feats.embeddings[q][rows], feats.embeddings[t][rows]
+        forward = recall_at_k(first_positive_rank(eq, et, groups, groups))
+        backward = recall_at_k(first_positive_rank(et, eq, groups, groups))
+        entry: dict[str, Any] = {f"{q}->{t}": forward, f"{t}->{q}": backward,
+                                 "mean": {k: (forward[k] + backward[k]) / 2 for k in forward}, "n": int(rows.numel()),
+                                 "chance_R@1": round(float(torch.bincount(groups).double().mean() / rows.numel()), 5)}
+        itm = loaded.itm if loaded is not None else None
+        if itm and {itm["query"], itm["context"]} == {q, t} and feats.tokens:
+            entry["itm_rerank"] = _itm_rerank(loaded, feats, rows, groups, itm["query"], itm["context"], rerank_k)
+        out[f"{q}-{t}"] = entry
+    return out
+
+
+def _itm_rerank(loaded: LoadedModel, feats: ModelFeatures, rows: torch.Tensor, groups: torch.Tensor, query: str,
+                context: str, k: int) -> dict[str, Any]:
+    """Re-rank each query's top-k gallery items by the ITM head's p(match) (ALBEF / BLIP)."""
+    tokens = {m: feats.tokens[m][rows] for m in (query, context)}
+    masks = {m: feats.token_mask[m][rows] for m in (query, context)}
+    out = {}
+    for a, b in ((query, context), (context, query)):
+        def score(ia: torch.Tensor, ib: torch.Tensor, a: str = a, b: str = b) -> torch.Tensor:
+            pick = {a: ia, b: ib}
+            return loaded.itm_scores(query, context, {m: tokens[m][pick[m]] for m in (query, context)},
+                                     {m: masks[m][pick[m]] for m in (query, context)})
+
+        recall, _ = rerank_recall(feats.embeddings[a][rows], feats.embeddings[b][rows], groups, groups, score,
+                                  k=min(k, rows.numel()), ks=tuple(x for x in (1, 5, 10) if x <= min(k, rows.numel())))
+        out[f"{a}->{b}"] = recall
+    out["k"] = k
+    return out
+
+
+class _TextEncoder:
+    """The text side of a whole model, shaped like an exported `Encoder` for `tools.zero_shot`."""
+
+    modality = TEXT
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self._decoder = loaded.decoders([TEXT])[TEXT]
+
+    def decoder(self) -> Any:
+        return self._decoder
+
+    @torch.no_grad()
+    def __call__(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.loaded.model({TEXT: x})
+        return out.pooled[TEXT], out.embeddings[TEXT]
+
+
+def run_zero_shot(loaded: LoadedModel, test: ModelFeatures, label: str, *, classnames: list[str] | None,
+                  templates: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    encoder = _TextEncoder(loaded)
+    for m in test.embeddings:
+        if m == TEXT:
+            continue
+        rows, labels = labels_of(test.meta, test.present[m], label, "--test-shards")
+        names = classnames or sorted(set(labels))
+        out[m] = zero_shot_accuracy(test.embeddings[m][rows], labels, encoder, names, templates)
+    return out
+
+
+def run_diagnostics(feats: ModelFeatures, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    every = torch.stack(list(feats.present.values())).all(0)
+    return embedding_diagnostics({m: e[every] for m, e in feats.embeddings.items()}, list(pairs))
+
+
+def run_pid(probes: dict[str, ProbeResult], test: ModelFeatures, label: str) -> dict[str, Any]:
+    """PID of the label over the two unimodal probes' predicted classes, on test rows carrying both modalities."""
+    names = [m for m in test.pooled if m in probes][:2]
+    if len(names) < 2:
+        return {}
+    both = test.present[names[0]] & test.present[names[1]]
+    rows, labels = labels_of(test.meta, both, label, "--test-shards")
+    preds = []
+    for m in names:
+        fitted = probes[m].probe
+        assert fitted is not None
+        preds.append([fitted.classes[i] for i in fitted.predict_index(test.pooled[m][rows]).tolist()])
+    result = pid_from_predictions(preds[0], preds[1], labels)
+    return {"modalities": names, **result.to_dict()}
+
+
+def encode_text_batch(loaded: LoadedModel, texts: Sequence[str]) -> torch.Tensor:
+    """Text embeddings through the model's own tokenizer (used by zero-shot tests and prompts)."""
+    decoder = loaded.decoders([TEXT])[TEXT]
+    batch = collate([{"__key__": str(i), "__meta__": {}, TEXT: decoder(t.encode(), None)} for i, t in
+                     enumerate(texts)], [TEXT])
+    with torch.no_grad():
+        return loaded.model({TEXT: batch.inputs[TEXT]}).embeddings[TEXT]
+
+
+def evaluate(target: str | Path, *, shards: str, test_shards: str, label: str | None, out_dir: str | Path | None = None,
+             match_field: str | None = None, pairs: Sequence[tuple[str, str]] | None = None,
+             prompts: str | None = None, floor: bool = True, few_shot: int | None = None, seed: int = 0,
+             robustness: bool = True, levels: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), rerank_k: int = 16
+             ) -> dict[str, Any]:
+    from tools.eval_report import write_plots
+    from tools.robustness_eval import run_robustness
+
+    model_dir, run_dir = resolve_model_dir(target)
+    out = Path(out_dir) if out_dir else (run_dir / "eval" if run_dir else model_dir.parent / "eval")
+    classnames, templates = (load_prompts(prompts) if prompts else (None, list(DEFAULT_TEMPLATES)))
+    results: dict[str, Any] = {"model": str(model_dir), "run": str(run_dir) if run_dir else None, "label": label,
+                               "train_shards": shards, "test_shards": test_shards, "match_field": match_field}
+    fitted: dict[str, dict[str, ProbeResult]] = {}
+    test_feats: dict[str, ModelFeatures] = {}
+    loaded_models: dict[str, LoadedModel] = {}
+    for variant in VARIANTS if floor else VARIANTS[:1]:
+        random_init = variant == "random_init"
+        loaded = load_model(model_dir, random_init=random_init, seed=FLOOR_SEED)
+        loaded_models[variant] = loaded
+        results["family"] = loaded.family
+        results["modalities"] = loaded.modalities
+        chosen = list(pairs) if pairs else retrieval_pairs(loaded.modalities)
+        for q, t in chosen:
+            loaded.check_modality(q, "--pairs")
+            loaded.check_modality(t, "--pairs")
+        test = extract_model_features(loaded, test_shards, where="--test-shards", random_init=random_init,
+                                      seed=FLOOR_SEED, keep_tokens=loaded.itm is not None)
+        test_feats[variant] = test
+        section: dict[str, Any] = {"data_errors": dict(test.data_errors)}
+        if label:
+            train = extract_model_features(loaded, shards, where="--shards", random_init=random_init,
+                                           seed=FLOOR_SEED)
+            probes = run_probes(train, test, label, few_shot=few_shot, seed=seed)
+            fitted[variant] = probes
+            section["probe"] = {name: r.to_dict() for name, r in probes.items()}
+            section["pid"] = run_pid(probes, test, label)
+            if TEXT in loaded.modalities and len(loaded.modalities) > 1:
+                section["zero_shot"] = run_zero_shot(loaded, test, label, classnames=classnames,
+                                                     templates=templates)
+        if len(loaded.modalities) > 1:
+            section["retrieval"] = run_retrieval(test, chosen, match_field, loaded, rerank_k)
+            section["diagnostics"] = run_diagnostics(test, chosen)
+        results[variant] = section
+    if robustness:
+        results["robustness"] = run_robustness(loaded_models["pretrained"], test_shards,
+                                               fitted.get("pretrained", {}), label, levels=levels,
+                                               pairs=list(pairs) if pairs else retrieval_pairs(results["modalities"]),
+                                               match_field=match_field, clean=test_feats["pretrained"])
+    results["plots"] = write_plots(results, out)
+    atomic_write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
+    results["results_file"] = str(out / RESULTS)
+    return results

@@ -1,0 +1,229 @@
+"""One fine-tuning rank: ``python -m tools.finetune_rank --config OUT/finetune_config.json`` under torchrun.
+
+Per epoch: the steps of `tools.finetune_data.epoch_order` on a DeepSpeed engine (forward, ``engine.backward``,
+``engine.step``), the epoch's mean train loss reduced over ranks; validation top-1 on all ranks (correct / total
+counts summed); on a strict improvement the consolidated fp32 weights are written atomically; ``patience`` epochs
+without one stop the run. The test top-1 is measured with the best weights reloaded from disk. The protocol is
+described in `tools.finetune`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from architectures.encoder import Encoder, save_encoder
+from architectures.modalities import get_modality
+from data_pipelines.shards import atomic_write_text
+from pretrain.engine import build_engine
+from pretrain.recipe import TrainConfig
+from pretrain.runlog import setup_text_logs
+from pretrain.trainer import init_distributed
+from tools.finetune import CURVE_FILE, RESULTS_FILE, FinetuneConfig, load_config, plot_curve
+from tools.finetune_data import EvalCache, decode_batch, epoch_order, load_splits, rank_rows, steps_per_epoch
+from tools.finetune_model import (
+    WEIGHTS_FILE,
+    Classifier,
+    apply_freeze,
+    finetune_param_groups,
+    frozen_fp32_copy,
+    full_fp32_state,
+    load_classifier,
+    save_weights_atomic,
+    set_train_mode,
+    write_classifier_info,
+)
+
+ENCODER_SUBDIR = "encoder"
+BETAS = (0.9, 0.999)  # AdamW as in BEiT / MAE fine-tuning
+EPS = 1e-8
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_config(cfg: FinetuneConfig, total_steps: int) -> TrainConfig:
+    """The engine's optimisation settings: warmup + cosine to 0 over every step of every epoch."""
+    return TrainConfig(steps=total_steps, lr=cfg.lr, min_lr_ratio=0.0, warmup_steps=cfg.warmup_steps,
+                       weight_decay=cfg.weight_decay, betas=list(BETAS), eps=EPS, grad_clip=cfg.grad_clip,
+                       zero_stage=cfg.zero_stage, precision=cfg.precision, seed=cfg.seed)
+
+
+@torch.no_grad()
+def top1(model: nn.Module, cache: EvalCache, targets: Tensor, *, batch_size: int, rank: int, world: int,
+         device: torch.device, dtype: torch.dtype | None) -> float:
+    """Top-1 over the whole split: this rank's share ``r::world`` in equal batch counts, counts summed."""
+    counts = torch.zeros(2, dtype=torch.float64)
+    for batch, rows, real in cache.batches(batch_size, rank, world):
+        batch = batch.to(device, float_dtype=dtype)
+        pred = model(batch.inputs[cache.modality]).float().argmax(-1).cpu()
+        counts += torch.stack([((pred == targets[rows]) & real).sum(), real.sum()]).double()
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return float(counts[0] / counts[1])
+
+
+def fit(cfg: FinetuneConfig) -> dict[str, Any] | None:
+    """Fine-tune as one rank of the current process group; rank 0 returns (and writes) the results."""
+    rank, world, device = init_distributed()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = setup_text_logs(out, rank)
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    encoder = Encoder.from_dir(cfg.encoder_dir)
+    modality = encoder.modality
+    splits = load_splits(cfg, encoder)
+    _seed_everything(cfg.seed)
+    model = Classifier(encoder.tower, len(splits.classes))
+    trainable = apply_freeze(model, cfg.freeze)
+    global_batch = cfg.batch_size * world
+    n_train = len(splits.train)
+    steps = steps_per_epoch(n_train, global_batch)
+    groups = finetune_param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
+    frozen = frozen_fp32_copy(model) if cfg.precision == "bf16" else None
+    engine, _, _ = build_engine(model, train_config(cfg, steps * cfg.epochs), cfg.batch_size, world, groups=groups)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+    train_decoder = get_modality(modality).decoder(encoder.cfg, train=True)
+    y_train, y_val = splits.targets(splits.train), splits.targets(splits.val)
+    val_cache = EvalCache(splits.val, modality, encoder.decoder(), cfg.seed)
+    evaluate = {"batch_size": cfg.batch_size, "rank": rank, "world": world, "device": device, "dtype": dtype}
+    if rank == 0:
+        write_classifier_info(out, {"encoder_dir": str(Path(cfg.encoder_dir).resolve()), "modality": modality,
+                                    "label": cfg.label, "classes": splits.classes})
+        log.info("fine-tuning %s on %r: %d classes, %d train / %d val, %d rank(s) x %d, %d steps per epoch, "
+                 "ZeRO-%d, %s, %d trainable parameters", cfg.encoder_dir, cfg.label, len(splits.classes), n_train,
+                 len(splits.val), world, cfg.batch_size, steps, cfg.zero_stage, cfg.precision, trainable)
+    records: list[dict[str, Any]] = []
+    best, best_epoch, since_best, stopped_early = -1.0, 0, 0, False
+    for epoch in range(1, cfg.epochs + 1):
+        set_train_mode(engine, True)
+        order = epoch_order(n_train, global_batch, epoch, cfg.seed)
+        loss_sum = torch.zeros((), device=device)
+        lr_used = 0.0
+        for step in range(steps):
+            rows = rank_rows(order, step, cfg.batch_size, rank, world)
+            batch = decode_batch(splits.train, rows, modality, train_decoder, seed=cfg.seed, epoch=epoch)
+            batch = batch.to(device, float_dtype=dtype)
+            loss = F.cross_entropy(engine(batch.inputs[modality]).float(), y_train[rows].to(device))
+            engine.backward(loss)
+            lr_used = max(float(g["lr"]) for g in engine.optimizer.param_groups)  # the head's, this step
+            engine.step()
+            loss_sum += loss.detach().float()
+        dist.all_reduce(loss_sum)
+        set_train_mode(engine, False)
+        val = top1(engine, val_cache, y_val, **evaluate)
+        records.append({"epoch": epoch, "train_loss": float(loss_sum) / (steps * world), "val_top1": val,
+                        "lr": lr_used})
+        if val > best:
+            best, best_epoch, since_best = val, epoch, 0
+            state = full_fp32_state(engine.module, frozen)  # collective: every rank
+            if rank == 0:
+                save_weights_atomic(state, out / WEIGHTS_FILE)
+        else:
+            since_best += 1
+        if rank == 0:
+            log.info("epoch %d: train loss %.4f, val top-1 %.4f%s", epoch, records[-1]["train_loss"], val,
+                     " (best)" if best_epoch == epoch else "")
+        if cfg.patience and since_best >= cfg.patience and epoch < cfg.epochs:
+            stopped_early = True
+            break
+    dist.barrier()  # the best weights are on disk
+    best_model, _ = load_classifier(out)
+    best_model = best_model.to(device=device, dtype=dtype or torch.float32)
+    test_top1 = None
+    if splits.test is not None:
+        test_cache = EvalCache(splits.test, modality, encoder.decoder(), cfg.seed)
+        test_top1 = top1(best_model, test_cache, splits.targets(splits.test), **evaluate)
+    if rank != 0:
+        return None
+    best_model = best_model.float()
+    save_encoder(out / ENCODER_SUBDIR, modality, encoder.cfg, best_model.tower, encoder.head, encoder.embed_dim)
+    data_errors: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
+    for split in (s for s in (splits.train, splits.val, splits.test) if s is not None):
+        data_errors.update(split.data_errors)
+        skipped.update(split.skipped)
+    results = {
+        "config": cfg.to_dict(),
+        "world_size": world,
+        "global_batch": global_batch,
+        "steps_per_epoch": steps,
+        "padded_per_epoch": steps * global_batch - n_train,
+        "n_train": n_train,
+        "n_val": len(splits.val),
+        "n_test": len(splits.test) if splits.test is not None else 0,
+        "classes": splits.classes,
+        "trainable_parameters": trainable,
+        "total_parameters": sum(p.numel() for p in best_model.parameters()),
+        "epochs": records,
+        "best_epoch": best_epoch,
+        "best_val_top1": best,
+        "stopped_early": stopped_early,
+        "test_top1": test_top1,
+        "data_errors": dict(data_errors),
+        "skipped_samples": dict(skipped),
+        "weights": str(out / WEIGHTS_FILE),
+        "encoder": str(out / ENCODER_SUBDIR),
+    }
+    atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+    plot_curve(results, out / CURVE_FILE)
+    log.info("done: best epoch %d (val top-1 %.4f), test top-1 %s", best_epoch, best, test_top1)
+    return results
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from architectures.errors import ArchitectureError
+    from data_pipelines.shards import DataError
+    from tools.probe import ProbeError
+
+    return ProbeError, DataError, ArchitectureError
+
+
+def run_rank(cfg: FinetuneConfig) -> int:
+    """`fit`, then a clean teardown; user errors become one ``mmssl: error:`` line and exit code 2."""
+    code = 0
+    try:
+        fit(cfg)
+    except _user_errors() as exc:
+        logging.getLogger("mmssl").error("%s", exc)
+        print(f"mmssl: error: {exc}", file=sys.stderr, flush=True)
+        code = 2
+    if code == 0 and dist.is_initialized():
+        dist.barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tools.finetune_rank")
+    parser.add_argument("--config", required=True, help="finetune_config.json written by `launch_finetune`")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    code = run_rank(load_config(args.config))
+    os._exit(code)  # gloo can abort in its teardown after the work is done (see pretrain.worker)
+
+
+if __name__ == "__main__":
+    main()
