@@ -54,6 +54,7 @@ quickstart: $(STAMP) data-deps shards
 	$(MMSSL) retrieval $(RUN)/export --shards $(DATA)/test --query audio --target text --match-field text \
 	  --json $(RUN)/eval/retrieval.json
 	$(MMSSL) report $(RUN)
+	$(MMSSL) evaluate $(RUN) --shards $(DATA)/train --test-shards $(DATA)/test --label family --match-field text
 
 test: $(STAMP) data-deps
 	$(BIN)/pytest -q

@@ -75,3 +75,10 @@ def test_perfect_embeddings_retrieve_perfectly() -> None:
     x = torch.randn(50, 16)
     ranks = first_positive_rank(x, x.clone(), torch.arange(50), torch.arange(50), chunk=7)
     assert recall_at_k(ranks)["R@1"] == 1.0
+
+
+def test_ties_count_against_the_query() -> None:
+    """A collapsed gallery (every item equal) retrieves nothing: ties rank non-positives first."""
+    q = torch.randn(6, 4)
+    ranks = first_positive_rank(q, torch.ones(6, 4), torch.arange(6), torch.arange(6))
+    assert ranks.tolist() == [5] * 6 and recall_at_k(ranks, (1,))["R@1"] == 0.0

@@ -1,8 +1,10 @@
 """Cross-modal retrieval Recall@K, chunked so an N x N similarity matrix is never materialised.
 
 For query ``i`` with positive set ``P_i`` (gallery items of the same group; by default only item ``i``), the
-rank of the first positive is ``r_i = #{j ∉ P_i : s_ij > max_{p ∈ P_i} s_ip}`` with ``s`` the cosine
-similarity, and ``Recall@K = mean_i [r_i < K]``. Two passes over gallery chunks (the best positive score, then
+rank of the first positive is ``r_i = #{j ∉ P_i : s_ij ≥ max_{p ∈ P_i} s_ip}`` with ``s`` the cosine
+similarity, and ``Recall@K = mean_i [r_i < K]``. Ties go against the query (a non-positive scoring exactly as
+high as the best positive ranks above it), so a degenerate embedding (every item equal, e.g. a corrupted input
+reduced to an empty string) retrieves nothing rather than everything. Two passes over gallery chunks (the best positive score, then
 the count of non-positives above it) keep memory at ``query_chunk x gallery_chunk``.
 
 `topk_chunked` keeps a running top-k per query over gallery chunks (memory ``chunk x (chunk + k)``).
@@ -45,7 +47,7 @@ def first_positive_rank(query: Tensor, gallery: Tensor, query_groups: Tensor, ga
         for gs in range(0, g.shape[0], chunk):
             sims = qc @ g[gs : gs + chunk].T
             positive = qg[:, None] == gallery_groups[None, gs : gs + chunk]
-            above += ((sims > best[:, None]) & ~positive).sum(1)
+            above += ((sims >= best[:, None]) & ~positive).sum(1)
         ranks[qs : qs + chunk] = above.cpu()
     return ranks
 
