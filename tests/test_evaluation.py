@@ -125,3 +125,28 @@ def test_bad_inputs_fail_by_name(model_dir: Path, asterisk_data: Path, tmp_path:
     proc = mmssl("evaluate", str(model_dir), "--shards", str(asterisk_data / "train"), "--test-shards",
                  str(asterisk_data / "test"), "--out", str(tmp_path), "--no-robustness", "--no-floor", *args)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_unified_model_fused_feature_is_the_query_fusion_state(asterisk_data: Path, tmp_path: Path) -> None:
+    """Any family evaluates: a unified encoder's fused feature is its joint pass's state of the query's first
+    token, and the fused probe and retrieval run on it."""
+    from architectures.config import UnifiedConfig
+    from data_pipelines.shards import resolve_shards
+    from data_pipelines.stream import read_once
+
+    cfg = ModelConfig(family="unified", embed_dim=16,
+                      unified=UnifiedConfig(width=32, depth=1, heads=2, fusion_depth=1, query="text"),
+                      towers={"audio": AudioConfig(frames=64, n_mels=32, patch_size=[16, 16], hop_length=160),
+                              "text": TextConfig(tokenizer=str(asterisk_data / "spm.model"), max_len=16)})
+    model_dir = save_model(tmp_path / "model", cfg, build_model(cfg, seed=3))
+    loaded = load_model(model_dir)
+    feats = extract_model_features(loaded, str(asterisk_data / "test"), cache=False)
+    batch = next(read_once(resolve_shards(str(asterisk_data / "test")), fields=loaded.fields(),
+                           decoders=loaded.decoders(), batch_size=8))
+    with torch.no_grad():
+        out = loaded.model(batch.inputs, batch.present)
+        direct = loaded.model.fuse(out.tokens, out.token_mask, "text")[:, 0]
+    torch.testing.assert_close(feats.fused[:8], direct, rtol=1e-5, atol=1e-5)
+    results = evaluate(model_dir, shards=str(asterisk_data / "train"), test_shards=str(asterisk_data / "test"),
+                       label="family", out_dir=tmp_path / "eval", match_field="text", floor=False, robustness=False)
+    assert results["family"] == "unified" and "fused" in results["pretrained"]["probe"]
