@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -29,15 +29,26 @@ def run_rank(source: str, overrides: Sequence[str], run_dir: Path, *, overwrite:
     from pretrain.recipe import load_recipe
     from pretrain.trainer import init_distributed, train
 
-    code = 0
-    try:
+    def work() -> None:
         recipe = load_recipe(source, overrides)
         rank, _, _ = init_distributed()
         if rank == 0 and not prepared:
             prepare_run_dir(run_dir, recipe, overwrite=overwrite)
         dist.barrier()
         train(recipe, run_dir)
-    except _user_errors() as exc:
+
+    return run_and_teardown(work, _user_errors())
+
+
+def run_and_teardown(work: Callable[[], None], user_errors: tuple[type[Exception], ...]) -> int:
+    """Run one rank's ``work``; a user error becomes one ``mmssl: error:`` line (and the rank's log) and exit code
+    2; then a barrier (on success) and the process group's teardown. Returns the exit code."""
+    import torch.distributed as dist
+
+    code = 0
+    try:
+        work()
+    except user_errors as exc:
         logging.getLogger("mmssl").error("%s", exc)
         print(f"mmssl: error: {exc}", file=sys.stderr, flush=True)
         code = 2

@@ -35,10 +35,11 @@ class Features:
     data_errors: dict[str, int]
 
 
-def _digest(encoder_dir: Path, urls: list[str], random_init: bool, seed: int) -> str:
+def cache_key(source: Path, weight_files: tuple[str, ...], urls: list[str], *settings: object) -> str:
+    """Cache key of features: the weight files' sizes and mtimes, the shards (and their mtimes), ``settings``."""
     h = hashlib.sha1()
-    for name in ("model.safetensors", "head.safetensors", "config.json"):
-        path = encoder_dir / name
+    for name in weight_files:
+        path = source / name
         if path.exists():
             st = path.stat()
             h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -46,7 +47,7 @@ def _digest(encoder_dir: Path, urls: list[str], random_init: bool, seed: int) ->
         h.update(url.encode())
         if os.path.exists(url):
             h.update(str(os.stat(url).st_mtime_ns).encode())
-    h.update(f"random={random_init}:{seed}".encode())
+    h.update(repr(settings).encode())
     return h.hexdigest()[:20]
 
 
@@ -56,7 +57,8 @@ def extract(encoder_dir: str | Path, shards: str | list[str], *, where: str = "-
     """Encode every sample of ``shards`` with the exported encoder (or its random-init twin)."""
     src = Path(encoder_dir)
     urls = resolve_shards(shards, where=where)
-    cache_file = src / CACHE_DIR / f"{_digest(src, urls, random_init, seed)}.safetensors"
+    key = cache_key(src, ("model.safetensors", "head.safetensors", "config.json"), urls, random_init, seed)
+    cache_file = src / CACHE_DIR / f"{key}.safetensors"
     if cache and cache_file.exists():
         tensors = load_file(str(cache_file))
         side = json.loads(cache_file.with_suffix(".json").read_text())

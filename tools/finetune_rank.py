@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import random
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +31,7 @@ from pretrain.engine import build_engine
 from pretrain.recipe import TrainConfig
 from pretrain.runlog import setup_text_logs
 from pretrain.trainer import init_distributed
+from pretrain.worker import run_and_teardown
 from tools.finetune import CURVE_FILE, RESULTS_FILE, FinetuneConfig, load_config, plot_curve
 from tools.finetune_data import EvalCache, decode_batch, epoch_order, load_splits, rank_rows, steps_per_epoch
 from tools.finetune_model import (
@@ -200,20 +199,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def run_rank(cfg: FinetuneConfig) -> int:
     """`fit`, then a clean teardown; user errors become one ``mmssl: error:`` line and exit code 2."""
-    code = 0
-    try:
-        fit(cfg)
-    except _user_errors() as exc:
-        logging.getLogger("mmssl").error("%s", exc)
-        print(f"mmssl: error: {exc}", file=sys.stderr, flush=True)
-        code = 2
-    if code == 0 and dist.is_initialized():
-        dist.barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    return code
+    return run_and_teardown(lambda: fit(cfg), _user_errors())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

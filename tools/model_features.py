@@ -13,7 +13,6 @@ the random-init seed, the corruption and the removed modality.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -28,8 +27,8 @@ from architectures.modalities import get_modality
 from data_pipelines.shards import resolve_shards
 from data_pipelines.stream import read_once
 from tools.exported_model import CONFIG, ITM_HEAD, WEIGHTS, LoadedModel
+from tools.features import CACHE_DIR, cache_key
 
-CACHE_DIR = "feature_cache"
 FUSED = "fused"
 
 
@@ -70,23 +69,6 @@ def fusion_query(loaded: LoadedModel) -> str | None:
     return None
 
 
-def _digest(loaded: LoadedModel, urls: list[str], random_init: bool, seed: int, modalities: list[str],
-            corruption: Corruption | None, keep_tokens: bool) -> str:
-    h = hashlib.sha1()
-    for name in (WEIGHTS, ITM_HEAD, CONFIG):
-        path = loaded.source / name
-        if path.exists():
-            st = path.stat()
-            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    for url in urls:
-        h.update(url.encode())
-        if os.path.exists(url):
-            h.update(str(os.stat(url).st_mtime_ns).encode())
-    h.update(f"random={random_init}:{seed}:{','.join(modalities)}:{keep_tokens}".encode())
-    h.update((corruption.tag() if corruption else "clean").encode())
-    return h.hexdigest()[:20]
-
-
 def _pad_cat(chunks: list[Tensor]) -> Tensor:
     """Concatenate ``[b, T_i, ...]`` chunks along the batch, right-padding T to the longest (zeros / False)."""
     if chunks[0].ndim < 2:
@@ -111,8 +93,9 @@ def extract_model_features(loaded: LoadedModel, shards: str | list[str], *, wher
     if corruption is not None:
         loaded.check_modality(corruption.modality, "--corrupt")
     urls = resolve_shards(shards, where=where)
-    cache_file = loaded.source / CACHE_DIR / (
-        _digest(loaded, urls, random_init, seed, names, corruption, keep_tokens) + ".safetensors")
+    key = cache_key(loaded.source, (WEIGHTS, ITM_HEAD, CONFIG), urls, random_init, seed, names, keep_tokens,
+                    corruption.tag() if corruption else "clean")
+    cache_file = loaded.source / CACHE_DIR / f"{key}.safetensors"
     if cache and cache_file.exists():
         return _read_cache(cache_file, names)
     decoders = loaded.decoders(names)

@@ -4,8 +4,8 @@ For query ``i`` with positive set ``P_i`` (gallery items of the same group; by d
 rank of the first positive is ``r_i = #{j ∉ P_i : s_ij ≥ max_{p ∈ P_i} s_ip}`` with ``s`` the cosine
 similarity, and ``Recall@K = mean_i [r_i < K]``. Ties go against the query (a non-positive scoring exactly as
 high as the best positive ranks above it), so a degenerate embedding (every item equal, e.g. a corrupted input
-reduced to an empty string) retrieves nothing rather than everything. Two passes over gallery chunks (the best positive score, then
-the count of non-positives above it) keep memory at ``query_chunk x gallery_chunk``.
+reduced to an empty string) retrieves nothing rather than everything. Two passes over gallery chunks (the best
+positive score, then the count of non-positives at or above it) keep memory at ``query_chunk x gallery_chunk``.
 
 `topk_chunked` keeps a running top-k per query over gallery chunks (memory ``chunk x (chunk + k)``).
 `rerank_recall` is the two-stage protocol of ALBEF / BLIP (Li et al., 2021; Li et al., 2022): the cosine top-k
