@@ -161,9 +161,15 @@ def test_stitched_frozen_models_train_only_the_bridge(fashion_data: Path, tmp_pa
     frozen = json.loads((model_dir / "config.json").read_text())["mmssl"]["frozen"]
     assert set(frozen) == {"vision", "lm"}
     vision_file = Path(frozen["vision"]["path"])
-    vision_file.write_bytes(vision_file.read_bytes() + b" ")  # the vision weights change after the export
+    # evaluated (before the weights file changes): zero-shot from class-name prompts through the frozen LM works
+    from tools.evaluation import evaluate
     from tools.exported_model import load_model
     from tools.probe import ProbeError
 
+    results = evaluate(model_dir, shards=str(fashion_data / "train"), test_shards=str(fashion_data / "test"),
+                       label="label", out_dir=tmp_path / "eval", robustness=False)
+    zero_shot = {v: results[v]["zero_shot"]["image"]["top1"] for v in ("pretrained", "random_init")}
+    assert zero_shot["pretrained"] > 0.4 > 0.25 > zero_shot["random_init"], zero_shot  # 10 classes: chance 0.1
+    vision_file.write_bytes(vision_file.read_bytes() + b" ")  # the vision weights change after the export
     with pytest.raises(ProbeError, match=r"frozen part 'vision'.*sha256"):
         load_model(model_dir)
