@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from data_pipelines.batch import collate
 from data_pipelines.shards import atomic_write_text
 from pretrain import checkpoint
 from pretrain.launch import RECIPE_FILE
@@ -193,15 +192,6 @@ def run_pid(probes: dict[str, ProbeResult], test: ModelFeatures, label: str) -> 
         preds.append([fitted.classes[i] for i in fitted.predict_index(test.pooled[m][rows]).tolist()])
     result = pid_from_predictions(preds[0], preds[1], labels)
     return {"modalities": names, **result.to_dict()}
-
-
-def encode_text_batch(loaded: LoadedModel, texts: Sequence[str]) -> torch.Tensor:
-    """Text embeddings through the model's own tokenizer (used by zero-shot tests and prompts)."""
-    decoder = loaded.decoders([TEXT])[TEXT]
-    batch = collate([{"__key__": str(i), "__meta__": {}, TEXT: decoder(t.encode(), None)} for i, t in
-                     enumerate(texts)], [TEXT])
-    with torch.no_grad():
-        return loaded.model({TEXT: batch.inputs[TEXT]}).embeddings[TEXT]
 
 
 def evaluate(target: str | Path, *, shards: str, test_shards: str, label: str | None, out_dir: str | Path | None = None,
