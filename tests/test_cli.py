@@ -78,3 +78,16 @@ def test_probe_with_an_unknown_label_field(asterisk_data: Path, tmp_path: Path) 
     proc = mmssl("probe", str(tmp_path / "audio"), "--shards", str(asterisk_data / "train"), "--test-shards",
                  str(asterisk_data / "test"), "--label", "colour", "--no-floor")
     _one_line_error(proc, "label field 'colour'", "family")
+
+
+def test_probe_out_writes_results_and_plot(asterisk_data: Path, tmp_path: Path) -> None:
+    cfg = ModelConfig(embed_dim=8, towers={"audio": AudioConfig(width=16, depth=1, heads=2, frames=32, n_mels=32)})
+    model = build_model(cfg, seed=0)
+    save_encoder(tmp_path / "audio", "audio", cfg.towers["audio"], model.towers["audio"], model.heads["audio"], 8)
+    proc = mmssl("probe", str(tmp_path / "audio"), "--shards", str(asterisk_data / "train"), "--test-shards",
+                 str(asterisk_data / "test"), "--label", "family", "--json", str(tmp_path / "probe.json"),
+                 "--out", str(tmp_path / "eval"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "results.json").read_text()) == json.loads(
+        (tmp_path / "probe.json").read_text())
+    assert (tmp_path / "eval" / "probe_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,7 +13,7 @@ from data_pipelines.shards import atomic_write_text
 from tools.export import EXPORT_INDEX
 from tools.features import extract
 from tools.probe import ProbeError, fmt_pct, labels_of, linear_probe
-from tools.retrieval import first_positive_rank, group_ids, recall_at_k
+from tools.retrieval import group_ids, recall_both_ways
 
 FLOOR_SEED = 0
 
@@ -71,16 +71,7 @@ def run_retrieval(export_dir: str | Path, *, shards: str, query: str, target: st
             groups = group_ids([fq.meta[match_field][i] for i in rows.tolist()])
         else:
             groups = torch.arange(rows.numel())
-        q, t = fq.embeddings[rows], ft.embeddings[rows]
-        forward = recall_at_k(first_positive_rank(q, t, groups, groups), ks)
-        backward = recall_at_k(first_positive_rank(t, q, groups, groups), ks)
-        results[name] = {
-            f"{query}->{target}": forward,
-            f"{target}->{query}": backward,
-            "mean": {k: (forward[k] + backward[k]) / 2 for k in forward},
-            "n": int(rows.numel()),
-            "chance_R@1": round(float(torch.bincount(groups).double().mean() / rows.numel()), 5),
-        }
+        results[name] = recall_both_ways(fq.embeddings[rows], ft.embeddings[rows], groups, (query, target), ks)
     _write(json_out, results)
     return results
 

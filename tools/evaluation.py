@@ -37,7 +37,7 @@ from tools.exported_model import CONFIG, LoadedModel, load_model
 from tools.interactions import pid_from_predictions
 from tools.model_features import ModelFeatures, extract_model_features
 from tools.probe import ProbeError, ProbeResult, labels_of, linear_probe
-from tools.retrieval import first_positive_rank, group_ids, recall_at_k, rerank_recall
+from tools.retrieval import group_ids, recall_both_ways, rerank_recall
 from tools.zero_shot import DEFAULT_TEMPLATES, load_prompts, zero_shot_accuracy
 
 FLOOR_SEED = 0
@@ -110,12 +110,7 @@ def run_retrieval(feats: ModelFeatures, pairs: Sequence[tuple[str, str]], match_
             groups = group_ids([feats.meta[match_field][i] for i in rows.tolist()])
         else:
             groups = torch.arange(rows.numel())
-        eq, et = feats.embeddings[q][rows], feats.embeddings[t][rows]
-        forward = recall_at_k(first_positive_rank(eq, et, groups, groups))
-        backward = recall_at_k(first_positive_rank(et, eq, groups, groups))
-        entry: dict[str, Any] = {f"{q}->{t}": forward, f"{t}->{q}": backward,
-                                 "mean": {k: (forward[k] + backward[k]) / 2 for k in forward}, "n": int(rows.numel()),
-                                 "chance_R@1": round(float(torch.bincount(groups).double().mean() / rows.numel()), 5)}
+        entry = recall_both_ways(feats.embeddings[q][rows], feats.embeddings[t][rows], groups, (q, t))
         itm = loaded.itm if loaded is not None else None
         if itm and {itm["query"], itm["context"]} == {q, t} and feats.tokens:
             entry["itm_rerank"] = _itm_rerank(loaded, feats, rows, groups, itm["query"], itm["context"], rerank_k)

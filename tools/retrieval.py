@@ -62,6 +62,19 @@ def group_ids(values: Sequence[object]) -> Tensor:
     return torch.tensor([index.setdefault(v, len(index)) for v in values])
 
 
+def recall_both_ways(q: Tensor, t: Tensor, groups: Tensor, names: tuple[str, str], ks: Sequence[int] = (1, 5, 10),
+                     *, lost: Tensor | None = None) -> dict[str, object]:
+    """Recall@K of paired rows ``q[i] <-> t[i]`` in both directions, their mean, ``n`` and chance R@1 (the mean
+    group size over n). ``lost``: rows that count as misses whatever their score (an input that no longer decodes)."""
+    forward, backward = first_positive_rank(q, t, groups, groups), first_positive_rank(t, q, groups, groups)
+    if lost is not None:
+        forward[lost], backward[lost] = q.shape[0], q.shape[0]
+    fw, bw = recall_at_k(forward, ks), recall_at_k(backward, ks)
+    a, b = names
+    return {f"{a}->{b}": fw, f"{b}->{a}": bw, "mean": {k: (fw[k] + bw[k]) / 2 for k in fw}, "n": int(q.shape[0]),
+            "chance_R@1": round(float(torch.bincount(groups).double().mean() / q.shape[0]), 5)}
+
+
 def topk_chunked(query: Tensor, gallery: Tensor, k: int, chunk: int = 4096) -> tuple[Tensor, Tensor]:
     """Cosine top-``k`` gallery items of every query: ``(scores [Nq, k], indices [Nq, k])``, best first.
 

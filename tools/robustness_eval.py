@@ -24,7 +24,7 @@ from architectures.modalities import get_modality
 from tools.exported_model import LoadedModel
 from tools.model_features import Corruption, ModelFeatures, extract_model_features
 from tools.probe import ProbeError, ProbeResult, labels_of
-from tools.retrieval import first_positive_rank, group_ids, recall_at_k
+from tools.retrieval import group_ids, recall_both_ways
 from tools.robustness import modality_removal_drop, robustness_score
 
 
@@ -41,12 +41,9 @@ def _mean_r1(feats: ModelFeatures, clean: ModelFeatures, q: str, t: str, match_f
         return 0.0
     values = [clean.meta[match_field][i] for i in rows.tolist()] if match_field else list(range(rows.numel()))
     groups = group_ids(values)
-    eq, et = feats.embeddings[q][rows], feats.embeddings[t][rows]
-    # a pair whose corrupted side no longer decodes (zero embedding, all scores tied) is a miss, not a tie win
-    lost = ~(feats.present[q] & feats.present[t])[rows]
-    forward, backward = first_positive_rank(eq, et, groups, groups), first_positive_rank(et, eq, groups, groups)
-    forward[lost], backward[lost] = rows.numel(), rows.numel()
-    return (recall_at_k(forward, (1,))["R@1"] + recall_at_k(backward, (1,))["R@1"]) / 2
+    lost = ~(feats.present[q] & feats.present[t])[rows]  # a side that no longer decodes: a miss
+    result = recall_both_ways(feats.embeddings[q][rows], feats.embeddings[t][rows], groups, (q, t), (1,), lost=lost)
+    return float(result["mean"]["R@1"])  # type: ignore[index]
 
 
 def _metrics(feats: ModelFeatures, clean: ModelFeatures, modality: str, probes: dict[str, ProbeResult],
