@@ -14,7 +14,9 @@ class DataConfig:
     (default: the modality plug-in's own list). ``batch_size`` is per rank (the global batch is
     ``batch_size x world size x train.grad_accum``). ``num_workers`` must divide ``streams_per_rank``.
     ``views`` asks for extra independently augmented views of a modality (``{audio: 2}`` adds ``audio@1``), what
-    intra-modal objectives (SLIP, SimCLR) contrast.
+    intra-modal objectives (SLIP, SimCLR) contrast. ``retries`` / ``retry_backoff_s``: a remote shard (``pipe:``,
+    http) that fails before its first sample is tried again up to ``retries`` times, waiting ``retry_backoff_s``
+    seconds doubled per attempt, then skipped and counted (``unreachable_shards`` in summary.json's data_errors).
     """
 
     train: str = ""
@@ -27,3 +29,5 @@ class DataConfig:
     num_workers: int = 1
     prefetch_factor: int = 2
     seed: int = 0
+    retries: int = 3
+    retry_backoff_s: float = 1.0

@@ -19,7 +19,11 @@ virtual stream through its raw samples (tar members are read but not decoded) to
 
 Faults never stop the stream: an unreadable shard, a truncated tar or a member that fails to decode is logged with
 its shard and key, counted in ``Batch.stats``, and skipped (a modality that fails to decode is marked absent in
-``Batch.present``, so batch shapes stay fixed and every rank stays in step).
+``Batch.present``, so batch shapes stay fixed and every rank stays in step). A remote shard (``pipe:`` command,
+http URL) that fails before yielding its first sample is retried ``retries`` times after waiting
+``retry_backoff_s · 2^(attempt-1)`` seconds (exponential backoff: 1x, 2x, 4x, ...), then skipped and counted as
+``unreachable_shards`` with a log line naming the URL; a failure after the first sample is not retried (a tar stream
+cannot be resumed mid-way without re-yielding samples) and counts as before.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 import logging
 import random
 import tarfile
+import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,7 +45,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipelines.batch import Batch, TensorTree, collate
-from data_pipelines.shards import DataError
+from data_pipelines.shards import DataError, is_remote
 
 log = logging.getLogger("mmssl.data")
 
@@ -72,6 +77,8 @@ class ShardStream(IterableDataset):
         streams_per_rank: virtual streams per rank (V); DataLoader workers must divide it.
         start_batch: index of the first batch to yield (resume position).
         where: the origin of ``urls`` (recipe key or CLI flag) for error messages.
+        retries: extra attempts at a remote shard that fails before its first sample (``data.retries``).
+        retry_backoff_s: wait before the first retry, doubled for each further one (``data.retry_backoff_s``).
     """
 
     def __init__(
@@ -88,8 +95,14 @@ class ShardStream(IterableDataset):
         streams_per_rank: int = 1,
         start_batch: int = 0,
         where: str = "shards",
+        retries: int = 3,
+        retry_backoff_s: float = 1.0,
     ) -> None:
         super().__init__()
+        if retries < 0:
+            raise DataError(f"data.retries must be >= 0, got {retries}")
+        if retry_backoff_s < 0:
+            raise DataError(f"data.retry_backoff_s must be >= 0, got {retry_backoff_s}")
         readers = world_size * streams_per_rank
         if len(urls) < readers:
             raise DataError(
@@ -113,6 +126,8 @@ class ShardStream(IterableDataset):
         self.streams_per_rank = streams_per_rank
         self.start_batch = start_batch
         self.where = where
+        self.retries = retries
+        self.retry_backoff_s = retry_backoff_s
         self._stats: Counter[str] = Counter()
 
     # ----------------------------------------------------------------------------------------------- ordering
@@ -146,18 +161,39 @@ class ShardStream(IterableDataset):
             epoch += 1
 
     def _read_shard(self, url: str) -> Iterator[dict[str, Any]]:
-        def handler(exc: Exception) -> bool:
-            # A tar stream cannot be re-synchronised after a read error: count it once, stop this shard.
-            unreadable = isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError)
-            kind = "unreadable_shards" if unreadable else "tar_errors"
-            self._stats[kind] += 1
-            message = exc.args[0] if exc.args else exc
-            log.warning("%s: skipping the rest of shard %s: %s: %s", self.where, url, type(exc).__name__, message)
-            return False
+        attempts = 1 + (self.retries if is_remote(url) else 0)
+        for attempt in range(1, attempts + 1):
+            failures: list[Exception] = []
 
-        opened = wds.tariterators.url_opener([{"url": url}], handler=handler)
-        files = wds.tariterators.tar_file_expander(opened, handler=handler, eof_value=None)
-        yield from wds.tariterators.group_by_keys(files, handler=handler)
+            def handler(exc: Exception, failures: list[Exception] = failures) -> bool:
+                failures.append(exc)
+                return False  # a tar stream cannot be re-synchronised after a read error: stop this shard
+
+            opened = wds.tariterators.url_opener([{"url": url}], handler=handler)
+            files = wds.tariterators.tar_file_expander(opened, handler=handler, eof_value=None)
+            produced = 0
+            for sample in wds.tariterators.group_by_keys(files, handler=handler):
+                produced += 1
+                yield sample
+            if not failures:
+                return
+            exc = failures[0]
+            message = exc.args[0] if exc.args else exc
+            if produced == 0 and is_remote(url):
+                if attempt < attempts:
+                    delay = self.retry_backoff_s * 2 ** (attempt - 1)
+                    log.warning("%s: shard %s unreachable (attempt %d of %d): %s: %s; retrying in %.2fs",
+                                self.where, url, attempt, attempts, type(exc).__name__, message, delay)
+                    time.sleep(delay)
+                    continue
+                self._stats["unreachable_shards"] += 1
+                log.warning("%s: skipping unreachable shard %s after %d attempt(s): %s: %s", self.where, url,
+                            attempts, type(exc).__name__, message)
+                return
+            unreadable = isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError)
+            self._stats["unreadable_shards" if unreadable else "tar_errors"] += 1
+            log.warning("%s: skipping the rest of shard %s: %s: %s", self.where, url, type(exc).__name__, message)
+            return
 
     def _shuffled(self, stream: int) -> Iterator[RawSample]:
         raw = self._raw_samples(stream)
@@ -242,11 +278,13 @@ def read_once(
     index = 0
     for url in stream.urls:
         for sample in stream._read_shard(url):
-            members = {k: v for k, v in sample.items() if not k.startswith("__")}
-            pending.append(stream.decode(RawSample(key=sample["__key__"], url=url, epoch=0, members=members)))
+            # a full batch waits for the next sample, so a fault counted after its last sample (a shard that
+            # ends in an error, an unreachable last URL) still reaches a batch's stats
             if len(pending) == batch_size:
                 yield collate(pending, list(stream.fields), index=index, stats=stream._take_stats())
                 pending, index = [], index + 1
+            members = {k: v for k, v in sample.items() if not k.startswith("__")}
+            pending.append(stream.decode(RawSample(key=sample["__key__"], url=url, epoch=0, members=members)))
     if pending:
         yield collate(pending, list(stream.fields), index=index, stats=stream._take_stats())
 

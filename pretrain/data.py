@@ -51,6 +51,8 @@ def build_stream(recipe: Recipe, *, rank: int, world_size: int, start_batch: int
         world_size=world_size,
         seed=recipe.data.seed,
         shuffle_buffer=recipe.data.shuffle_buffer,
+        retries=recipe.data.retries,
+        retry_backoff_s=recipe.data.retry_backoff_s,
         streams_per_rank=recipe.data.streams_per_rank,
         start_batch=start_batch,
         where="data.train",

@@ -44,6 +44,10 @@ def check_train_config(train: TrainConfig, *, cuda: bool) -> None:
         raise RecipeError(f"train.lr must be > 0, got {train.lr}")
     if len(train.betas) != 2:
         raise RecipeError(f"train.betas must hold two numbers, got {train.betas}")
+    if train.max_nonfinite_steps < 0:
+        raise RecipeError(f"train.max_nonfinite_steps must be >= 0, got {train.max_nonfinite_steps}")
+    if not train.collective_timeout_s > 0:
+        raise RecipeError(f"train.collective_timeout_s must be > 0 seconds, got {train.collective_timeout_s}")
 
 
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's own default (elements)

@@ -59,6 +59,10 @@ class TrainConfig:
     threads: int = 0
     log_keys: bool = False
     tensorboard: bool = True
+    # abort after more than this many *consecutive* steps whose loss is NaN/inf on any rank (each such step's
+    # update is skipped on every rank); 0: abort at the first one
+    max_nonfinite_steps: int = 10
+    collective_timeout_s: float = 1800.0  # process-group timeout: a collective waiting longer on a dead rank fails
 
 
 @dataclass

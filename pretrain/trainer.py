@@ -6,11 +6,29 @@ position expects, move it to the device (casting floats to bf16 when training in
 Losses are buffered on the device and reduced over ranks only every ``log_every`` steps. Checkpoints every
 ``ckpt_every`` steps and at the end record the step, the next batch index of the stream and the RNG states, so
 ``train.resume=latest`` continues with exactly the samples an uninterrupted run would have seen.
+
+Faults:
+
+* **Non-finite loss.** After the forward, one all-reduce of a per-rank flag tells every rank which ranks saw a NaN/inf
+  loss, so all ranks take the same decision (a host sync per step). With ``train.grad_accum=1`` such a step's
+  backward and ``engine.step()`` are skipped on *every* rank: its batches are consumed, the step counter (checkpoint
+  tags, ``train.steps``, the stream position) advances, but the optimizer, Adam's step count and the LR schedule do
+  not (they count applied updates, so the schedule lags one step per skipped step; it is saved in the checkpoint,
+  so a resume is exact). With ``grad_accum > 1`` the accumulated step has already run when its loss is known: it is
+  counted and bounded the same way, and the update itself is left to DeepSpeed's own guard (ZeRO-1/2 drop a step
+  whose gradient norm is non-finite). Each event is logged with its step and ranks and counted in summary.json
+  (``nonfinite_steps``); more than ``train.max_nonfinite_steps`` *consecutive* ones abort the run on every rank
+  with `TrainingDivergedError` (consecutive, so rare spikes in a long run are tolerated but divergence is not).
+* **Dead rank.** Every collective waits at most ``train.collective_timeout_s`` (the process-group timeout), then
+  fails on the surviving ranks; the launcher (torchrun) also stops the job when a rank process dies.
+* **Unreachable shards** are retried and skipped by the stream (`data_pipelines.stream`); their count reaches
+  summary.json's ``data_errors`` like every other data fault.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import resource
@@ -35,7 +53,7 @@ from pretrain.accumulation import cached_accumulation_step
 from pretrain.data import build_loader, feature_source
 from pretrain.engine import build_engine
 from pretrain.frozen import frozen_reference, frozen_state_sha256, optimizer_memory
-from pretrain.recipe import Recipe
+from pretrain.recipe import Recipe, RecipeError
 from pretrain.runlog import MetricsWriter, plot_loss_curve, setup_text_logs
 from pretrain.task import PretrainTask
 
@@ -52,11 +70,19 @@ class TrainerState:
     next_batch: int = 0  # index of the next batch this rank's stream yields
     samples_seen: int = 0  # over all ranks
     world_size: int = 1
+    nonfinite_steps: int = 0  # steps whose loss was NaN/inf on some rank (update skipped), over the whole run
+    nonfinite_run: int = 0  # of those, how many came in a row up to now
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, torch.device]:
+class TrainingDivergedError(RecipeError):
+    """More than ``train.max_nonfinite_steps`` consecutive steps had a NaN/inf loss on some rank."""
+
+
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
     """Initialise torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU. Works under torchrun, the
-    deepspeed launcher, or a bare process (then it is a world of one)."""
+    deepspeed launcher, or a bare process (then it is a world of one). ``timeout_s`` (``train.collective_timeout_s``)
+    bounds every collective: one still waiting on a dead or hung rank after that long raises on the waiting ranks.
+    A process group that already exists is kept as it is (with the timeout it was created with)."""
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -71,7 +97,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, torch.dev
     import deepspeed
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
@@ -119,8 +145,8 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, run_dir: Path, *, batches: BatchSource | None = None) -> None:
         self.recipe, self.run_dir = recipe, run_dir
-        self.rank, self.world, self.device = init_distributed()
         cfg = recipe.train
+        self.rank, self.world, self.device = init_distributed(cfg.collective_timeout_s)
         self.log = setup_text_logs(run_dir, self.rank)
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         torch.set_num_threads(threads)
@@ -172,6 +198,32 @@ class Trainer:
                               time.perf_counter() - t0, found)
         return metrics
 
+    def _nonfinite_ranks(self, loss: torch.Tensor) -> list[int]:
+        """The ranks whose ``loss`` is NaN/inf, the same list on every rank (one all-reduce of a [world] flag)."""
+        flags = torch.zeros(self.world, device=self.device)
+        flags[self.rank] = (~torch.isfinite(loss.detach().float())).float()
+        dist.all_reduce(flags)
+        return [r for r, flag in enumerate(flags.tolist()) if flag]
+
+    def _count_nonfinite(self, bad_ranks: list[int]) -> None:
+        """Record a non-finite step (``bad_ranks`` not empty) or the end of a run of them; abort past the bound."""
+        cfg, state = self.recipe.train, self.state
+        if not bad_ranks:
+            state.nonfinite_run = 0
+            return
+        state.nonfinite_steps += 1
+        state.nonfinite_run += 1
+        held = "skipped on every rank" if cfg.grad_accum == 1 else "left to DeepSpeed's overflow guard (grad_accum>1)"
+        self.log.warning("step %d: non-finite loss on rank(s) %s; update %s (%d in a row, %d in all, "
+                         "train.max_nonfinite_steps=%d)", state.step + 1, bad_ranks, held, state.nonfinite_run,
+                         state.nonfinite_steps, cfg.max_nonfinite_steps)
+        if state.nonfinite_run > cfg.max_nonfinite_steps:
+            raise TrainingDivergedError(
+                f"step {state.step + 1}: the loss was NaN/inf (on rank(s) {bad_ranks}) for {state.nonfinite_run} "
+                f"consecutive step(s), more than train.max_nonfinite_steps={cfg.max_nonfinite_steps}; lower "
+                f"train.lr, raise train.warmup_steps or train.grad_clip, or check the data"
+            )
+
     def fit(self) -> dict[str, Any]:
         recipe, run_dir, rank, world, device = self.recipe, self.run_dir, self.rank, self.world, self.device
         cfg, engine, state, log = recipe.train, self.engine, self.state, self.log
@@ -213,6 +265,7 @@ class Trainer:
                 return batch.to(device, float_dtype=float_dtype, non_blocking=True)
 
             split = dict.fromkeys(PHASES, 0.0)
+            bad_ranks: list[int] = []
             if cfg.grad_accum > 1 and cfg.accumulation == "cached":
                 batches = [fetch() for _ in range(cfg.grad_accum)]
                 t0 = time.perf_counter()
@@ -228,6 +281,10 @@ class Trainer:
                     out = engine(batch)
                     sync()
                     t2 = time.perf_counter()
+                    if cfg.grad_accum == 1 and (bad_ranks := self._nonfinite_ranks(out.loss)):
+                        step_loss += out.loss.detach().float()
+                        split["forward"] += t2 - t1
+                        continue  # no backward, no engine.step(): optimizer, Adam and LR schedule stand still
                     engine.backward(out.loss)
                     sync()
                     t3 = time.perf_counter()
@@ -238,7 +295,10 @@ class Trainer:
                     for phase, dt in zip(PHASES[1:], (t2 - t1, t3 - t2, t4 - t3), strict=True):
                         split[phase] += dt
             split["data_wait"] = data_wait
-            for _, objective in objectives:
+            if cfg.grad_accum > 1:  # the accumulated step already ran; its loss is known only now
+                bad_ranks = self._nonfinite_ranks(step_loss)
+            self._count_nonfinite(bad_ranks)
+            for _, objective in objectives if not bad_ranks else ():
                 objective.after_step(self.model)
             if state.step > first_step:  # the first step pays one-off costs (worker start-up, allocation)
                 for phase in PHASES:
@@ -279,7 +339,7 @@ class Trainer:
                 rate = timed_steps * global_batch / elapsed if elapsed > 0 and timed_steps else float("nan")
                 for record, loss in zip(pending, losses, strict=True):
                     writer.write(record.pop("step"), {**record, "loss": loss, "samples_per_s": rate})
-                recent_losses = (recent_losses + losses)[-10:]
+                recent_losses = (recent_losses + [v for v in losses if math.isfinite(v)])[-10:]
                 writer.flush(state.step, {"loss": losses[-1], "samples/s": rate})
                 pending.clear()
             if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or last:
@@ -315,6 +375,7 @@ class Trainer:
             "step_time_split_s": {k: round(v / max(1, timed_steps * cfg.grad_accum), 5) for k, v in timings.items()},
             "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in per_rank],
             "data_errors": dict(total_errors),
+            "nonfinite_steps": state.nonfinite_steps,
             **model_summary(self.model),
             "frozen_parameters": self.frozen["parameters"] if self.frozen else 0,
             "memory_bytes_per_rank": {k: [r[k] for r in per_rank] for k in

@@ -31,7 +31,7 @@ def run_rank(source: str, overrides: Sequence[str], run_dir: Path, *, overwrite:
 
     def work() -> None:
         recipe = load_recipe(source, overrides)
-        rank, _, _ = init_distributed()
+        rank, _, _ = init_distributed(recipe.train.collective_timeout_s)
         if rank == 0 and not prepared:
             prepare_run_dir(run_dir, recipe, overwrite=overwrite)
         dist.barrier()
