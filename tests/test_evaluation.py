@@ -119,6 +119,8 @@ def test_compare_lines_up_evaluations(results: dict, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--label", "colour"], "label field 'colour'"),
     (["--label", "family", "--pairs", "audio:image"], "no 'image' encoder"),
+    (["--label", "family", "--levels", "0", "1.5"], "--levels must lie in [0, 1] (0 = clean), got 1.5"),
+    (["--label", "family", "--rerank-k", "0"], "--rerank-k must be >= 1, got 0"),
 ])
 def test_bad_inputs_fail_by_name(model_dir: Path, asterisk_data: Path, tmp_path: Path, args: list[str],
                                  message: str) -> None:

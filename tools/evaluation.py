@@ -197,6 +197,11 @@ def evaluate(target: str | Path, *, shards: str, test_shards: str, label: str | 
     from tools.eval_report import write_plots
     from tools.robustness_eval import run_robustness
 
+    bad_levels = [v for v in levels if not 0.0 <= float(v) <= 1.0]
+    if bad_levels:
+        raise ProbeError(f"--levels must lie in [0, 1] (0 = clean), got {bad_levels[0]}")
+    if rerank_k < 1:
+        raise ProbeError(f"--rerank-k must be >= 1, got {rerank_k}")
     model_dir, run_dir = resolve_model_dir(target)
     out = Path(out_dir) if out_dir else (run_dir / "eval" if run_dir else model_dir.parent / "eval")
     classnames, templates = (load_prompts(prompts) if prompts else (None, list(DEFAULT_TEMPLATES)))
