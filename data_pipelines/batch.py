@@ -10,7 +10,10 @@ A `Batch` is what the stream yields and what models and objectives consume:
 * ``index``: the position of this batch in its rank's stream (0, 1, 2, ... across the whole run), which is what
   a checkpoint records to resume sample-exactly;
 * ``stats``: counters accumulated by the producing worker since its previous batch (corrupt members, skipped
-  shards, ...), summed by the trainer.
+  shards, rows per source, padding rows), summed by the trainer;
+* ``faults``: the skipped data behind those counters, one record per fault (shard, key, member, error);
+* ``position``: the state of the producing virtual stream right after this batch (`data_pipelines.stream`), what
+  a checkpoint stores to resume the stream exactly.
 
 A missing modality costs nothing downstream: models skip modalities that are not in ``inputs`` and objectives
 mask rows with ``present``.
@@ -36,6 +39,8 @@ class Batch:
     meta: dict[str, list[Any]] = field(default_factory=dict)
     index: int = 0
     stats: dict[str, int] = field(default_factory=dict)
+    faults: list[dict[str, str]] = field(default_factory=list)
+    position: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -60,6 +65,8 @@ class Batch:
             meta=self.meta,
             index=self.index,
             stats=self.stats,
+            faults=self.faults,
+            position=self.position,
         )
 
     def pin_memory(self) -> Batch:
@@ -71,6 +78,8 @@ class Batch:
             meta=self.meta,
             index=self.index,
             stats=self.stats,
+            faults=self.faults,
+            position=self.position,
         )
 
     def only(self, modalities: Sequence[str]) -> Batch:
@@ -78,7 +87,7 @@ class Batch:
         keep = set(modalities)
         return Batch(inputs={m: v for m, v in self.inputs.items() if m in keep},
                      present={m: p for m, p in self.present.items() if m in keep}, keys=self.keys, meta=self.meta,
-                     index=self.index, stats=self.stats)
+                     index=self.index, stats=self.stats, faults=self.faults, position=self.position)
 
     def rows(self, start: int, stop: int) -> Batch:
         """The sub-batch of rows ``start:stop`` (used to split a global batch across ranks)."""
@@ -89,6 +98,8 @@ class Batch:
             meta={k: v[start:stop] for k, v in self.meta.items()},
             index=self.index,
             stats=dict(self.stats),
+            faults=list(self.faults),
+            position=self.position,
         )
 
 
@@ -118,6 +129,8 @@ def cat_batches(batches: Sequence[Batch]) -> Batch:
         meta={k: [x for b in batches for x in b.meta.get(k, [None] * len(b))] for k in meta_keys},
         index=first.index,
         stats=stats,
+        faults=[f for b in batches for f in b.faults],
+        position=batches[-1].position,
     )
 
 
@@ -133,12 +146,16 @@ def collate(
     *,
     index: int = 0,
     stats: Mapping[str, int] | None = None,
+    templates: Mapping[str, TensorTree] | None = None,
+    faults: Sequence[Mapping[str, str]] = (),
+    position: Mapping[str, Any] | None = None,
 ) -> Batch:
     """Stack decoded samples into a `Batch`.
 
     Each sample is a mapping with ``__key__``, an optional ``__meta__`` dict, and for each modality either a decoded
     tensor (tree) or ``None`` when the sample lacks it (or its member failed to decode). Absent rows are filled with
-    zeros shaped like a present row, and marked in ``present``.
+    zeros shaped like a present row, and marked in ``present``; a modality no row carries is left out, unless
+    ``templates`` gives its zero input (then every row is absent).
     """
     keys = [str(s["__key__"]) for s in samples]
     inputs: dict[str, TensorTree] = {}
@@ -149,14 +166,17 @@ def collate(
         present[m] = mask
         template = next((v for v in values if v is not None), None)
         if template is None:
-            continue
-        inputs[m] = _stack([v if v is not None else _zeros_like_tree(template) for v in values])
+            if templates is None or m not in templates:
+                continue
+            template = templates[m]
+        inputs[m] = _stack([v if v is not None else zeros_like_tree(template) for v in values])
     meta_keys: list[str] = sorted({k for s in samples for k in (s.get("__meta__") or {})})
     meta = {k: [(s.get("__meta__") or {}).get(k) for s in samples] for k in meta_keys}
-    return Batch(inputs=inputs, present=present, keys=keys, meta=meta, index=index, stats=dict(stats or {}))
+    return Batch(inputs=inputs, present=present, keys=keys, meta=meta, index=index, stats=dict(stats or {}),
+                 faults=[dict(f) for f in faults], position=dict(position) if position is not None else None)
 
 
-def _zeros_like_tree(value: TensorTree) -> TensorTree:
+def zeros_like_tree(value: TensorTree) -> TensorTree:
     if isinstance(value, Mapping):
         return {k: torch.zeros_like(v) for k, v in value.items()}
     return torch.zeros_like(value)

@@ -6,6 +6,18 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class SourceConfig:
+    """One entry of ``data.sources``: a shard set (``train``, any shard specification), its sampling ``weight``
+    (relative; a sample slot picks source ``s`` with probability ``w_s / Σw``) and the ``modalities`` its samples
+    may carry (default: all the model reads; e.g. ``[image]`` uses a captioned set as image-only data)."""
+
+    name: str = ""
+    train: str = ""
+    weight: float = 1.0
+    modalities: list[str] | None = None
+
+
+@dataclass
 class DataConfig:
     """Where the training shards are and how they stream.
 
@@ -17,9 +29,17 @@ class DataConfig:
     intra-modal objectives (SLIP, SimCLR) contrast. ``retries`` / ``retry_backoff_s``: a remote shard (``pipe:``,
     http) that fails before its first sample is tried again up to ``retries`` times, waiting ``retry_backoff_s``
     seconds doubled per attempt, then skipped and counted (``unreachable_shards`` in summary.json's data_errors).
+    ``sources`` replaces ``train`` with several weighted shard sets (FLAVA-style paired + unpaired data; each
+    sample's missing modalities are marked absent, so each objective sees only the samples that have its
+    modalities). ``sampling``: ``continuous`` (default; every sample once per epoch per reader, epochs flow into
+    each other), ``exact`` (every sample exactly once per epoch across all ranks and workers: rebalanced sample
+    ranges, last batch padded with empty rows; one source) or ``resampled`` (shards drawn with replacement,
+    seeded); see `data_pipelines.epochs`.
     """
 
     train: str = ""
+    sources: list[SourceConfig] = field(default_factory=list)
+    sampling: str = "continuous"
     eval: str | None = None
     fields: dict[str, list[str]] = field(default_factory=dict)
     views: dict[str, int] = field(default_factory=dict)

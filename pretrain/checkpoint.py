@@ -4,6 +4,8 @@ Layout under ``<run>/checkpoints``::
 
     step_00000100/             one DeepSpeed tag (model + optimizer + scheduler, ZeRO shards per rank)
         rng_rank00000.pt       per-rank RNG states (torch.load(weights_only=True)-safe: tensors, ints, tuples)
+        stream_rank00000.json  per-rank stream position: the state of each of the rank's virtual streams after
+                               the last batch consumed (shard cursors, RNG states, shuffle buffer references)
         frozen.json            when parts are frozen: their path + hash reference (`pretrain.frozen`); the
                                frozen weights themselves are not stored
     latest                     the newest complete tag, replaced atomically
@@ -16,6 +18,7 @@ travels in DeepSpeed's ``client_state`` under ``"mmssl"``.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -77,9 +80,9 @@ def _barrier() -> None:
 
 
 def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], *, keep_last: int,
-         frozen: dict[str, Any] | None = None) -> str:
+         frozen: dict[str, Any] | None = None, stream: dict[int, Any] | None = None) -> str:
     """Save a checkpoint; ``frozen`` (`pretrain.frozen.frozen_reference`) excludes frozen weights and stores the
-    reference to them instead."""
+    reference to them instead; ``stream``: this rank's stream positions (virtual stream -> position)."""
     root = run_dir / CHECKPOINTS
     tag = tag_for(step)
     tmp_tag = TMP_PREFIX + tag
@@ -91,6 +94,9 @@ def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], *, keep_l
     rng_file = root / tmp_tag / f"rng_rank{rank:05d}.pt"
     torch.save(rng_state(), str(rng_file) + ".part")
     os.replace(str(rng_file) + ".part", rng_file)
+    if stream is not None:
+        atomic_write_text(root / tmp_tag / f"stream_rank{rank:05d}.json",
+                          json.dumps({str(v): p for v, p in sorted(stream.items())}) + "\n")
     _barrier()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one process per node finalises (shared or local disks)
         try:
@@ -135,7 +141,8 @@ def find(run_dir: Path, resume: str) -> tuple[Path, str] | None:
 
 def load(engine: Any, root: Path, tag: str, frozen: dict[str, Any] | None = None) -> dict[str, Any]:
     """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the trainer state. ``frozen``:
-    the reference of the frozen weights built now, checked against the checkpoint's."""
+    the reference of the frozen weights built now, checked against the checkpoint's. The rank's stream position
+    is read by `load_stream`."""
     excluded = check_reference(root / tag, frozen)
     _, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=not excluded)
     if not client_state or "mmssl" not in client_state:
@@ -145,3 +152,15 @@ def load(engine: Any, root: Path, tag: str, frozen: dict[str, Any] | None = None
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return client_state["mmssl"]
+
+
+def load_stream(root: Path, tag: str) -> dict[int, Any] | None:
+    """This rank's stream positions (virtual stream -> position) in checkpoint ``tag``; None when it has none."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = root / tag / f"stream_rank{rank:05d}.json"
+    if not path.is_file():
+        return None
+    try:
+        return {int(v): p for v, p in json.loads(path.read_text()).items()}
+    except (json.JSONDecodeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: unreadable stream position: {exc}") from None

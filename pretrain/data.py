@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
 from architectures.modalities import get_modality
-from data_pipelines.shards import resolve_shards
-from data_pipelines.stream import ShardStream, make_loader, read_once
-from objectives.base import VIEW_SEP
-from pretrain.recipe import Recipe
+from data_pipelines.shards import resolve_shards, shard_sizes
+from data_pipelines.stream import ShardStream, Source, make_loader, read_once
+from objectives.base import VIEW_SEP, base_modality
+from pretrain.recipe import Recipe, RecipeError
 
 
 def view_names(recipe: Recipe) -> dict[str, str]:
@@ -39,11 +39,50 @@ def eval_decoders(recipe: Recipe) -> dict[str, object]:
     return {m: get_modality(m).decoder(cfg, train=False) for m, cfg in recipe.model.towers.items()}
 
 
-def build_stream(recipe: Recipe, *, rank: int, world_size: int, start_batch: int) -> ShardStream:
-    urls = resolve_shards(recipe.data.train, where="data.train")
+def data_sources(recipe: Recipe) -> list[Source]:
+    """``data.sources`` (or ``data.train`` as one source) with their shards resolved; errors name the key."""
+    if recipe.data.sources and recipe.data.train:
+        raise RecipeError("data.train and data.sources are both set; put data.train into data.sources as one entry")
+    if not recipe.data.sources:
+        if not recipe.data.train:
+            raise RecipeError("data.train is not set (a shard directory, index.json, brace pattern or URL)")
+        urls = resolve_shards(recipe.data.train, where="data.train")
+        return [Source("train", tuple(urls), sizes=shard_sizes(urls), where="data.train")]
+    keys = set(view_names(recipe))
+    sources, names = [], set()
+    for i, cfg in enumerate(recipe.data.sources):
+        where = f"data.sources.{i}"
+        name = cfg.name or f"source{i}"
+        if name in names:
+            raise RecipeError(f"{where}.name: {name!r} is used twice")
+        names.add(name)
+        if not cfg.train:
+            raise RecipeError(f"{where}.train is not set (a shard directory, index.json, brace pattern or URL)")
+        if not cfg.weight > 0:
+            raise RecipeError(f"{where}.weight must be > 0, got {cfg.weight}")
+        modalities = None
+        if cfg.modalities is not None:
+            unknown = sorted(set(cfg.modalities) - set(recipe.model.towers))
+            if unknown or not cfg.modalities:
+                raise RecipeError(f"{where}.modalities: {unknown[0] if unknown else '[]'!r} is not a tower of the "
+                                  f"model (towers: {sorted(recipe.model.towers)})")
+            modalities = tuple(k for k in keys if base_modality(k) in cfg.modalities)
+        urls = resolve_shards(cfg.train, where=f"{where}.train")
+        sources.append(Source(name, tuple(urls), cfg.weight, modalities, shard_sizes(urls), f"{where}.train"))
+    return sources
+
+
+def train_urls(recipe: Recipe) -> list[str]:
+    return [u for s in data_sources(recipe) for u in s.urls]
+
+
+def build_stream(recipe: Recipe, *, rank: int, world_size: int, start_batch: int,
+                 positions: Mapping[int, Mapping[str, Any]] | None = None) -> ShardStream:
     decoders = train_decoders(recipe)
     return ShardStream(
-        urls,
+        sources=data_sources(recipe),
+        sampling=recipe.data.sampling,
+        positions=positions,
         fields=modality_fields(recipe),
         decoders=decoders,
         batch_size=recipe.data.batch_size,
@@ -59,8 +98,9 @@ def build_stream(recipe: Recipe, *, rank: int, world_size: int, start_batch: int
     )
 
 
-def build_loader(recipe: Recipe, *, rank: int, world_size: int, start_batch: int, pin_memory: bool = False):
-    stream = build_stream(recipe, rank=rank, world_size=world_size, start_batch=start_batch)
+def build_loader(recipe: Recipe, *, rank: int, world_size: int, start_batch: int, pin_memory: bool = False,
+                 positions: Mapping[int, Mapping[str, Any]] | None = None):
+    stream = build_stream(recipe, rank=rank, world_size=world_size, start_batch=start_batch, positions=positions)
     return make_loader(stream, num_workers=recipe.data.num_workers, prefetch_factor=recipe.data.prefetch_factor,
                        pin_memory=pin_memory)
 
@@ -70,7 +110,7 @@ def feature_source(recipe: Recipe, model: torch.nn.Module, *, rank: int, world_s
     """A `FeatureSource` for pseudo-label services: this rank's shards of ``data.train`` (every ``world_size``-th
     shard from ``rank``) read once in order, decoded without augmentation, encoded by ``model`` in eval mode
     without gradient. Lazy: the consumer decides how many samples it clusters."""
-    urls = resolve_shards(recipe.data.train, where="data.train")[rank::world_size]
+    urls = train_urls(recipe)[rank::world_size]
     decoders = eval_decoders(recipe)
     fields = {m: exts for m, exts in modality_fields(recipe).items() if m in recipe.model.towers}
     dtype = torch.bfloat16 if recipe.train.precision == "bf16" else None

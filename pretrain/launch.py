@@ -9,23 +9,36 @@ Launch modes:
   every node sees (or pass ``--run-dir`` per node to a local disk, and collect checkpoints yourself).
 
 Without a GPU, ranks use gloo and ``DS_ACCELERATOR=cpu``; with GPUs, NCCL.
+
+When the local ranks fail, the launcher's error line names the rank(s) that ended the job and how: torchrun's
+elastic agent runs in this process (``torch.distributed.run.run``), so its `ChildFailedError` gives each failed
+rank's exit code or signal, and each rank's exit record (`pretrain.worker`, ``logs/rank<N>.exit``) gives the error
+it ended with::
+
+    mmssl: error: pretraining failed: rank 1 was killed by signal SIGKILL (exit -9); see RUN/logs/rank1.log
+    mmssl: error: pretraining failed: rank 0 failed (exit 2): data.train: ...; see RUN/logs/rank0.log
+
+A rank with neither (the agent could not say, or its node's logs are not on this disk) is reported as having
+"no exit record" rather than assumed killed.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pretrain.recipe import Recipe, RecipeError, dump_recipe, load_recipe
 from pretrain.validate import validate_recipe
+from pretrain.worker import LOGS, exit_record_path, read_exit_record
 
 RECIPE_FILE = "recipe.yaml"
+MAX_QUOTED = 300  # characters of a rank's error quoted in the launcher's line
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "logs", "keys", "loss_curve.png")
 
 
@@ -79,10 +92,76 @@ def launch(source: str, overrides: Sequence[str], *, nproc: int, run_dir: str | 
 
         return run_rank(source, overrides, directory, overwrite=overwrite)
     prepare_run_dir(directory, recipe, overwrite=overwrite)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pretrain.worker", "--prepared", "--run-dir", str(directory), str(source), *overrides]
+    for rank in range(nproc):  # records of an earlier run in this directory must not speak for this one
+        exit_record_path(directory, rank).unlink(missing_ok=True)
+    args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "pretrain.worker", "--prepared", "--run-dir",
+            str(directory), str(source), *overrides]
     print(f"mmssl: pretraining {recipe.name} on {nproc} rank(s) -> {directory}", file=sys.stderr, flush=True)
-    code = subprocess.call(cmd, env=child_env(nproc))
-    if code != 0:
-        print(f"mmssl: error: pretraining failed (exit code {code}); see {directory / 'logs'}", file=sys.stderr)
-    return code
+    failures = run_torchrun(args, child_env(nproc))
+    if failures is None:
+        return 0
+    print(f"mmssl: error: pretraining failed: {describe_failures(directory, failures, nproc)}", file=sys.stderr,
+          flush=True)
+    return 1
+
+
+def run_torchrun(args: Sequence[str], env: Mapping[str, str]) -> dict[int, Any] | None:
+    """Run torchrun (``torch.distributed.run``) with ``args`` in this process, the ranks getting ``env``. Returns
+    None when every rank succeeded, else the agent's failures (global rank -> `ProcessFailure`; empty when the agent
+    itself failed, which is reported on stderr)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        run(parse_args(list(args)))
+    except ChildFailedError as exc:
+        return dict(exc.failures)
+    except Exception as exc:  # rendezvous or start-up failure of the agent: no rank to blame
+        print(f"mmssl: torchrun failed before the ranks ended: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return {}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return None
+
+
+def _failure_order(exitcode: int | None, record: dict[str, Any] | None) -> int:
+    """Likely causes first: a rank killed by a signal (its peers' collectives then fail with connection errors),
+    then a user error (exit 2), then other recorded exceptions, then the rest."""
+    if exitcode is not None and exitcode < 0 and not (record and record.get("exit_code")):
+        return 0
+    if record and record.get("exit_code"):
+        return 1 if record["exit_code"] == 2 else 2
+    return 3
+
+
+def describe_failures(run_dir: Path, failures: Mapping[int, Any], nproc: int) -> str:
+    """One line naming each failed rank and how it ended (see the module docstring), likely causes first.
+    ``failures``: global rank -> an object with ``exitcode`` (negative: killed by that signal) and
+    ``signal_name()`` (torch's `ProcessFailure`); empty: judge from the exit records of ranks ``0..nproc-1``."""
+    ranks = list(failures)
+    if not ranks:  # no word from the agent: ranks that recorded an error, else every rank without a record
+        records = {r: read_exit_record(exit_record_path(run_dir, r)) for r in range(nproc)}
+        ranks = [r for r, rec in records.items() if rec and rec.get("exit_code")] or \
+                [r for r, rec in records.items() if rec is None]
+    found = []
+    for rank in ranks:
+        record = read_exit_record(exit_record_path(run_dir, rank))
+        exitcode = getattr(failures.get(rank), "exitcode", None)
+        found.append((_failure_order(exitcode, record), rank, exitcode, record))
+    parts = []
+    for _, rank, exitcode, record in sorted(found, key=lambda item: item[:2]):
+        if record is not None and record.get("exit_code"):
+            error = str(record.get("error"))
+            error = error if len(error) <= MAX_QUOTED else error[:MAX_QUOTED] + "..."
+            how = f"rank {rank} failed (exit {record['exit_code']}): {error}"
+        elif exitcode is not None and exitcode < 0:
+            how = f"rank {rank} was killed by signal {failures[rank].signal_name()} (exit {exitcode})"
+        elif exitcode is not None:
+            how = f"rank {rank} exited with code {exitcode} and no exit record"
+        else:
+            how = f"rank {rank}: no exit record"
+        parts.append(f"{how}; see {run_dir / LOGS / f'rank{rank}.log'}")
+    return "; ".join(parts) if parts else f"no rank left an error (see {run_dir / LOGS})"

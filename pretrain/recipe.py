@@ -257,9 +257,15 @@ def resolve_paths(recipe: Recipe) -> None:
             if f.metadata.get("path") and isinstance(value, str) and value:
                 setattr(tower, f.name, str(Path(value).expanduser().resolve()))
     for name in ("train", "eval"):
-        value = getattr(recipe.data, name)
-        if value and "://" not in value and not value.startswith("pipe:"):
-            setattr(recipe.data, name, str(Path(value).expanduser().resolve()))
+        setattr(recipe.data, name, _local_path(getattr(recipe.data, name)))
+    for source in recipe.data.sources:
+        source.train = _local_path(source.train)
+
+
+def _local_path(value: str | None) -> str | None:
+    if value and "://" not in value and not value.startswith("pipe:"):
+        return str(Path(value).expanduser().resolve())
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------- saving

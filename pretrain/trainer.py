@@ -59,6 +59,7 @@ from pretrain.task import PretrainTask
 
 SUMMARY = "summary.json"
 PHASES = ("data_wait", "forward", "backward", "optimizer")
+MAX_LISTED_FAULTS = 10000
 
 BatchSource = Callable[[int, int, int], Iterator[Batch]]
 """``(rank, world_size, start_batch) -> iterator of batches``: replaces the shard stream (tests, custom data)."""
@@ -162,12 +163,14 @@ class Trainer:
         self.frozen = frozen_reference(self.model, task)  # before ZeRO-3 partitions the weights
         self.engine, _, self.scheduler = build_engine(task, cfg, recipe.data.batch_size, self.world)
         _seed_everything(cfg.seed + self.rank)
+        self.positions: dict[int, Any] = {}  # virtual stream -> its position after the last batch consumed
         self.state = self._resume() if cfg.resume else TrainerState(world_size=self.world)
         if batches is not None:
             self.source = batches(self.rank, self.world, self.state.next_batch)
         else:
             self.source = iter(build_loader(recipe, rank=self.rank, world_size=self.world,
-                                            start_batch=self.state.next_batch, pin_memory=self.device.type == "cuda"))
+                                            start_batch=self.state.next_batch, pin_memory=self.device.type == "cuda",
+                                            positions=self.positions))
 
     def _resume(self) -> TrainerState:
         found = checkpoint.find(self.run_dir, self.recipe.train.resume or "latest")
@@ -180,7 +183,10 @@ class Trainer:
                 f"checkpoint {found[1]} was written by {state.world_size} ranks; resume needs the same world size "
                 f"(got {self.world}) to continue the same sample order"
             )
-        self.log.info("resumed from %s at step %d (next batch %d)", found[1], state.step, state.next_batch)
+        self.positions = checkpoint.load_stream(*found) or {}
+        self.log.info("resumed from %s at step %d (next batch %d, %s)", found[1], state.step, state.next_batch,
+                      f"stream positions of {len(self.positions)} virtual stream(s)" if self.positions else
+                      "no stream position: the stream replays up to it")
         return state
 
     def _refresh_pseudo_labels(self, step: int, objectives: list[tuple[str, Any]]) -> dict[str, float]:
@@ -240,6 +246,8 @@ class Trainer:
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         timings = dict.fromkeys(PHASES, 0.0)
         data_errors: Counter[str] = Counter()
+        source_rows: Counter[str] = Counter()  # rows per data source, and "(padding)" rows of exact epochs
+        faults: dict[tuple[str, ...], dict[str, str]] = {}  # every skipped piece of data, once
         pending: list[dict[str, Any]] = []  # per-step records, written at the next log step
         recent_losses: list[float] = []
         first_step = state.step
@@ -260,7 +268,17 @@ class Trainer:
                     raise RuntimeError(f"stream out of order on rank {rank}: got batch {batch.index}, "
                                        f"expected {state.next_batch}")
                 state.next_batch += 1
-                data_errors.update(batch.stats)
+                for name, count in batch.stats.items():
+                    if name.startswith("source_rows/"):
+                        source_rows[name.split("/", 1)[1]] += count
+                    elif name == "padding_rows":
+                        source_rows["(padding)"] += count
+                    else:
+                        data_errors[name] += count
+                for fault in batch.faults:
+                    faults.setdefault((fault["kind"], fault["shard"], fault["key"], fault["member"]), fault)
+                if batch.position is not None:
+                    self.positions[int(batch.position["stream"])] = batch.position
                 keylog.write(state.step, batch)
                 return batch.to(device, float_dtype=float_dtype, non_blocking=True)
 
@@ -346,7 +364,7 @@ class Trainer:
                 t_save = time.perf_counter()
                 frozen = self.frozen and {**self.frozen, "state_sha256": frozen_state_sha256(self.model)}
                 tag = checkpoint.save(engine, run_dir, state.step, asdict(state), keep_last=cfg.keep_last,
-                                      frozen=frozen)
+                                      frozen=frozen, stream=self.positions or None)
                 checkpoint_s += time.perf_counter() - t_save if timed_start else 0.0
                 log.info("saved checkpoint %s", tag)
 
@@ -355,10 +373,17 @@ class Trainer:
         wall = time.perf_counter() - timed_start - checkpoint_s if timed_start else 0.0
         per_rank: list[Any] = [None] * world
         dist.all_gather_object(per_rank, {"peak_rss_mb": round(_peak_rss_mb(), 1), "data_errors": dict(data_errors),
+                                          "source_rows": dict(source_rows), "faults": list(faults.values()),
                                           **optimizer_memory(engine)})
         total_errors: Counter[str] = Counter()
+        total_rows: Counter[str] = Counter()
+        all_faults: dict[tuple[str, ...], dict[str, str]] = {}
         for r in per_rank:
             total_errors.update(r["data_errors"])
+            total_rows.update(r["source_rows"])
+            for f in r["faults"]:
+                all_faults.setdefault((f["shard"], f["key"], f["member"], f["kind"]), f)
+        listed = [all_faults[k] for k in sorted(all_faults)][:MAX_LISTED_FAULTS]
         summary = {
             "recipe": recipe.name,
             "steps": state.step,
@@ -375,6 +400,10 @@ class Trainer:
             "step_time_split_s": {k: round(v / max(1, timed_steps * cfg.grad_accum), 5) for k, v in timings.items()},
             "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in per_rank],
             "data_errors": dict(total_errors),
+            # each skipped shard / sample member once (shard, key, member, kind, error), first MAX_LISTED_FAULTS
+            "data_faults": listed,
+            "data_faults_unlisted": max(0, len(all_faults) - len(listed)),
+            "rows_per_source": dict(total_rows),
             "nonfinite_steps": state.nonfinite_steps,
             **model_summary(self.model),
             "frozen_parameters": self.frozen["parameters"] if self.frozen else 0,

@@ -10,10 +10,11 @@ import torch
 from architectures.config import build_model
 from architectures.fusion_ops import SINGLE_TOKEN_FUSIONS
 from architectures.modalities import get_modality
-from data_pipelines.shards import DataError, resolve_shards
+from data_pipelines.epochs import SAMPLINGS
+from data_pipelines.shards import resolve_shards
 from objectives.base import VIEW_SEP, base_modality
 from objectives.registry import build_objectives, kind_of
-from pretrain.data import view_names
+from pretrain.data import build_stream, view_names
 from pretrain.engine import check_train_config
 from pretrain.recipe import Recipe, RecipeError
 
@@ -71,18 +72,14 @@ def validate_recipe(recipe: Recipe, *, world_size: int) -> None:
         if count < 1:
             raise RecipeError(f"data.views.{modality} must be >= 1, got {count}")
     data = recipe.data
-    if not data.train:
-        raise RecipeError("data.train is not set (a shard directory, index.json, brace pattern or URL)")
-    urls = resolve_shards(data.train, where="data.train")
     if data.batch_size < 1 or data.streams_per_rank < 1 or data.num_workers < 0:
         raise RecipeError("data.batch_size and data.streams_per_rank must be >= 1, data.num_workers >= 0")
     if data.num_workers and data.streams_per_rank % data.num_workers:
         raise RecipeError(f"data.num_workers={data.num_workers} must divide data.streams_per_rank="
                           f"{data.streams_per_rank}")
-    readers = world_size * data.streams_per_rank
-    if len(urls) < readers:
-        raise DataError(f"data.train: {len(urls)} shard(s) cannot feed {world_size} rank(s) x "
-                        f"{data.streams_per_rank} stream(s) per rank = {readers} readers; write more, smaller shards "
-                        f"or lower data.streams_per_rank")
+    if data.sampling not in SAMPLINGS:
+        raise RecipeError(f"data.sampling must be one of {', '.join(SAMPLINGS)}, got {data.sampling!r}")
+    # the stream's own checks: enough shards for every reader, sizes for exact epochs, sources' modalities
+    build_stream(recipe, rank=0, world_size=world_size, start_batch=0)
     if data.eval:
         resolve_shards(data.eval, where="data.eval")

@@ -1,13 +1,44 @@
-"""One training rank: ``python -m pretrain.worker --run-dir DIR RECIPE [overrides...]`` under any launcher."""
+"""One training rank: ``python -m pretrain.worker --run-dir DIR RECIPE [overrides...]`` under any launcher.
+
+When a rank's work ends (trained, or failed with a user error or an exception) it writes its **exit record**
+``<run>/logs/rank<N>.exit`` atomically: ``{"rank": N, "exit_code": 0|1|2, "error": null|"one line"}``. A rank that
+has no record after the job ended never got there: it was killed (a signal, the kernel's OOM killer) or stopped by
+the launcher after another rank failed. `pretrain.launch` reads the records to name the rank that ended a job.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+LOGS = "logs"
+
+
+def exit_record_path(run_dir: Path, rank: int) -> Path:
+    return run_dir / LOGS / f"rank{rank}.exit"
+
+
+def write_exit_record(path: Path, rank: int, exit_code: int, error: str | None) -> None:
+    """Write the exit record atomically (temp file + rename): a reader never sees half a record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps({"rank": rank, "exit_code": exit_code, "error": error}) + "\n")
+    os.replace(tmp, path)
+
+
+def read_exit_record(path: Path) -> dict[str, Any] | None:
+    """The record at ``path``, or None when there is none (or it is unreadable: treated as absent)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -29,6 +60,9 @@ def run_rank(source: str, overrides: Sequence[str], run_dir: Path, *, overwrite:
     from pretrain.recipe import load_recipe
     from pretrain.trainer import init_distributed, train
 
+    record = exit_record_path(run_dir, int(os.environ.get("RANK", "0")))
+    record.unlink(missing_ok=True)  # a previous run's record in a resumed run directory
+
     def work() -> None:
         recipe = load_recipe(source, overrides)
         rank, _, _ = init_distributed(recipe.train.collective_timeout_s)
@@ -37,14 +71,23 @@ def run_rank(source: str, overrides: Sequence[str], run_dir: Path, *, overwrite:
         dist.barrier()
         train(recipe, run_dir)
 
-    return run_and_teardown(work, _user_errors())
+    return run_and_teardown(work, _user_errors(), exit_record=record)
 
 
-def run_and_teardown(work: Callable[[], None], user_errors: tuple[type[Exception], ...]) -> int:
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def run_and_teardown(work: Callable[[], None], user_errors: tuple[type[Exception], ...], *,
+                     exit_record: Path | None = None) -> int:
     """Run one rank's ``work``; a user error becomes one ``mmssl: error:`` line (and the rank's log) and exit code
-    2; then a barrier (on success) and the process group's teardown. Returns the exit code."""
+    2; then a barrier (on success) and the process group's teardown. Returns the exit code. ``exit_record``: where
+    to write this rank's exit record (see the module docstring) as soon as ``work`` ends; an unexpected exception
+    is recorded (exit code 1, its type and first line) and then propagates as before."""
     import torch.distributed as dist
 
+    rank = int(os.environ.get("RANK", "0"))
     code = 0
     try:
         work()
@@ -52,6 +95,15 @@ def run_and_teardown(work: Callable[[], None], user_errors: tuple[type[Exception
         logging.getLogger("mmssl").error("%s", exc)
         print(f"mmssl: error: {exc}", file=sys.stderr, flush=True)
         code = 2
+        if exit_record is not None:
+            write_exit_record(exit_record, rank, code, _one_line(exc))
+    except BaseException as exc:
+        if exit_record is not None:
+            write_exit_record(exit_record, rank, 1, f"{type(exc).__name__}: {_one_line(exc)}")
+        raise
+    else:
+        if exit_record is not None:
+            write_exit_record(exit_record, rank, code, None)
     if code == 0 and dist.is_initialized():
         dist.barrier()
     if dist.is_initialized():

@@ -9,7 +9,7 @@ import pytest
 
 from architectures.modalities import get_modality
 from data_pipelines.shards import DataError, DatasetIndex, resolve_shards
-from data_pipelines.stream import ShardStream, make_loader
+from data_pipelines.stream import ShardStream, SourceCursor, make_loader
 
 
 def _stream(data: Path, **kw) -> ShardStream:
@@ -48,9 +48,9 @@ def test_ranks_read_disjoint_shards_and_cover_the_epoch(asterisk_data: Path) -> 
     for rank in (0, 1):
         stream = _stream(asterisk_data, rank=rank)
         for v in range(stream.streams_per_rank):
-            for raw in stream._raw_samples(v):
-                if raw.epoch > 0:
-                    break
+            cursor = SourceCursor(stream.sources[0], 0, reader=stream.reader, sampling="continuous", seed=7,
+                                  reader_id=rank * 2 + v, readers=4)
+            while (raw := cursor.next()).epoch == 0:
                 seen.append(raw.key)
     assert len(seen) == len(set(seen)) == index.total_samples
 
