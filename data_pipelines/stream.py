@@ -350,9 +350,7 @@ class ShardStream(IterableDataset):
         decode = SampleDecoder({key: self.decode.fields[key]}, {key: self.decode.decoders[key]}, seed=self.seed,
                                where=self.where, faults=quiet)
         reader = ShardReader(where=self.where, retries=0, faults=quiet)
-        for source in self.sources:
-            if source.modalities is not None and key not in source.modalities:
-                continue
+        for source in self.sources:  # any source's member gives the shape, even one that may not use it
             for url in source.urls:
                 for _, sample in reader.samples(url):
                     members = {k: v for k, v in sample.items() if not k.startswith("__")}
