@@ -26,8 +26,10 @@ def _corrupt_copy(src: Path, dst: Path, fraction: float, seed: int) -> set[tuple
     shutil.copytree(src, dst)
     rng = random.Random(seed)
     index = DatasetIndex.load(dst)
-    keys = [(s.path, m.name.split(".", 1)[0]) for s in index.shards
-            for m in tarfile.open(dst / s.path).getmembers() if m.name.endswith(".wav")]
+    keys = []
+    for shard in index.shards:
+        with tarfile.open(dst / shard.path) as tar:
+            keys += [(shard.path, m.name.split(".", 1)[0]) for m in tar.getmembers() if m.name.endswith(".wav")]
     chosen = set(rng.sample(keys, round(fraction * len(keys))))
     for shard in index.shards:
         path = dst / shard.path

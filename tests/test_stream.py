@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from architectures.modalities import get_modality
+from data_pipelines.cursors import SourceCursor
 from data_pipelines.shards import DataError, DatasetIndex, resolve_shards
-from data_pipelines.stream import ShardStream, SourceCursor, make_loader
+from data_pipelines.stream import ShardStream, make_loader
 
 
 def _stream(data: Path, **kw) -> ShardStream:
