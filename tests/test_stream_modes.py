@@ -169,3 +169,31 @@ def test_a_modality_no_row_carries_is_still_in_the_batch(asterisk_data: Path) ->
     assert not batch.present["audio"].any() and batch.present["text"].all()
     full = _take(_stream(asterisk_data), 1)[0]
     assert batch.inputs["audio"].shape == full.inputs["audio"].shape and not batch.inputs["audio"].any()
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"sampling": "shuffled"}, r"data\.sampling must be one of continuous, exact, resampled, got 'shuffled'"),
+    ({"sources": [{"name": "a", "train": "TRAIN"}]}, r"data\.train and data\.sources are both set"),
+    ({"train": "", "sources": [{"name": "a", "train": "TRAIN", "modalities": ["image"]}]},
+     r"data\.sources\.0\.modalities: 'image' is not a tower of the model \(towers: \['audio', 'text'\]\)"),
+    ({"train": "", "sources": [{"name": "a", "train": "TRAIN"}, {"name": "a", "train": "TRAIN"}]},
+     r"data\.sources\.1\.name: 'a' is used twice"),
+    ({"train": "", "sources": [{"name": "a", "train": "TRAIN", "weight": 0}]}, r"data\.sources\.0\.weight must be > 0"),
+    ({"train": "", "sampling": "exact", "sources": [{"name": "a", "train": "TRAIN"}, {"name": "b", "train": "TRAIN"}]},
+     r"data\.sampling=exact reads one shard set"),
+    ({"train": "", "sources": [{"name": "a", "train": "TRAIN/shard-000000.tar"}]},
+     r"data\.sources\.0\.train: 1 shard\(s\) cannot feed 2 rank\(s\)"),
+])
+def test_bad_data_settings_name_their_key(asterisk_data: Path, data: dict, message: str) -> None:
+    from pretrain.recipe import Recipe, RecipeError, _Origin, from_dict
+    from pretrain.validate import validate_recipe
+    from tests.conftest import tiny_recipe_dict
+
+    raw = tiny_recipe_dict(asterisk_data)
+    train = str(asterisk_data / "train")
+    for source in data.get("sources", []):
+        source["train"] = source["train"].replace("TRAIN", train)
+    raw["data"].update(data)
+    recipe = from_dict(Recipe, raw, path=(), origin=_Origin("test", {}))
+    with pytest.raises((RecipeError, DataError), match=message):
+        validate_recipe(recipe, world_size=2)
