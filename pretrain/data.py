@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from architectures.modalities import get_modality
+from data_pipelines.epochs import exact_batches_per_epoch
 from data_pipelines.shards import resolve_shards, shard_sizes
 from data_pipelines.stream import ShardStream, Source, make_loader, read_once
 from objectives.base import VIEW_SEP, base_modality
@@ -70,6 +71,17 @@ def data_sources(recipe: Recipe) -> list[Source]:
         urls = resolve_shards(cfg.train, where=f"{where}.train")
         sources.append(Source(name, tuple(urls), cfg.weight, modalities, shard_sizes(urls), f"{where}.train"))
     return sources
+
+
+def batches_per_epoch(recipe: Recipe, world_size: int) -> int | None:
+    """Batches per rank in one exact epoch (``data.sampling: exact``), ``V·⌈max_g n_g / B⌉``; None otherwise."""
+    if recipe.data.sampling != "exact":
+        return None
+    (source,) = data_sources(recipe)
+    sizes = source.sizes or {}
+    readers = world_size * recipe.data.streams_per_rank
+    return recipe.data.streams_per_rank * exact_batches_per_epoch(sum(sizes[u] for u in source.urls), readers,
+                                                                  recipe.data.batch_size)
 
 
 def train_urls(recipe: Recipe) -> list[str]:

@@ -50,7 +50,7 @@ from data_pipelines.shards import atomic_write_text
 from objectives.registry import build_objectives
 from pretrain import checkpoint
 from pretrain.accumulation import cached_accumulation_step
-from pretrain.data import build_loader, feature_source
+from pretrain.data import batches_per_epoch, build_loader, feature_source
 from pretrain.engine import build_engine
 from pretrain.frozen import frozen_reference, frozen_state_sha256, optimizer_memory
 from pretrain.recipe import Recipe, RecipeError
@@ -165,6 +165,7 @@ class Trainer:
         _seed_everything(cfg.seed + self.rank)
         self.positions: dict[int, Any] = {}  # virtual stream -> its position after the last batch consumed
         self.state = self._resume() if cfg.resume else TrainerState(world_size=self.world)
+        self.from_shards = batches is None
         if batches is not None:
             self.source = batches(self.rank, self.world, self.state.next_batch)
         else:
@@ -239,9 +240,14 @@ class Trainer:
         writer = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.tensorboard, total_steps=cfg.steps,
                                start_step=state.step)
         keylog = _KeyLog(run_dir, rank, cfg.log_keys, state.step)
+        epoch_batches = batches_per_epoch(recipe, world) if self.from_shards else None
         if rank == 0:
             log.info("pretraining %s: %d ranks, global batch %d, ZeRO-%d, %s, %s", recipe.name, world,
                      global_batch, cfg.zero_stage, cfg.precision, model_summary(self.model))
+            if epoch_batches:
+                log.info("exact epochs: %d batches per rank per epoch = %.2f steps (train.steps=%d is %.2f epochs)",
+                         epoch_batches, epoch_batches / cfg.grad_accum, cfg.steps,
+                         cfg.steps * cfg.grad_accum / epoch_batches)
 
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         timings = dict.fromkeys(PHASES, 0.0)
@@ -396,6 +402,7 @@ class Trainer:
             "precision": cfg.precision,
             "device": device.type,
             "samples_seen": state.samples_seen,
+            "steps_per_exact_epoch": epoch_batches / cfg.grad_accum if epoch_batches else None,
             "timed_steps": timed_steps,
             "step_time_split_s": {k: round(v / max(1, timed_steps * cfg.grad_accum), 5) for k, v in timings.items()},
             "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in per_rank],

@@ -59,7 +59,7 @@ def test_exact_epoch_with_corrupt_members_sees_each_sample_once_and_reports_exac
     done = mmssl("pretrain", str(recipe), "--nproc", "2", "--run-dir", str(run), timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 12
+    assert summary["steps"] == 12 and summary["steps_per_exact_epoch"] == 12
     consumed = [k for r in (0, 1) for line in (run / "keys" / f"rank{r}.jsonl").read_text().splitlines()
                 for k in json.loads(line)["keys"]]
     real = [k for k in consumed if k]
