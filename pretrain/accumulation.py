@@ -26,6 +26,7 @@ full gradient once.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -74,9 +75,12 @@ def _surrogate(live: Any, grads: dict[tuple[str, str], Tensor]) -> Tensor:
     return total
 
 
-def cached_accumulation_step(engine: Any, batches: list[Batch]) -> LossOutput:
+def cached_accumulation_step(engine: Any, batches: list[Batch],
+                             proceed: Callable[[LossOutput], bool] | None = None) -> LossOutput:
     """One optimizer step over ``batches`` (this rank's micro-batches) with the gradient cache; returns the loss of
-    the whole accumulated batch. ``engine.module`` is a `PretrainTask`."""
+    the whole accumulated batch. ``engine.module`` is a `PretrainTask`. ``proceed(loss)`` is asked once the loss
+    of the whole accumulated batch is known and before any backward: False skips this step's backward passes and
+    update entirely (the trainer's non-finite guard; every rank must give the same answer)."""
     task = engine.module
     states, cached = [], []
     with torch.no_grad():
@@ -85,6 +89,8 @@ def cached_accumulation_step(engine: Any, batches: list[Batch]) -> LossOutput:
             cached.append(task.model(batch.inputs, batch.present))
     leaves = cached_leaves(cached)
     result: LossOutput = task.loss(leaves, cat_batches(batches))
+    if proceed is not None and not proceed(result):
+        return result
     engine.backward(result.loss, scale_wrt_gas=False)
     rows = [len(b) for b in batches]
     grads: list[dict[tuple[str, str], Tensor]] = [{} for _ in batches]

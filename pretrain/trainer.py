@@ -9,16 +9,19 @@ Losses are buffered on the device and reduced over ranks only every ``log_every`
 
 Faults:
 
-* **Non-finite loss.** After the forward, one all-reduce of a per-rank flag tells every rank which ranks saw a NaN/inf
-  loss, so all ranks take the same decision (a host sync per step). With ``train.grad_accum=1`` such a step's
-  backward and ``engine.step()`` are skipped on *every* rank: its batches are consumed, the step counter (checkpoint
-  tags, ``train.steps``, the stream position) advances, but the optimizer, Adam's step count and the LR schedule do
-  not (they count applied updates, so the schedule lags one step per skipped step; it is saved in the checkpoint,
-  so a resume is exact). With ``grad_accum > 1`` the accumulated step has already run when its loss is known: it is
-  counted and bounded the same way, and the update itself is left to DeepSpeed's own guard (ZeRO-1/2 drop a step
-  whose gradient norm is non-finite). Each event is logged with its step and ranks and counted in summary.json
-  (``nonfinite_steps``); more than ``train.max_nonfinite_steps`` *consecutive* ones abort the run on every rank
-  with `TrainingDivergedError` (consecutive, so rare spikes in a long run are tolerated but divergence is not).
+* **Non-finite loss.** Once the step's loss is known, one all-reduce of a per-rank flag tells every rank which ranks
+  saw a NaN/inf loss, so all ranks take the same decision (a host sync per step). With ``train.grad_accum=1``, and
+  with ``grad_accum > 1`` under the gradient cache (``train.accumulation=cached``, where the loss of the whole
+  accumulated batch is known before any backward), such a step's backward passes and ``engine.step()`` are skipped
+  on *every* rank: its batches are consumed, the step counter (checkpoint tags, ``train.steps``, the stream
+  position) advances, but the optimizer, Adam's step count and the LR schedule do not (they count applied
+  updates, so the schedule lags one step per skipped step; it is saved in the checkpoint, so a resume is exact).
+  With naive accumulation the micro-batches have already been back-propagated when the step's loss is known: the
+  step is counted and bounded the same way, and the update itself is left to DeepSpeed's own guard (ZeRO-1/2 drop
+  a step whose gradient norm is non-finite). Each event is logged with its step and ranks and counted in
+  summary.json (``nonfinite_steps``); more than ``train.max_nonfinite_steps`` *consecutive* ones abort the run on
+  every rank with `TrainingDivergedError` (consecutive, so rare spikes in a long run are tolerated but divergence
+  is not).
 * **Dead rank.** Every collective waits at most ``train.collective_timeout_s`` (the process-group timeout), then
   fails on the surviving ranks; the launcher (torchrun) also stops the job when a rank process dies.
 * **Unreachable shards** are retried and skipped by the stream (`data_pipelines.stream`); their count reaches
@@ -220,7 +223,8 @@ class Trainer:
             return
         state.nonfinite_steps += 1
         state.nonfinite_run += 1
-        held = "skipped on every rank" if cfg.grad_accum == 1 else "left to DeepSpeed's overflow guard (grad_accum>1)"
+        exact = cfg.grad_accum == 1 or cfg.accumulation == "cached"
+        held = "skipped on every rank" if exact else "left to DeepSpeed's overflow guard (naive accumulation)"
         self.log.warning("step %d: non-finite loss on rank(s) %s; update %s (%d in a row, %d in all, "
                          "train.max_nonfinite_steps=%d)", state.step + 1, bad_ranks, held, state.nonfinite_run,
                          state.nonfinite_steps, cfg.max_nonfinite_steps)
@@ -293,7 +297,13 @@ class Trainer:
             if cfg.grad_accum > 1 and cfg.accumulation == "cached":
                 batches = [fetch() for _ in range(cfg.grad_accum)]
                 t0 = time.perf_counter()
-                out = cached_accumulation_step(engine, batches)
+
+                def proceed(result: Any) -> bool:
+                    nonlocal bad_ranks
+                    bad_ranks = self._nonfinite_ranks(result.loss)
+                    return not bad_ranks
+
+                out = cached_accumulation_step(engine, batches, proceed=proceed)
                 sync()
                 split["forward"] = time.perf_counter() - t0  # cache + loss + re-forward + backward, not split
                 step_loss = out.loss.detach().float()
@@ -319,7 +329,7 @@ class Trainer:
                     for phase, dt in zip(PHASES[1:], (t2 - t1, t3 - t2, t4 - t3), strict=True):
                         split[phase] += dt
             split["data_wait"] = data_wait
-            if cfg.grad_accum > 1:  # the accumulated step already ran; its loss is known only now
+            if cfg.grad_accum > 1 and cfg.accumulation != "cached":  # already applied; its loss is known only now
                 bad_ranks = self._nonfinite_ranks(step_loss)
             self._count_nonfinite(bad_ranks)
             for _, objective in objectives if not bad_ranks else ():

@@ -46,9 +46,9 @@ def test_fault_settings_are_validated() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- non-finite loss
-def _fixed_source(recipe: Recipe, global_batch: int, skip: int | None, poison: list[int]):
+def _fixed_source(recipe: Recipe, global_batch: int, skip: list[int], poison: list[int]):
     """Global batches of the shards in order, split over the ranks. ``poison``: those batches on the last rank get
-    a NaN spectrogram. ``skip``: that global batch is left out (the reference run that never saw it)."""
+    a NaN spectrogram. ``skip``: those global batches are left out (the reference run that never saw them)."""
     decoders = eval_decoders(recipe)
 
     def source(rank: int, world: int, start: int) -> Iterator[Batch]:
@@ -56,7 +56,7 @@ def _fixed_source(recipe: Recipe, global_batch: int, skip: int | None, poison: l
         index = 0
         for batch in read_once(resolve_shards(recipe.data.train), fields=modality_fields(recipe), decoders=decoders,
                                batch_size=global_batch):
-            if batch.index == skip or len(batch) < global_batch:
+            if batch.index in skip or len(batch) < global_batch:
                 continue
             part = batch.rows(rank * per_rank, (rank + 1) * per_rank)
             if batch.index in poison and rank == world - 1:
@@ -69,7 +69,7 @@ def _fixed_source(recipe: Recipe, global_batch: int, skip: int | None, poison: l
     return source
 
 
-def _train_ranks(rank: int, world: int, data: str, run_dir: str, train: dict[str, Any], skip: int | None,
+def _train_ranks(rank: int, world: int, data: str, run_dir: str, train: dict[str, Any], skip: list[int],
                  poison: list[int]) -> dict[str, Any]:
     from pretrain.trainer import Trainer, TrainingDivergedError
 
@@ -88,14 +88,17 @@ def _train_ranks(rank: int, world: int, data: str, run_dir: str, train: dict[str
 
 
 @pytest.mark.distributed
-def test_one_ranks_nan_skips_the_update_on_every_rank(asterisk_data: Path, tmp_path: Path) -> None:
-    """Rank 1's batch of step 3 is NaN: both ranks skip that update, so the weights equal those of a run that
-    never saw that global batch (same LR schedule length, one optimizer step fewer), and the count is 1."""
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_one_ranks_nan_skips_the_update_on_every_rank(asterisk_data: Path, tmp_path: Path, grad_accum: int) -> None:
+    """Rank 1's batch 2 is NaN: both ranks skip the update of the step that holds it (with ``grad_accum=2`` under
+    the gradient cache, before any backward of that step's two micro-batches), so the weights equal those of a run
+    that never saw that step's batches (same LR schedule length, one optimizer step fewer), and the count is 1."""
     steps = 5
-    poisoned = spawn_ranks(_train_ranks, str(asterisk_data), str(tmp_path / "nan"), {"steps": steps}, None,
-                           [NAN_BATCH])
-    reference = spawn_ranks(_train_ranks, str(asterisk_data), str(tmp_path / "ref"),
-                            {"steps": steps, "stop_at": steps - 1}, NAN_BATCH, [])
+    train = {"steps": steps, "grad_accum": grad_accum, "accumulation": "cached"}
+    first = NAN_BATCH // grad_accum * grad_accum
+    poisoned = spawn_ranks(_train_ranks, str(asterisk_data), str(tmp_path / "nan"), train, [], [NAN_BATCH])
+    reference = spawn_ranks(_train_ranks, str(asterisk_data), str(tmp_path / "ref"), {**train, "stop_at": steps - 1},
+                            list(range(first, first + grad_accum)), [])
     for rank in (0, 1):
         got, want = poisoned[rank], reference[rank]
         assert got["nonfinite_steps"] == 1 and want["nonfinite_steps"] == 0
@@ -116,7 +119,7 @@ def test_one_ranks_nan_skips_the_update_on_every_rank(asterisk_data: Path, tmp_p
 
 def test_consecutive_nan_steps_past_the_bound_abort_with_a_clear_error(asterisk_data: Path, tmp_path: Path) -> None:
     (result,) = spawn_ranks(_train_ranks, str(asterisk_data), str(tmp_path / "run"),
-                            {"steps": 6, "max_nonfinite_steps": 1}, None, [1, 3, 4], world=1)
+                            {"steps": 6, "max_nonfinite_steps": 1}, [], [1, 3, 4], world=1)
     # step 2 (batch 1) alone is tolerated; steps 4 and 5 in a row exceed the bound of 1 at step 5
     assert "error" in result, result
     assert "train.max_nonfinite_steps=1" in result["error"] and result["error"].startswith("step 5:")
