@@ -102,7 +102,7 @@ def launch(source: str, overrides: Sequence[str], *, nproc: int, run_dir: str | 
         return 0
     print(f"mmssl: error: pretraining failed: {describe_failures(directory, failures, nproc)}", file=sys.stderr,
           flush=True)
-    return 1
+    return failure_exit_code(directory, failures)
 
 
 def run_torchrun(args: Sequence[str], env: Mapping[str, str]) -> dict[int, Any] | None:
@@ -138,30 +138,40 @@ def _failure_order(exitcode: int | None, record: dict[str, Any] | None) -> int:
 
 
 def describe_failures(run_dir: Path, failures: Mapping[int, Any], nproc: int) -> str:
-    """One line naming each failed rank and how it ended (see the module docstring), likely causes first.
-    ``failures``: global rank -> an object with ``exitcode`` (negative: killed by that signal) and
-    ``signal_name()`` (torch's `ProcessFailure`); empty: judge from the exit records of ranks ``0..nproc-1``."""
+    """One line naming each failed rank and how it ended (see the module docstring), likely causes first; ranks
+    that ended the same way are named together. ``failures``: global rank -> an object with ``exitcode``
+    (negative: killed by that signal) and ``signal_name()`` (torch's `ProcessFailure`); empty: judge from the exit
+    records of ranks ``0..nproc-1``."""
     ranks = list(failures)
     if not ranks:  # no word from the agent: ranks that recorded an error, else every rank without a record
         records = {r: read_exit_record(exit_record_path(run_dir, r)) for r in range(nproc)}
         ranks = [r for r, rec in records.items() if rec and rec.get("exit_code")] or \
                 [r for r, rec in records.items() if rec is None]
-    found = []
-    for rank in ranks:
+    groups: dict[tuple[int, str], list[int]] = {}
+    for rank in sorted(ranks):
         record = read_exit_record(exit_record_path(run_dir, rank))
         exitcode = getattr(failures.get(rank), "exitcode", None)
-        found.append((_failure_order(exitcode, record), rank, exitcode, record))
-    parts = []
-    for _, rank, exitcode, record in sorted(found, key=lambda item: item[:2]):
         if record is not None and record.get("exit_code"):
             error = str(record.get("error"))
             error = error if len(error) <= MAX_QUOTED else error[:MAX_QUOTED] + "..."
-            how = f"rank {rank} failed (exit {record['exit_code']}): {error}"
+            how = f"failed (exit {record['exit_code']}): {error}"
         elif exitcode is not None and exitcode < 0:
-            how = f"rank {rank} was killed by signal {failures[rank].signal_name()} (exit {exitcode})"
+            how = f"was killed by signal {failures[rank].signal_name()} (exit {exitcode})"
         elif exitcode is not None:
-            how = f"rank {rank} exited with code {exitcode} and no exit record"
+            how = f"exited with code {exitcode} and no exit record"
         else:
-            how = f"rank {rank}: no exit record"
-        parts.append(f"{how}; see {run_dir / LOGS / f'rank{rank}.log'}")
+            how = "left no exit record"
+        groups.setdefault((_failure_order(exitcode, record), how), []).append(rank)
+    parts = []
+    for (_, how), members in sorted(groups.items(), key=lambda item: (item[0][0], item[1][0])):
+        if len(members) == 1:
+            parts.append(f"rank {members[0]} {how}; see {run_dir / LOGS / f'rank{members[0]}.log'}")
+        else:
+            parts.append(f"ranks {', '.join(map(str, members))} {how}; see {run_dir / LOGS}")
     return "; ".join(parts) if parts else f"no rank left an error (see {run_dir / LOGS})"
+
+
+def failure_exit_code(run_dir: Path, failures: Mapping[int, Any]) -> int:
+    """2 (the CLI's code for bad input) when every failed rank recorded a user error, else 1 (as torchrun)."""
+    records = [read_exit_record(exit_record_path(run_dir, rank)) for rank in failures]
+    return 2 if records and all(rec and rec.get("exit_code") == 2 for rec in records) else 1

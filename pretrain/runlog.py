@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from data_pipelines.shards import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
 
@@ -45,13 +47,21 @@ class MetricsWriter:
         self.bar = None
         if not enabled:
             return
-        if start_step == 0 and self.path.exists():
-            self.path.unlink()
+        if self.path.exists():  # keep the steps the resumed checkpoint covers; drop what a killed run wrote after
+            kept = []
+            for line in self.path.read_text().splitlines() if start_step else []:
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by the kill
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            # purge_step: TensorBoard drops events a killed run logged past the resumed step
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", file=sys.stderr,

@@ -132,7 +132,7 @@ class _KeyLog:
         if resumed_step and path.exists():  # drop what a killed run consumed after its last checkpoint
             kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < resumed_step]
         path.write_text("".join(ln + "\n" for ln in kept))
-        self.file = path.open("a")
+        self.file = path.open("a", buffering=1)  # line-buffered: a kill loses no finished line
 
     def write(self, step: int, batch: Batch) -> None:
         if self.file is not None:
