@@ -4,8 +4,10 @@ and the loader alone, in one process so the ratios compare like with like.
     python tools/bench_pretrain.py [--steps 40] [--nproc 2] [--stages 0 2] [--json out.json] [key=value ...]
 
 Training figures come from real `mmssl pretrain` runs (DeepSpeed, the recipe's data on real shards); the first
-step (start-up) is excluded. The loader figure is rank 0's ShardStream through its DataLoader with the recipe's
-worker count, decoding included, and nothing else. Ratios are against the first stage listed.
+step (start-up) is excluded. The loader figures are rank 0's ShardStream through its DataLoader for each
+``--loader-workers`` setting, decoding included, and nothing else, against what one training rank consumed; the
+resume figure times a stream resumed at ``--resume-at`` from its recorded position vs by replaying. Ratios are
+against the first stage listed.
 """
 
 from __future__ import annotations
@@ -45,6 +47,25 @@ def loader_rate(recipe_name: str, overrides: list[str], nproc: int, batches: int
     return n / (time.perf_counter() - start)
 
 
+def resume_cost(recipe_name: str, overrides: list[str], nproc: int, at: int) -> dict[str, float]:
+    """Seconds until rank 0's stream yields batch ``at`` when resumed from recorded positions vs by replaying."""
+    from pretrain.data import build_stream
+    from pretrain.recipe import load_recipe
+
+    recipe = load_recipe(recipe_name, overrides)
+    positions: dict[int, dict] = {}
+    stream = iter(build_stream(recipe, rank=0, world_size=nproc, start_batch=0))
+    for _ in range(at):
+        batch = next(stream)
+        positions[batch.position["stream"]] = batch.position
+    costs = {}
+    for mode, known in (("position", positions), ("replay", None)):
+        start = time.perf_counter()
+        next(iter(build_stream(recipe, rank=0, world_size=nproc, start_batch=at, positions=known)))
+        costs[mode] = time.perf_counter() - start
+    return costs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="quickstart")
@@ -52,12 +73,20 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--loader-batches", type=int, default=30)
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=[0, 1, 2],
+                        help="data.num_workers settings for the loader-only rows")
+    parser.add_argument("--resume-at", type=int, default=40, help="batch at which to time a resumed stream")
     parser.add_argument("--json", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         runs = {s: train_run(args.recipe, s, args.steps, args.nproc, args.overrides, Path(tmp)) for s in args.stages}
-    loader = loader_rate(args.recipe, args.overrides, args.nproc, args.loader_batches)
+    from pretrain.recipe import load_recipe
+
+    data = load_recipe(args.recipe, args.overrides).data
+    loaders = {w: loader_rate(args.recipe, [*args.overrides, f"data.num_workers={w}"], args.nproc,
+                              args.loader_batches) for w in args.loader_workers}
+    resumed = resume_cost(args.recipe, args.overrides, args.nproc, args.resume_at)
     ref = runs[args.stages[0]]
     rows = []
     for stage, s in runs.items():
@@ -78,11 +107,20 @@ def main() -> None:
         print(f"| {r['config']} | {r['samples_per_s']:.1f} | {r['vs_ref']:.2f} | {r['data_wait_ms']:.1f} | "
               f"{r['forward_ms']:.1f} | {r['backward_ms']:.1f} | {r['optimizer_ms']:.1f} | "
               f"{', '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} |")
-    print(f"| loader only (rank 0, decode incl.) | {loader:.1f} per rank | {loader / per_rank_need:.1f}x what "
-          f"one rank consumes | | | | | |")
+    print(f"\nLoader alone (rank 0 of {args.nproc}, decoding included; batch {data.batch_size}, "
+          f"streams_per_rank {data.streams_per_rank}, shuffle_buffer {data.shuffle_buffer}, prefetch_factor "
+          f"{data.prefetch_factor}) against what one training rank consumes ({per_rank_need:.1f} samples/s at "
+          f"ZeRO-{args.stages[0]}):\n")
+    print("| data.num_workers | loader samples/s per rank | x training consumption |")
+    print("|---:|---:|---:|")
+    for w, rate in loaders.items():
+        print(f"| {w} | {rate:.1f} | {rate / per_rank_need:.1f}x |")
+    print(f"\nResuming rank 0's stream at batch {args.resume_at}: first batch after {resumed['position']:.2f} s "
+          f"from the recorded position, {resumed['replay']:.2f} s by replaying "
+          f"({resumed['replay'] / resumed['position']:.1f}x).")
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": rows, "loader_samples_per_s_per_rank": loader,
-                                               "consumed_per_rank": per_rank_need}, indent=2))
+        Path(args.json).write_text(json.dumps({"runs": rows, "loader_samples_per_s_per_rank": loaders,
+                                               "consumed_per_rank": per_rank_need, "resume_s": resumed}, indent=2))
 
 
 if __name__ == "__main__":
