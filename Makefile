@@ -9,6 +9,7 @@ RUN    := runs/quickstart
 NPROC  ?= 2
 ASTERISK_PKGS := asterisk-core-sounds-en-wav asterisk-core-sounds-en
 FASHION_PKGS  := dataset-fashion-mnist
+KTUBERLING_PKGS := ktuberling-data librsvg2-bin
 
 .PHONY: quickstart test lint install data-deps shards clean-quickstart
 
@@ -24,12 +25,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 # The bundled real data sets come from Debian packages; install them when we can, else say how.
-# asterisk-core-sounds-en(-wav): the quickstart's speech + transcripts; dataset-fashion-mnist: the image source.
+# asterisk-core-sounds-en(-wav): the quickstart's speech + transcripts; dataset-fashion-mnist: the image source;
+# ktuberling-data + librsvg2-bin (rsvg-convert): the drawings / spoken words / written words of the tri-modal recipes.
 data-deps:
 	@missing=""; \
 	[ -d /usr/share/asterisk/sounds/en_US_f_Allison ] && [ -f /usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz ] \
 	  || missing="$(ASTERISK_PKGS)"; \
 	[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing="$$missing $(FASHION_PKGS)"; \
+	[ -d /usr/share/ktuberling/pics ] && command -v rsvg-convert >/dev/null || missing="$$missing $(KTUBERLING_PKGS)"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing"; \

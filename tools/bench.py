@@ -1,0 +1,431 @@
+"""``mmssl bench --compare open_clip``: mmssl vs open_clip training the same CLIP model, side by side.
+
+The same dual-encoder CLIP (Radford et al. 2021) is built twice: by open_clip's own factory (``create_model`` on a
+model-config dict registered with ``add_model_config``, ``pretrained=None``) and by mmssl (a ``fusion_free`` recipe:
+a timm ViT image tower and a BERT text tower of the same width / depth / heads / context / vocabulary, linear
+bias-free projections). Both train on the same real Fashion-MNIST images and captions (resized to ``--image-size``
+px, 3 channels), decoded once by mmssl's shard stream and then held in memory, so the timed loop is the training
+step only; both minimise the symmetric InfoNCE
+
+    L = 1/(2N) Σ_i [ -log softmax_j(s·a_i·b_j)[i] - log softmax_j(s·b_i·a_j)[i] ]
+
+with AdamW (same lr, betas, eps, weight decay, no decay on gains / biases), grad-norm clipping 1.0, warmup + cosine.
+
+* open_clip's step is ``open_clip_train.train.train_one_epoch`` itself (its autocast, ``ClipLoss``, clipping and
+  logit-scale clamp), over an in-memory loader; ``amp_bf16`` is its bf16 (autocast over fp32 weights).
+* mmssl's step is the trainer's: `pretrain.trainer.Trainer` builds model, objectives, `PretrainTask` and the
+  DeepSpeed engine (world size 1, ZeRO-0) and each step is ``batch.to`` → ``engine(batch)`` → the non-finite check
+  (one all-reduce) → ``engine.backward`` → ``engine.step()``, as ``Trainer.fit`` does; its bf16 is DeepSpeed's
+  (bf16 weights, fp32 master copy).
+
+Per precision, in ONE process, each trial runs ``--steps`` open_clip steps then ``--steps`` mmssl steps; the first
+trial is warm-up and excluded; samples/s is the median over the other trials. Peak memory: each framework and
+precision in a fresh subprocess (peak RSS: the high-water mark after imports and data decoding, reset there; and
+its growth over the RSS at that point, i.e. what the model, optimizer and steps added). A last row times
+``Trainer.fit`` end to end on the shards (mmssl's real loader, ``data.num_workers=1``) against the same open_clip
+median (pre-decoded).
+
+    python -m tools.bench --compare open_clip [--steps 5] [--trials 6] [--batch 64] [--json out.json] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from argparse import Namespace
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from tools.probe import ProbeError
+
+ROOT = Path(__file__).resolve().parents[1]
+OPEN_CLIP_NAME = "mmssl-bench-clip"
+PRECISIONS = {"fp32": "fp32", "bf16": "amp_bf16"}  # mmssl train.precision -> open_clip --precision
+
+
+class BenchError(ProbeError):
+    """A bad benchmark option (named in the message); a `ProbeError`, so the CLI prints it as one line."""
+
+
+@dataclass
+class ClipSize:
+    """Tower sizes shared by both frameworks (``--image-size`` ... ``--embed-dim``)."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    context: int = 32
+    embed_dim: int = 256
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    warmup_steps: int = 2
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+def prepare(workdir: Path, size: ClipSize, batch: int, precision: str, limit: int) -> Path:
+    """Fashion-MNIST shards, a sentencepiece vocabulary of its captions and the mmssl recipe; returns the recipe."""
+    from data_pipelines.sources import fashion_mnist
+    from data_pipelines.tokenizer_training import train_sentencepiece
+
+    data = workdir / "fashion-mnist"
+    if not (data / "train").is_dir():
+        fashion_mnist.build(data, shard_size=max(64, limit // 8), limit=limit)
+    spm = data / "spm.model"
+    if not spm.is_file():
+        captions = [t.format(c) for c in fashion_mnist.CLASSES for t in fashion_mnist.TEMPLATES]
+        train_sentencepiece(captions, spm, vocab_size=64)
+    tower = {"width": size.width, "depth": size.depth, "heads": size.heads, "mlp_ratio": 4.0}
+    recipe = {
+        "name": "bench-clip",
+        "data": {"train": str(data / "train"), "batch_size": batch, "shuffle_buffer": 4 * batch,
+                 "streams_per_rank": 1, "num_workers": 1, "seed": 0},
+        "model": {"family": "fusion_free", "embed_dim": size.embed_dim, "head": "linear",
+                  "image": {"arch": "vit_tiny_patch16_224", **tower, "pool": "token", "image_size": size.image_size,
+                            "patch_size": size.patch_size, "in_chans": 3},
+                  "text": {"arch": "bert", **tower, "pool": "cls", "tokenizer": str(spm), "max_len": size.context}},
+        "objectives": {"contrastive": {"pairs": [["image", "text"]], "init_temperature": 0.07,
+                                       "max_logit_scale": 100.0}},
+        "train": {"steps": 10**6, "lr": size.lr, "warmup_steps": size.warmup_steps, "min_lr_ratio": 0.0,
+                  "weight_decay": size.weight_decay, "betas": [0.9, 0.98], "eps": 1e-6, "grad_clip": 1.0,
+                  "zero_stage": 0, "precision": precision, "seed": 0, "threads": torch.get_num_threads(),
+                  "log_every": 10**6, "ckpt_every": 0, "tensorboard": False},
+    }
+    path = workdir / f"recipe-{precision}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def decoded_batches(recipe_path: Path, count: int) -> list[Any]:
+    """``count`` batches decoded by mmssl's shard stream (rank 0 of 1), kept in memory for both frameworks."""
+    from pretrain.data import build_stream
+    from pretrain.recipe import load_recipe
+
+    stream = iter(build_stream(load_recipe(str(recipe_path)), rank=0, world_size=1, start_batch=0))
+    return [next(stream) for _ in range(count)]
+
+
+# --- open_clip ------------------------------------------------------------------------------------------------
+def open_clip_config(size: ClipSize, vocab: int) -> dict[str, Any]:
+    return {"embed_dim": size.embed_dim,
+            "vision_cfg": {"image_size": size.image_size, "patch_size": size.patch_size, "width": size.width,
+                           "layers": size.depth, "head_width": size.width // size.heads, "mlp_ratio": 4.0},
+            "text_cfg": {"context_length": size.context, "vocab_size": vocab, "width": size.width,
+                         "heads": size.heads, "layers": size.depth, "mlp_ratio": 4.0}}
+
+
+def build_open_clip(size: ClipSize, vocab: int, workdir: Path) -> torch.nn.Module:
+    """The model from open_clip's factory on our config (registered as ``mmssl-bench-clip``), random init."""
+    import open_clip
+
+    path = workdir / "open_clip_configs"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{OPEN_CLIP_NAME}.json").write_text(json.dumps(open_clip_config(size, vocab)))
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    return open_clip.create_model(OPEN_CLIP_NAME, pretrained=None, device="cpu", precision="fp32",
+                               output_dict=True)
+
+
+class _MemoryLoader:
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.pairs = pairs
+        self.num_batches = len(pairs)
+        self.num_samples = sum(len(p[0]) for p in pairs)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.pairs)
+
+
+class _DataInfo:
+    def __init__(self, loader: _MemoryLoader) -> None:
+        self.dataloader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+class OpenClipSide:
+    """open_clip_train's ``train_one_epoch`` over in-memory batches, with main.py's AdamW groups and cosine_lr."""
+
+    name = "open_clip"
+
+    def __init__(self, size: ClipSize, vocab: int, precision: str, batch: int, workdir: Path) -> None:
+        import open_clip
+        from open_clip_train.scheduler import cosine_lr
+
+        self.model = build_open_clip(size, vocab, workdir)
+        exclude = [p for n, p in self.model.named_parameters()
+                   if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n]
+        ids = {id(p) for p in exclude}
+        rest = [p for p in self.model.parameters() if id(p) not in ids]
+        self.optimizer = torch.optim.AdamW([{"params": exclude, "weight_decay": 0.0},
+                                            {"params": rest, "weight_decay": size.weight_decay}],
+                                           lr=size.lr, betas=(0.9, 0.98), eps=1e-6)
+        self.scheduler = cosine_lr(self.optimizer, size.lr, size.warmup_steps, 10**6)
+        self.loss = open_clip.ClipLoss()
+        self.args = Namespace(device="cpu", precision=PRECISIONS[precision], distill=False, accum_freq=1,
+                              skip_scheduler=False, horovod=False, grad_clip_norm=1.0, log_every_n_steps=10**9,
+                              batch_size=batch, world_size=1, rank=0, local_rank=0, wandb=False)
+        self.epoch = 0
+
+    def run(self, batches: Sequence[Any]) -> float:
+        from open_clip_train.train import train_one_epoch
+
+        pairs = [(b.inputs["image"], b.inputs["text"]["input_ids"]) for b in batches]
+        start = time.perf_counter()
+        train_one_epoch(self.model, {"train": _DataInfo(_MemoryLoader(pairs))}, self.loss, self.epoch,
+                        self.optimizer, None, self.scheduler, None, self.args)
+        self.epoch += 1
+        return time.perf_counter() - start
+
+
+# --- mmssl ----------------------------------------------------------------------------------------------------
+class MmsslSide:
+    """`Trainer`'s model, task and DeepSpeed engine; ``run`` is ``Trainer.fit``'s step (grad_accum 1)."""
+
+    name = "mmssl"
+
+    def __init__(self, recipe_path: Path, run_dir: Path) -> None:
+        from pretrain.recipe import load_recipe
+        from pretrain.trainer import Trainer
+
+        recipe = load_recipe(str(recipe_path))
+        self.trainer = Trainer(recipe, run_dir, batches=lambda rank, world, start: iter(()))
+        self.model = self.trainer.engine.module
+        self.float_dtype = torch.bfloat16 if recipe.train.precision == "bf16" else None
+
+    def step(self, batch: Any) -> torch.Tensor:
+        trainer = self.trainer
+        engine = trainer.engine
+        batch = batch.to(trainer.device, float_dtype=self.float_dtype, non_blocking=True)
+        out = engine(batch)
+        if not trainer._nonfinite_ranks(out.loss):
+            engine.backward(out.loss)
+            engine.step()
+        return out.loss.detach()
+
+    def run(self, batches: Sequence[Any]) -> float:
+        start = time.perf_counter()
+        for batch in batches:
+            self.step(batch)
+        return time.perf_counter() - start
+
+
+def mmssl_fit(recipe_path: Path, run_dir: Path, steps: int) -> dict[str, Any]:
+    """``Trainer.fit`` on the shards (real loader), ``steps`` steps; its summary (first step excluded)."""
+    from pretrain.recipe import load_recipe
+    from pretrain.trainer import train
+
+    return train(load_recipe(str(recipe_path), [f"train.steps={steps}"]), run_dir)
+
+
+def parameter_counts(open_clip_model: torch.nn.Module, mmssl_task: torch.nn.Module) -> dict[str, int]:
+    return {"open_clip": sum(p.numel() for p in open_clip_model.parameters()),
+            "mmssl": sum(p.numel() for p in mmssl_task.parameters())}
+
+
+# --- measurement ----------------------------------------------------------------------------------------------
+def alternate(sides: Sequence[Any], batches: Sequence[Any], steps: int, trials: int) -> dict[str, list[float]]:
+    """Samples/s of each side per trial, sides alternating within a trial, the same batches for all."""
+    rates: dict[str, list[float]] = {s.name: [] for s in sides}
+    for trial in range(trials):
+        chunk = [batches[(trial * steps + i) % len(batches)] for i in range(steps)]
+        samples = sum(len(b) for b in chunk)
+        for side in sides:
+            rates[side.name].append(samples / side.run(chunk))
+    return rates
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:")) / 1024.0
+
+
+def memory_child(framework: str, recipe_path: Path, size: ClipSize, vocab: int, precision: str, batch: int,
+                 steps: int, workdir: Path) -> dict[str, float]:
+    """Run in a fresh process: RSS after imports and data decoding; then the peak (high-water mark, reset through
+    ``/proc/self/clear_refs`` so decoding's transient peak does not count) over build + ``steps`` steps."""
+    import open_clip_train.train  # noqa: F401  (both sides pay the same imports)
+
+    import pretrain.trainer  # noqa: F401
+
+    batches = decoded_batches(recipe_path, steps)
+    base = _status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    side = (OpenClipSide(size, vocab, precision, batch, workdir) if framework == "open_clip"
+            else MmsslSide(recipe_path, workdir / f"mem-{precision}"))
+    side.run(batches)
+    peak = _status_mb("VmHWM")
+    return {"rss_after_imports_mb": round(base, 1), "peak_rss_mb": round(peak, 1),
+            "growth_mb": round(peak - base, 1)}
+
+
+def measure_memory(framework: str, precision: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "tools.bench", "--memory-child", framework, "--precision", precision,
+           "--workdir", str(workdir), *_size_argv(args)]
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # the parent's process group holds it
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**env, "DS_ACCELERATOR": "cpu"})
+    if proc.returncode != 0:
+        raise BenchError(f"memory measurement of {framework} ({precision}) failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def profile_steps(side: Any, batches: Sequence[Any], top: int = 12) -> str:
+    """torch.profiler table of ``side`` over ``batches`` (ops by self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    side.run(batches[:1])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        side.run(batches)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+def _size_argv(args: argparse.Namespace) -> list[str]:
+    return ["--steps", str(args.steps), "--batch", str(args.batch), "--image-size", str(args.image_size),
+            "--patch-size", str(args.patch_size), "--width", str(args.width), "--depth", str(args.depth),
+            "--heads", str(args.heads), "--context", str(args.context), "--embed-dim", str(args.embed_dim),
+            "--limit", str(args.limit)]
+
+
+def vocab_size(recipe_path: Path) -> int:
+    from architectures.modalities.tokenizers import load_tokenizer
+    from pretrain.recipe import load_recipe
+
+    return load_tokenizer(load_recipe(str(recipe_path)).model.towers["text"].tokenizer, 8).vocab_size
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| precision | framework | data | samples/s (median) | ratio mmssl/open_clip | peak RSS MB "
+             "| RSS growth MB | memory ratio |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        def fmt(key: str, spec: str = ".1f", r: dict[str, Any] = r) -> str:
+            return format(r[key], spec) if r.get(key) is not None else "-"
+
+        lines.append(f"| {r['precision']} | {r['framework']} | {r['data']} | {fmt('samples_per_s')} | "
+                     f"{fmt('ratio', '.2f')} | {fmt('peak_rss_mb', '.0f')} | {fmt('growth_mb', '.0f')} | "
+                     f"{fmt('memory_ratio', '.2f')} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mmssl bench", description=__doc__.splitlines()[0])
+    p.add_argument("--compare", choices=["open_clip"], default="open_clip")
+    p.add_argument("--steps", type=int, default=5, help="steps per framework per trial")
+    p.add_argument("--trials", type=int, default=6, help="trials (the first is warm-up, excluded)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--limit", type=int, default=1024, help="Fashion-MNIST images per split to shard")
+    p.add_argument("--json", default=None)
+    p.add_argument("--profile", action="store_true", help="print torch.profiler top ops of both steps (fp32)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-real-loader", action="store_true", help="skip the Trainer.fit row on the shards")
+    p.add_argument("--workdir", default=None, help="where shards and runs go (default: a temporary directory)")
+    for name, default in asdict(ClipSize()).items():
+        if name not in ("lr", "weight_decay", "warmup_steps"):
+            p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    p.add_argument("--memory-child", choices=["open_clip", "mmssl"], help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for key in ("steps", "batch", "threads", "limit", "width", "depth", "heads"):
+        if getattr(args, key) < 1:
+            raise BenchError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    if args.trials < 2:
+        raise BenchError(f"--trials must be >= 2 (the first is warm-up), got {args.trials}")
+    if args.width % args.heads:
+        raise BenchError(f"--width {args.width} is not a multiple of --heads {args.heads}")
+    if args.image_size % args.patch_size:
+        raise BenchError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
+    return args
+
+
+def _size(args: argparse.Namespace) -> ClipSize:
+    return ClipSize(**{k: getattr(args, k) for k in asdict(ClipSize()) if hasattr(args, k)})
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    size = _size(args)
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"config": {**asdict(size), "batch": args.batch, "steps": args.steps,
+                                         "trials": args.trials, "threads": args.threads}, "rows": rows}
+    pool = None
+    for precision in args.precisions:
+        recipe = prepare(workdir, size, args.batch, precision, args.limit)
+        vocab = vocab_size(recipe)
+        pool = pool or decoded_batches(recipe, min(16, args.steps * args.trials))
+        sides = [OpenClipSide(size, vocab, precision, args.batch, workdir), MmsslSide(recipe, workdir / precision)]
+        result["parameters"] = parameter_counts(sides[0].model, sides[1].model)
+        rates = alternate(sides, pool, args.steps, args.trials)
+        median = {name: statistics.median(r[1:]) for name, r in rates.items()}
+        memory = {name: measure_memory(name, precision, args, workdir) for name in rates} if not args.no_memory \
+            else {}
+        for name in ("open_clip", "mmssl"):
+            mem = memory.get(name, {})
+            rows.append({"precision": precision, "framework": name, "data": "pre-decoded, in memory",
+                         "samples_per_s": median[name], "trials": rates[name][1:],
+                         "ratio": median[name] / median["open_clip"], **mem,
+                         "memory_ratio": (mem["growth_mb"] / memory["open_clip"]["growth_mb"]) if mem else None})
+        if args.profile and precision == "fp32":
+            result["profile"] = {s.name: profile_steps(s, pool[: args.steps]) for s in sides}
+        del sides
+    if not args.no_real_loader:
+        recipe = prepare(workdir, size, args.batch, "fp32", args.limit)
+        summary = mmssl_fit(recipe, workdir / "fit", 1 + args.steps * (args.trials - 1))
+        ref = next(r for r in rows if r["framework"] == "open_clip" and r["precision"] == "fp32")
+        rows.append({"precision": "fp32", "framework": "mmssl (Trainer.fit)",
+                     "data": "shards, ShardStream, 1 worker", "samples_per_s": summary["samples_per_s"],
+                     "ratio": summary["samples_per_s"] / ref["samples_per_s"]})
+    return result
+
+
+def report(result: dict[str, Any]) -> str:
+    cfg, params = result["config"], result["parameters"]
+    head = (f"### mmssl vs open_clip: CLIP ViT {cfg['width']}w x {cfg['depth']}L patch {cfg['patch_size']} at "
+            f"{cfg['image_size']} px + text {cfg['width']}w x {cfg['depth']}L ctx {cfg['context']}; batch "
+            f"{cfg['batch']}, {cfg['steps']} steps x {cfg['trials'] - 1} timed trials, {cfg['threads']} threads, "
+            "CPU\n\n"
+            f"parameters: open_clip {params['open_clip']:,}, mmssl {params['mmssl']:,} "
+            f"({100 * (params['mmssl'] / params['open_clip'] - 1):+.2f} %)\n")
+    out = [head, table(result["rows"])]
+    for name, text in result.get("profile", {}).items():
+        out.append(f"\n#### profile: {name} (fp32, ops by self CPU time)\n\n```\n{text}\n```")
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.memory_child:
+        workdir = Path(args.workdir)
+        recipe = prepare(workdir, _size(args), args.batch, args.precision, args.limit)
+        print(json.dumps(memory_child(args.memory_child, recipe, _size(args), vocab_size(recipe), args.precision,
+                                      args.batch, args.steps, workdir)))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        result = run(args, workdir)
+    print(report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main(sys.argv[1:]))
