@@ -410,3 +410,23 @@ def test_flamingo_trains_under_zero3_as_on_one_process() -> None:
     for rank in range(2):
         assert ranks[rank][0] == pytest.approx(expected[rank][0], rel=1e-6)  # partitioned forward, same numbers
         assert ranks[rank][1] == pytest.approx(expected[rank][1], rel=1e-4)  # after one sharded AdamW step
+
+
+def test_inner_attention_equals_the_formula_in_float64() -> None:
+    """Flamingo's attention with key/value size independent of the width (``head_dim``): against the formula
+    ``W_o concat_h softmax(q_h k_hᵀ/√d) v_h`` written out per head, in float64."""
+    from architectures.stitching.flamingo import InnerAttention
+
+    torch.manual_seed(0)
+    attn = InnerAttention(12, 20, heads=3, head_dim=5).double()
+    x, c = torch.randn(2, 4, 12, dtype=torch.float64), torch.randn(2, 7, 20, dtype=torch.float64)
+    wq, wkv, wo = attn.q.weight, attn.kv.weight, attn.out.weight
+    heads = []
+    for h in range(3):
+        q = x @ wq[h * 5:(h + 1) * 5].T
+        k = c @ wkv[h * 5:(h + 1) * 5].T
+        v = c @ wkv[15 + h * 5:15 + (h + 1) * 5].T
+        heads.append(torch.softmax(q @ k.transpose(1, 2) / 5**0.5, dim=-1) @ v)
+    expected = torch.cat(heads, dim=-1) @ wo.T
+    assert torch.allclose(attn(x, c), expected, atol=1e-12)
+    assert sum(p.numel() for p in attn.parameters()) == 12 * 15 + 20 * 30 + 15 * 12  # no biases

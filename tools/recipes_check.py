@@ -12,6 +12,11 @@ so a momentum teacher (a frozen copy kept by the objective, ALBEF's momentum dis
 A full-scale text tower's vocabulary comes from its tokenizer (`architectures.modalities.text`); to count a recipe
 whose tokenizer is not on this machine, `placeholder_tokenizer` writes a word-level ``tokenizer.json`` of exactly
 the paper's vocabulary size (with ``[PAD] [UNK] [CLS] [SEP] [MASK]``), which only fixes the embedding table's shape.
+A stitched recipe's frozen parts are local files too: `placeholder_lm` writes a transformers directory holding only
+the published ``config.json`` (and an empty ``model.safetensors``: a meta-device build reads no weight), and
+`placeholder_weights` an empty ``.safetensors`` file for a frozen vision tower, so the model builds with its
+published shapes. `count_prefixed` counts only the (trainable) parameters whose names start with one of the
+prefixes (``bridge.``: a stitched model's trainable bridge; ``blocks.``: a unified encoder's shared layers).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,11 +62,7 @@ def _count(params: Sequence[torch.nn.Parameter]) -> tuple[int, int]:
 def count_parameters(recipe: Recipe) -> ParameterCount:
     """Build ``recipe``'s model and objectives on the meta device (objectives bound to the model, so teachers and
     heads created at binding count) and count their parameters; a tensor shared between them counts once."""
-    with torch.device("meta"):
-        model = build_model(recipe.model)
-        objectives, _ = build_objectives(recipe.objectives, model.spec)
-        for objective in objectives.values():
-            objective.bind(model)
+    model, objectives = build_on_meta(recipe)
     seen = {id(p) for p in model.parameters()}
     model_total, model_trainable = _count(list(model.parameters()))
     own: list[torch.nn.Parameter] = []
@@ -71,6 +73,23 @@ def count_parameters(recipe: Recipe) -> ParameterCount:
                 own.append(p)
     objectives_total, objectives_trainable = _count(own)
     return ParameterCount(model_total, model_trainable, objectives_total, objectives_trainable)
+
+
+def build_on_meta(recipe: Recipe) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
+    """``recipe``'s model and its objectives (bound to it), on the meta device."""
+    with torch.device("meta"):
+        model = build_model(recipe.model)
+        objectives, _ = build_objectives(recipe.objectives, model.spec)
+        for objective in objectives.values():
+            objective.bind(model)
+    return model, objectives
+
+
+def count_prefixed(model: torch.nn.Module, prefixes: Sequence[str], *, trainable: bool = True) -> int:
+    """Parameters of ``model`` (trainable ones only, unless ``trainable=False``) whose names start with any of
+    ``prefixes``."""
+    return sum(p.numel() for n, p in model.named_parameters()
+               if n.startswith(tuple(prefixes)) and (p.requires_grad or not trainable))
 
 
 def count_recipe(source: str | Path, overrides: Sequence[str] = ()) -> ParameterCount:
@@ -100,4 +119,28 @@ def placeholder_tokenizer(path: str | Path, vocab_size: int) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(spec))
+    return out
+
+
+def placeholder_lm(path: str | Path, config: dict[str, Any]) -> Path:
+    """A transformers directory at ``path`` with ``config.json`` built from ``config`` (``model_type`` and the
+    published fields) and an empty ``model.safetensors``: enough for a meta-device build of a frozen LM."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = dict(config)
+    AutoConfig.for_model(fields.pop("model_type"), **fields).save_pretrained(str(out))
+    save_file({}, str(out / "model.safetensors"))
+    return out
+
+
+def placeholder_weights(path: str | Path) -> Path:
+    """An empty ``.safetensors`` file: the frozen vision tower's weight path of a meta-device build."""
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({}, str(out))
     return out

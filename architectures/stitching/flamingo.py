@@ -5,7 +5,9 @@ Perceiver resampler: ``m`` learned latents ``X`` (``[m, w]``) read the vision to
     X = X + Attn(q = LN(X), kv = [LN(V); LN(X)])     (keys: the vision tokens and the latents themselves)
     X = X + FFN(LN(X))                                 (FFN = W2 GELU(W1 x)), ``depth`` times, then LN
 
-(a single image here, so Flamingo's learned time embeddings, one per video frame, are left out).
+(a single image here, so Flamingo's learned time embeddings, one per video frame, are left out). With
+``head_dim``, attention has ``heads x head_dim`` inner width whatever the model width, and no biases
+(`InnerAttention`; Flamingo uses key/value size 128 everywhere, App. C.1); without, ``nn.MultiheadAttention``.
 
 Gated cross-attention dense block, inserted before every ``every``-th frozen LM layer (layers ``0, k, 2k, ...``),
 on the LM's hidden states ``x`` with the resampled visual context ``v``::
@@ -27,6 +29,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
@@ -35,22 +38,58 @@ from architectures.errors import ArchitectureError
 from architectures.stitching.bridges import Bridge, BridgeOutput, check_positive
 
 
+class InnerAttention(nn.Module):
+    """Multi-head attention whose inner width ``heads · head_dim`` need not equal the model width (Flamingo's
+    Perceiver and cross-attention: key/value size 128 for every width, no biases)::
+
+        Attn(x, c) = W_o concat_h softmax(q_h k_hᵀ / √head_dim) v_h,   q = W_q x,  [k; v] = W_kv c
+    """
+
+    def __init__(self, width: int, context_dim: int, *, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = check_positive("heads", heads), check_positive("head_dim", head_dim)
+        inner = heads * head_dim
+        self.q = nn.Linear(width, inner, bias=False)
+        self.kv = nn.Linear(context_dim, 2 * inner, bias=False)
+        self.out = nn.Linear(inner, width, bias=False)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+
+def attention(width: int, context_dim: int, heads: int, head_dim: int | None) -> nn.Module:
+    """`InnerAttention` when ``head_dim`` is given, else ``nn.MultiheadAttention`` (inner width = ``width``)."""
+    if head_dim is not None:
+        return InnerAttention(width, context_dim, heads=heads, head_dim=head_dim)
+    return nn.MultiheadAttention(width, heads, kdim=context_dim, vdim=context_dim, batch_first=True)
+
+
+def attend(attn: nn.Module, x: Tensor, context: Tensor) -> Tensor:
+    if isinstance(attn, InnerAttention):
+        return attn(x, context)
+    return attn(x, context, context, need_weights=False)[0]
+
+
 def feed_forward(width: int, mlp_ratio: float) -> nn.Sequential:
     hidden = int(width * mlp_ratio)
     return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
 
 class ResamplerLayer(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float, head_dim: int | None = None) -> None:
         super().__init__()
         self.norm_latents, self.norm_media = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.attn = attention(width, width, heads, head_dim)
         self.ffn = feed_forward(width, mlp_ratio)
 
     def forward(self, latents: Tensor, media: Tensor) -> Tensor:
         q = self.norm_latents(latents)
         kv = torch.cat([self.norm_media(media), q], dim=1)
-        latents = latents + self.attn(q, kv, kv, need_weights=False)[0]
+        latents = latents + attend(self.attn, q, kv)
         return latents + self.ffn(latents)
 
 
@@ -58,14 +97,14 @@ class PerceiverResampler(nn.Module):
     """``[B, T, D_v] -> [B, m, w]`` (module docstring)."""
 
     def __init__(self, vision_dim: int, width: int, *, num_latents: int = 64, depth: int = 2, heads: int = 4,
-                 mlp_ratio: float = 4.0) -> None:
+                 mlp_ratio: float = 4.0, head_dim: int | None = None) -> None:
         super().__init__()
-        if width % heads:
+        if width % heads and head_dim is None:
             raise ArchitectureError(f"model.stitched.options.width={width} must be divisible by "
                                     f"model.stitched.options.heads={heads}")
         self.input = nn.Linear(vision_dim, width) if vision_dim != width else nn.Identity()
         self.latents = nn.Parameter(torch.randn(check_positive("num_latents", num_latents), width) * 0.02)
-        self.layers = nn.ModuleList(ResamplerLayer(width, heads, mlp_ratio)
+        self.layers = nn.ModuleList(ResamplerLayer(width, heads, mlp_ratio, head_dim)
                                     for _ in range(check_positive("depth", depth)))
         self.norm = nn.LayerNorm(width)
         self.grad_checkpointing = False
@@ -84,19 +123,20 @@ class PerceiverResampler(nn.Module):
 class GatedCrossAttention(nn.Module):
     """``y = x + tanh(α)·XAttn(LN(x), v)``, ``y = y + tanh(β)·FFN(LN(y))``; ``α = β = 0`` at init."""
 
-    def __init__(self, lm_dim: int, context_dim: int, *, heads: int = 4, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, lm_dim: int, context_dim: int, *, heads: int = 4, mlp_ratio: float = 4.0,
+                 head_dim: int | None = None) -> None:
         super().__init__()
-        if lm_dim % heads:
+        if lm_dim % heads and head_dim is None:
             raise ArchitectureError(f"model.stitched.options.xattn_heads={heads} must divide the LM width {lm_dim}")
         self.norm = nn.LayerNorm(lm_dim)
-        self.attn = nn.MultiheadAttention(lm_dim, heads, kdim=context_dim, vdim=context_dim, batch_first=True)
+        self.attn = attention(lm_dim, context_dim, heads, head_dim)
         self.ffn = feed_forward(lm_dim, mlp_ratio)
         self.attn_gate = nn.Parameter(torch.zeros(1))  # α
         self.ffn_gate = nn.Parameter(torch.zeros(1))  # β
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         context = context.to(x.dtype)
-        y = x + self.attn_gate.tanh().to(x.dtype) * self.attn(self.norm(x), context, context, need_weights=False)[0]
+        y = x + self.attn_gate.tanh().to(x.dtype) * attend(self.attn, self.norm(x), context)
         return y + self.ffn_gate.tanh().to(x.dtype) * self.ffn(y)
 
 
@@ -108,15 +148,16 @@ class FlamingoBridge(Bridge):
 
     def __init__(self, vision_dim: int, lm_dim: int, *, num_lm_layers: int, every: int = 1, width: int = 256,
                  num_latents: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: float = 4.0,
-                 xattn_heads: int = 4, xattn_mlp_ratio: float = 4.0) -> None:
+                 xattn_heads: int = 4, xattn_mlp_ratio: float = 4.0, head_dim: int | None = None) -> None:
         super().__init__()
         self.vision_dim, self.lm_dim = check_positive("vision_dim", vision_dim), check_positive("lm_dim", lm_dim)
         self.width = check_positive("width", width)
         self.every = check_positive("every", every)
         self.insert_at = list(range(0, check_positive("num_lm_layers", num_lm_layers), self.every))
         self.resampler = PerceiverResampler(vision_dim, width, num_latents=num_latents, depth=depth, heads=heads,
-                                            mlp_ratio=mlp_ratio)
-        self.xattn = nn.ModuleList(GatedCrossAttention(lm_dim, width, heads=xattn_heads, mlp_ratio=xattn_mlp_ratio)
+                                            mlp_ratio=mlp_ratio, head_dim=head_dim)
+        self.xattn = nn.ModuleList(GatedCrossAttention(lm_dim, width, heads=xattn_heads, mlp_ratio=xattn_mlp_ratio,
+                                                       head_dim=head_dim)
                                    for _ in self.insert_at)
         self._context: Tensor | None = None
         self._handles: list[RemovableHandle] = []

