@@ -352,3 +352,39 @@ def test_plugins_are_discovered_from_their_files(tmp_path: Path, monkeypatch: py
         discover_plugins([str(pkg)], "mmssl_dropin_pkg")
     for mod in [m for m in sys.modules if m.startswith("mmssl_dropin_pkg")]:
         monkeypatch.delitem(sys.modules, mod)
+
+
+def test_video_cnn_towers_match_torchvision_and_the_factorisation_formula(tmp_path: Path) -> None:
+    """R3D-18 is torchvision's ``r3d_18`` (weights loaded across, same features as torchvision's own forward up to
+    the pooling); R(2+1)D-18 factorises each 3-D convolution with ``M = ⌊27·N_in·N_out / (9·N_in + 3·N_out)⌋``
+    per convolution (Tran et al. 2018), 33,165,639 parameters without the classifier; `save_native` reloads."""
+    import torchvision
+
+    from architectures.modalities.video_cnn import VideoCNNTower, build_video_resnet, factorised_mid_channels
+
+    torch.manual_seed(0)
+    ours = VideoCNNTower("r3d_18").eval()
+    reference = torchvision.models.video.r3d_18().eval()
+    ours.model.load_state_dict({k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")})
+    x = torch.randn(2, 3, 8, 32, 32)
+    with torch.no_grad():
+        out = ours(x)
+        ref = reference.avgpool(reference.layer4(reference.layer3(reference.layer2(reference.layer1(
+            reference.stem(x)))))).flatten(1)
+    assert out.features.shape == (2, 1 * 2 * 2, 512)
+    assert torch.allclose(out.pooled, ref, atol=1e-5)
+
+    r2p1 = build_video_resnet("r2plus1d_18")
+    for block in (r2p1.layer1[0], r2p1.layer2[0], r2p1.layer2[1], r2p1.layer4[1]):
+        for conv in (block.conv1[0], block.conv2[0]):
+            spatial, temporal = conv[0], conv[3]
+            n_in, n_out = spatial.in_channels, temporal.out_channels
+            assert spatial.out_channels == temporal.in_channels == (27 * n_in * n_out) // (9 * n_in + 3 * n_out)
+            assert factorised_mid_channels(n_in, n_out) == spatial.out_channels
+    assert sum(p.numel() for p in r2p1.parameters()) == 33_165_639
+
+    tower = VideoCNNTower("r2plus1d_18").eval()
+    tower.save_native(tmp_path, {})
+    again = VideoCNNTower("r2plus1d_18", pretrained=str(tmp_path / "model.safetensors")).eval()
+    with torch.no_grad():
+        assert torch.equal(tower(x).pooled, again(x).pooled)

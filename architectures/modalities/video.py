@@ -11,7 +11,8 @@ with ``u ~ U[0, 1)`` from the per-sample generator when training (a random tempo
 ``u = ½`` (segment centres) otherwise. Each frame is resized to ``image_size`` squared and normalised
 ``(x - mean) / std``; the result is ``[C, T, H, W]``.
 
-Tower (`VideoTower`): the frames are folded into the batch and encoded by a timm image model (any architecture by
+Tower (`VideoTower`; or a 3-D CNN over the whole clip for ``arch: r2plus1d_18 | r3d_18 | mc3_18``,
+`architectures.modalities.video_cnn`): the frames are folded into the batch and encoded by a timm image model (any architecture by
 name; ViT sizes from the config as for images), each frame's pooled feature ``f_t`` gets a learned temporal
 embedding ``e_t``, and ``temporal_depth`` timm transformer blocks run over the ``T`` frame tokens (a factorised
 space-time encoder, ViViT's model 2, Arnab et al. 2021)::
@@ -54,6 +55,7 @@ from architectures.modalities import corruptions
 from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
 from architectures.modalities.image import pixel_corruption
 from architectures.modalities.masking import Generators, tube_mask
+from architectures.modalities.video_cnn import VIDEO_RESNETS, VideoCNNTower
 from architectures.towers import Tower, TowerOutput, prefixed_matcher
 
 TEMPORAL_FILE = "temporal.safetensors"
@@ -290,7 +292,11 @@ class VideoPlugin(ModalityPlugin):
             corrupt = pixel_corruption("blur", level, cfg.image_size, torch.zeros(cfg.in_chans))
         return VideoDecoder(cfg, train=False, corrupt=corrupt)
 
-    def build_tower(self, cfg: VideoConfig) -> VideoTower:
+    def build_tower(self, cfg: VideoConfig) -> Tower:
+        """`VideoTower` (a timm frame model + temporal transformer), or for ``arch`` in `VIDEO_RESNETS` a 3-D CNN
+        over the whole clip (`VideoCNNTower`: R(2+1)D-18, R3D-18, MC3-18)."""
+        if cfg.arch in VIDEO_RESNETS:
+            return VideoCNNTower(cfg.arch, in_chans=cfg.in_chans, pretrained=cfg.pretrained)
         return VideoTower(cfg)
 
     def build_embedder(self, cfg: VideoConfig, width: int) -> TubeletEmbedder:
