@@ -12,10 +12,10 @@ with ``u ~ U[0, 1)`` from the per-sample generator when training (a random tempo
 ``(x - mean) / std``; the result is ``[C, T, H, W]``.
 
 Tower (`VideoTower`; or a 3-D CNN over the whole clip for ``arch: r2plus1d_18 | r3d_18 | mc3_18``,
-`architectures.modalities.video_cnn`): the frames are folded into the batch and encoded by a timm image model
-(any architecture by name; ViT sizes from the config as for images), each frame's pooled feature ``f_t`` gets a
-learned temporal embedding ``e_t``, and ``temporal_depth`` timm transformer blocks run over the ``T`` frame tokens (a factorised
-space-time encoder, ViViT's model 2, Arnab et al. 2021)::
+`architectures.modalities.video_cnn`): the frames are folded into the batch and encoded by a timm image model (any
+architecture by name; ViT sizes from the config as for images), each frame's pooled feature ``f_t`` gets a learned
+temporal embedding ``e_t``, and ``temporal_depth`` timm transformer blocks run over the ``T`` frame tokens (a
+factorised space-time encoder, ViViT's model 2, Arnab et al. 2021)::
 
     h = LN(Blocks([f_1 + e_1, ..., f_T + e_T]))     forward_features: [B, T, D];   forward_head: mean_t h_t
 
