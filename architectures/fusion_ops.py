@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from architectures.errors import ArchitectureError
 from architectures.fusion import CrossAttentionFusion
+from architectures.merged import MergedAttentionFusion
 from architectures.mult import MulT, check_positive, collect_fusion_inputs
 from architectures.outputs import tower_name
 
@@ -217,6 +218,7 @@ OPERATOR_FUSIONS: dict[str, type[nn.Module]] = {
     "gated": GatedFusion,
     "multiplicative": MultiplicativeFusion,
     "mult": MulT,
+    "merged": MergedAttentionFusion,
 }
 
 

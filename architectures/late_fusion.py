@@ -1,12 +1,13 @@
 """Late fusion (ALBEF / FLAVA style): the towers of a fusion-free model, then a fusion module over their tokens.
 
 The fusion module is any of `architectures.fusion_ops.OPERATOR_FUSIONS` (``model.fusion.kind``): cross-attention
-(the default), MulT, or a vector fusion (concat/MLP, tensor, low-rank, gated, multiplicative) whose fused output is
-one token.
+(the default), merged attention (one transformer over all modalities' tokens: FLAVA, CAV-MAE), MulT, or a vector
+fusion (concat/MLP, tensor, low-rank, gated, multiplicative) whose fused output is one token.
 
 ``forward`` returns the fusion-free outputs plus ``fused[query]``: the query modality's tokens fused with every
 other modality given in the batch. ``fuse`` is the same fusion on any token set, which matching and cross-modal
-masked objectives call on negative pairs and masked views.
+masked objectives call on negative pairs and masked views; ``fuse_joint`` gives every modality's fused states at
+once (merged attention only), which joint masked autoencoding (``joint_mae``) decodes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from architectures.errors import ArchitectureError
 from architectures.fusion_free import FusionFreeModel
 from architectures.outputs import ModelOutput, tower_name
 from architectures.towers import Tower
@@ -40,6 +42,14 @@ class LateFusionModel(FusionFreeModel):
 
     def fuse(self, tokens: Mapping[str, Tensor], token_mask: Mapping[str, Tensor], query: str) -> Tensor:
         return self.fusion(tokens, token_mask, query)
+
+    def fuse_joint(self, tokens: Mapping[str, Tensor], token_mask: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Every modality's fused states at once, for fusion operators that have them (``merged``)."""
+        joint = getattr(self.fusion, "joint", None)
+        if joint is None:
+            raise ArchitectureError(f"the fusion operator {type(self.fusion).__name__} gives only the query's fused "
+                                    "states; joint states (joint_mae) need model.fusion.kind: merged")
+        return joint(tokens, token_mask)
 
     def no_weight_decay(self) -> set[str]:
         names = super().no_weight_decay()

@@ -209,6 +209,17 @@ class CrossModalMLMObjective(MLMObjective):
         return super().from_config(cfg, spec)
 
 
+def unshuffle(visible: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
+    """MAE's unshuffle: ``visible`` ``[B, V, w]`` (the unmasked patches in grid order) and the mask token at the
+    ``N - V`` masked positions of ``mask`` (``bool[B, N]``), gathered back to grid order ``[B, N, w]`` (no host
+    sync)."""
+    b, n = mask.shape
+    w = visible.shape[-1]
+    order = torch.argsort(mask.int(), dim=1, stable=True)
+    seq = torch.cat([visible, mask_token.to(visible.dtype).expand(b, n - visible.shape[1], w)], dim=1)
+    return torch.gather(seq, 1, torch.argsort(order, dim=1)[..., None].expand(-1, -1, w))
+
+
 class MAEDecoder(nn.Module):
     def __init__(self, in_dim: int, patch_dim: int, *, width: int, depth: int, heads: int, mlp_ratio: float,
                  grid: tuple[int, int] | None) -> None:
@@ -225,13 +236,9 @@ class MAEDecoder(nn.Module):
     def forward(self, features: Tensor, mask: Tensor, grid: tuple[int, int], visible: int) -> Tensor:
         """``features`` ``[B, prefix + visible, D]`` (visible patches in grid order), ``mask`` ``bool[B, N]`` with
         ``N - visible`` masked per row: predictions ``[B, N, patch_dim]`` for every patch."""
-        b, n = mask.shape
         h = self.embed(features)
         prefix = h.shape[1] - visible
-        # MAE's unshuffle: visible tokens then mask tokens, gathered back to grid order (no host sync)
-        order = torch.argsort(mask.int(), dim=1, stable=True)
-        seq = torch.cat([h[:, prefix:], self.mask_token.to(h.dtype).expand(b, n - visible, self.width)], dim=1)
-        full = torch.gather(seq, 1, torch.argsort(order, dim=1)[..., None].expand(-1, -1, self.width))
+        full = unshuffle(h[:, prefix:], mask, self.mask_token)
         if self.pos is not None:
             if grid != self.grid:
                 raise ObjectiveError(f"the patch grid {grid} differs from the configured grid={list(self.grid)}")

@@ -18,6 +18,7 @@ from objectives.clustering import ClusteringConfig, ClusteringObjective, SwapClu
 from objectives.contrastive import ContrastiveConfig, ContrastiveObjective
 from objectives.factorcl import FactorCLConfig, FactorCLObjective
 from objectives.intramodal import IntraModalConfig, IntraModalObjective
+from objectives.joint_mae import JointMAEConfig, JointMAEObjective
 from objectives.masked import (
     CrossMLMConfig,
     CrossModalMLMObjective,
@@ -39,6 +40,7 @@ OBJECTIVES: dict[str, tuple[type, Callable[[Any, ModelSpec], Objective]]] = {
     "contrastive": (ContrastiveConfig, ContrastiveObjective.from_config),
     "factorcl": (FactorCLConfig, FactorCLObjective.from_config),
     "intramodal": (IntraModalConfig, IntraModalObjective.from_config),
+    "joint_mae": (JointMAEConfig, JointMAEObjective.from_config),
     "mae": (MAEConfig, MAEObjective.from_config),
     "masked_cluster": (MaskedClusterConfig, MaskedClusterObjective.from_config),
     "masked_cross": (CrossMLMConfig, CrossModalMLMObjective.from_config),

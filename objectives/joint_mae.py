@@ -1,0 +1,167 @@
+"""Joint masked autoencoding through the fusion module: CAV-MAE's masked audio-visual modelling (Gong et al. 2023,
+"Contrastive Audio-Visual Masked Autoencoder", ICLR).
+
+For every modality ``m`` of ``modalities`` (ViT towers), a ``mask_ratio`` of the patches is masked per sample
+(seeded from the seed, batch index and sample key, as ``mae``) and the tower encodes only the visible ones; the
+tower's prefix tokens (class / register) are dropped. The visible tokens of all modalities are then fused jointly,
+``J = model.fuse_joint({m: V_m}, {m: present rows})`` (a fusion operator with joint states, ``merged``: CAV-MAE's
+joint layer). One decoder owned by the objective maps each modality's fused states ``J_m`` to its width with a
+shared linear map, puts a shared learned mask token at the masked positions, adds the fixed 2-D sin-cos positions
+of ``m``'s patch grid and a learned modality embedding ``e_m``, runs pre-norm transformer blocks over the
+concatenation of every modality's full sequence (an absent modality's positions masked as keys) and predicts each
+modality's patches with its own linear head.
+With ``t`` the normalised-pixel target of MAE (`objectives.masked.norm_pix_target`)::
+
+    L = Σ_m 1/|M_m| Σ_{(b,n) ∈ M_m} mean_d (ŷ^m_{b,n,d} - t^m_{b,n,d})²
+
+``M_m``: the masked patches of rows where ``m`` is present, ``|M_m|`` counted over all ranks. CAV-MAE sums the
+audio and visual reconstruction losses (mae_loss_weight 1.0) and decodes with 8 blocks, 512 wide, 16 heads.
+A row where a modality is absent contributes masked keys only to the fusion and nothing to that modality's loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from objectives.autoregressive import TransformerBlock
+from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
+from objectives.masked import _gens, mae_loss, unshuffle
+from objectives.masking import patchify, presence, random_patch_mask, sincos_2d
+
+
+@dataclass
+class JointMAEConfig:
+    """``objectives.joint_mae``."""
+
+    weight: float = 1.0
+    modalities: list[str] = field(default_factory=list)
+    mask_ratio: float = 0.75
+    decoder_width: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    mlp_ratio: float = 4.0
+    norm_pix_loss: bool = True
+    seed: int = 0
+    global_norm: bool = True
+
+
+class JointMAEDecoder(nn.Module):
+    """The shared decoder of the module docstring."""
+
+    def __init__(self, in_dim: int, patch_dims: dict[str, int], *, width: int, depth: int, heads: int,
+                 mlp_ratio: float) -> None:
+        super().__init__()
+        self.embed = nn.Linear(in_dim, width)
+        self.mask_token = nn.Parameter(torch.randn(width) * 0.02)
+        self.modality = nn.ParameterDict({m: nn.Parameter(torch.randn(width) * 0.02) for m in patch_dims})
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.preds = nn.ModuleDict({m: nn.Linear(width, d) for m, d in patch_dims.items()})
+
+    def forward(self, fused: dict[str, Tensor], masks: dict[str, Tensor], grids: dict[str, tuple[int, int]],
+                present: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``fused[m]`` ``[B, V_m, F]`` (visible patches in grid order), ``masks[m]`` ``bool[B, N_m]``, ``present[m]``
+        ``bool[B]``: predictions ``[B, N_m, patch_dim_m]`` for every patch of every modality. A modality absent
+        from a row is no key of that row's attention (a row with none present attends to every key)."""
+        names = sorted(fused)
+        seqs, keys = [], []
+        for m in names:
+            full = unshuffle(self.embed(fused[m]), masks[m], self.mask_token)
+            pos = sincos_2d(grids[m], full.shape[-1]).to(full.device, full.dtype)
+            seqs.append(full + pos + self.modality[m].to(full.dtype))
+            keys.append(present[m].bool()[:, None].expand(-1, full.shape[1]))
+        x = torch.cat(seqs, dim=1)
+        keep = torch.cat(keys, dim=1)
+        keep = keep | ~keep.any(dim=1, keepdim=True)
+        allowed = keep[:, None, :].expand(-1, x.shape[1], -1)
+        for block in self.blocks:
+            x = block(x, allowed)
+        x = self.norm(x)
+        parts = x.split([s.shape[1] for s in seqs], dim=1)
+        return {m: self.preds[m](part) for m, part in zip(names, parts, strict=True)}
+
+
+class JointMAEObjective(Objective):
+    """``joint_mae`` (module docstring)."""
+
+    def __init__(self, cfg: JointMAEConfig, spec: ModelSpec) -> None:
+        super().__init__()
+        mods = list(dict.fromkeys(cfg.modalities))
+        if len(mods) < 2:
+            raise ObjectiveError(f"modalities must name at least two modalities to fuse, got {cfg.modalities}")
+        missing = [m for m in mods if m not in spec.patch_shapes]
+        if missing:
+            raise ObjectiveError(f"modality {missing[0]!r} has no ViT patch tower; joint_mae needs one per modality "
+                                 f"(maskable: {sorted(spec.patch_shapes)})")
+        if not 0 < cfg.mask_ratio < 1:
+            raise ObjectiveError(f"mask_ratio must be in (0, 1), got {cfg.mask_ratio}")
+        if cfg.decoder_width % 4:
+            raise ObjectiveError(f"decoder_width={cfg.decoder_width} must be divisible by 4 for sin-cos positions")
+        if spec.fusion_dim is None:
+            raise ObjectiveError("joint_mae fuses the modalities: it needs model.family: late_fusion with "
+                                 "model.fusion.kind: merged")
+        self.cfg, self.modalities = cfg, mods
+        self.patch_shapes = {m: spec.patch_shapes[m] for m in mods}
+        patch_dims = {m: c * ph * pw for m, (c, ph, pw) in self.patch_shapes.items()}
+        self.decoder = JointMAEDecoder(spec.fusion_dim, patch_dims,
+                                       width=cfg.decoder_width, depth=cfg.decoder_depth, heads=cfg.decoder_heads,
+                                       mlp_ratio=cfg.mlp_ratio)
+        self.requires = Requirements(modalities=tuple(mods), needs_fusion=True, needs_decoder=True,
+                                     needs_masked_view=tuple(mods), gathers_across_ranks=cfg.global_norm)
+
+    @classmethod
+    def from_config(cls, cfg: JointMAEConfig, spec: ModelSpec | None = None) -> JointMAEObjective:
+        if spec is None:
+            raise ObjectiveError("joint_mae needs the model spec (patch shapes, fusion width)")
+        return cls(cfg, spec)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"decoder.mask_token"} | {f"decoder.modality.{m}" for m in self.modalities}
+
+    def _grid(self, m: str, x: Tensor) -> tuple[int, int]:
+        _, ph, pw = self.patch_shapes[m]
+        return x.shape[-2] // ph, x.shape[-1] // pw
+
+    def make_masks(self, batch: Any) -> dict[str, Tensor]:
+        """``bool[B, N_m]`` per modality, True = masked; a different draw per modality (stream = modality index)."""
+        masks = {}
+        for i, m in enumerate(self.modalities):
+            x = batch.inputs[m]
+            gh, gw = self._grid(m, x)
+            masks[m] = random_patch_mask(x.shape[0], gh * gw, self.cfg.mask_ratio,
+                                         _gens(self.cfg.seed + 7919 * i, batch, x.shape[0]))
+        return masks
+
+    def forward(self, outputs: ModelOutputs, batch: Any = None, model: Any = None) -> LossOutput:
+        if batch is None or model is None:
+            raise ObjectiveError("joint_mae needs the batch and the model")
+        fuse_joint = getattr(model, "fuse_joint", None)
+        if fuse_joint is None:
+            raise ObjectiveError(f"model family {getattr(model, 'family', '?')!r} has no joint fusion; joint_mae "
+                                 "needs model.family: late_fusion with model.fusion.kind: merged")
+        masks = self.make_masks(batch)
+        visible, keep, grids, present = {}, {}, {}, {}
+        for m in self.modalities:
+            x = batch.inputs[m]
+            mask = masks[m] = masks[m].to(x.device)
+            n_visible = int((~mask[0]).sum())
+            features = model.towers[m](x, mask=mask).features
+            visible[m] = features[:, features.shape[1] - n_visible:]
+            present[m] = presence(outputs, batch, m, x.shape[0], x.device)
+            keep[m] = present[m][:, None].expand(-1, n_visible)
+            grids[m] = self._grid(m, x)
+        preds = self.decoder(fuse_joint(visible, keep), masks, grids, present)
+        terms, total = {}, None
+        for m in self.modalities:
+            x = batch.inputs[m]
+            patches = patchify(x, self.patch_shapes[m][1:])
+            loss = mae_loss(preds[m], patches, masks[m] & present[m][:, None], norm_pix=self.cfg.norm_pix_loss,
+                            global_norm=self.cfg.global_norm)
+            terms[f"mse_{m}"] = loss.detach()
+            total = loss if total is None else total + loss
+        assert total is not None
+        return LossOutput(loss=total, terms=terms)
