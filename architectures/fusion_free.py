@@ -101,6 +101,11 @@ class FusionFreeModel(nn.Module):
         """The projected embedding of one modality."""
         return self.forward({modality: x}).embeddings[modality]
 
+    def input_embeddings(self, modality: str) -> nn.Embedding | None:
+        """``modality``'s token-id embedding table (text towers), which an MLM decoder may tie its weight to."""
+        tower = self.towers[modality] if modality in self.towers else None
+        return tower.input_embeddings() if tower is not None else None
+
     def frozen_sources(self) -> dict[str, str | None]:
         """Module prefix -> the local weights file of each frozen tower (None: frozen at its random init)."""
         return {f"towers.{m}": getattr(t, "source", None) for m, t in self.towers.items()

@@ -57,6 +57,10 @@ class Tower(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return set()
 
+    def input_embeddings(self) -> nn.Embedding | None:
+        """The token-id embedding table of towers that have one (text), else None."""
+        return None
+
     def parameters_outside_forward(self) -> list[nn.Parameter]:
         """Parameters the tower's ``forward`` reads without calling the module that owns them (for example a
         timm model's ``pos_embed`` when the tower calls ``model.forward_features`` directly). Engines that gather
@@ -233,6 +237,9 @@ class HFTextTower(Tower):
             self.model.pooler = None
         self.pool = pool
         self.num_features = int(self.model.config.hidden_size)
+
+    def input_embeddings(self) -> nn.Embedding | None:
+        return self.model.get_input_embeddings()
 
     def forward_features(self, x: dict[str, Tensor]) -> Tensor:
         return self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).last_hidden_state

@@ -103,12 +103,24 @@ class IntraModalConfig:
     projector: str = "mlp"  # "mlp": a head owned by the objective on the pooled features; "none": the embeddings
     proj_dim: int = 128
     hidden_dim: int = 512
+    proj_layers: int = 2  # linear layers of the MLP projector (SimCLR 2; SLIP / SimCLR v2: 3)
+    proj_batch_norm: bool = False  # BatchNorm after each hidden layer (SLIP), statistics over the rank's rows
     gather: bool = True
 
 
-def mlp_projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
-    """SimCLR's projection head ``W₂ ReLU(W₁ h)``."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+def mlp_projector(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, batch_norm: bool = False) -> nn.Module:
+    """SimCLR's projection head ``W₂ ReLU(W₁ h)`` (``layers=2``); with ``layers=L``, ``L-1`` hidden layers of
+    ``hidden_dim``, each ``Linear [-> BatchNorm] -> ReLU``, then a linear map to ``out_dim`` (SLIP's image MLP:
+    768 -> 4096 -> 4096 -> 256 with BatchNorm)."""
+    if layers < 1:
+        raise ObjectiveError(f"proj_layers must be >= 1, got {layers}")
+    parts: list[nn.Module] = []
+    width = in_dim
+    for _ in range(layers - 1):
+        parts += [nn.Linear(width, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if batch_norm else []),
+                  nn.ReLU(inplace=True)]
+        width = hidden_dim
+    return nn.Sequential(*parts, nn.Linear(width, out_dim))
 
 
 class IntraModalObjective(Objective):
@@ -123,6 +135,8 @@ class IntraModalObjective(Objective):
         feature_dims: dict[str, int] | None = None,
         proj_dim: int = 128,
         hidden_dim: int = 512,
+        proj_layers: int = 2,
+        proj_batch_norm: bool = False,
         gather: bool = True,
     ) -> None:
         super().__init__()
@@ -149,7 +163,7 @@ class IntraModalObjective(Objective):
                 if m not in feature_dims:
                     raise ObjectiveError(f"modality {m!r} has no pooled features to project "
                                          f"(model towers: {sorted(feature_dims)})")
-                self.projectors[m] = mlp_projector(feature_dims[m], hidden_dim, proj_dim)
+                self.projectors[m] = mlp_projector(feature_dims[m], hidden_dim, proj_dim, proj_layers, proj_batch_norm)
         self.max_log_scale = math.log(max_logit_scale)
         # shape [1], not []: DeepSpeed cannot broadcast 0-dim parameters
         self.log_inv_temperature = nn.Parameter(torch.full((1,), math.log(1.0 / temperature)),
@@ -166,7 +180,8 @@ class IntraModalObjective(Objective):
         return cls(cfg.modalities, temperature=cfg.temperature, learn_temperature=cfg.learn_temperature,
                    max_logit_scale=cfg.max_logit_scale, projector=cfg.projector,
                    feature_dims=dict(spec.feature_dims) if spec is not None else None, proj_dim=cfg.proj_dim,
-                   hidden_dim=cfg.hidden_dim, gather=cfg.gather)
+                   hidden_dim=cfg.hidden_dim, proj_layers=cfg.proj_layers, proj_batch_norm=cfg.proj_batch_norm,
+                   gather=cfg.gather)
 
     def temperature(self) -> Tensor:
         """``τ = 1/exp(clamp(log 1/τ, 0, log max_logit_scale))`` as a 0-dim tensor."""

@@ -120,6 +120,7 @@ class MLMConfig:
     random_prob: float = 0.1
     seed: int = 0
     global_norm: bool = True
+    tie_embeddings: bool = False  # the decoder's weight is the text tower's input embedding table (BERT, ALBEF)
 
 
 @dataclass
@@ -162,6 +163,23 @@ class MLMObjective(Objective):
             mods = (m,)
         self.requires = Requirements(modalities=mods, needs_fusion=self.cross, needs_masked_view=(m,),
                                      gathers_across_ranks=cfg.global_norm)
+        if cfg.tie_embeddings:
+            self.max_zero_stage = 2  # one tensor owned by two modules: ZeRO-3 would partition it twice
+
+    def bind(self, model: nn.Module) -> None:
+        """With ``tie_embeddings``, share the decoder's weight with the text tower's input embeddings (Devlin et
+        al. 2019; ALBEF ties its MLM head the same way): one tensor, trained by both uses."""
+        if not self.cfg.tie_embeddings:
+            return
+        get = getattr(model, "input_embeddings", None)
+        table = get(self.cfg.modality) if get is not None else None
+        if table is None:
+            raise ObjectiveError(f"tie_embeddings: the {self.cfg.modality!r} tower has no input embedding table")
+        if tuple(table.weight.shape) != tuple(self.head.out.weight.shape):
+            raise ObjectiveError(f"tie_embeddings: the embedding table {list(table.weight.shape)} does not match the "
+                                 f"decoder {list(self.head.out.weight.shape)} (the fusion / tower width must equal "
+                                 f"model.{self.cfg.modality}.width)")
+        self.head.out.weight = table.weight
 
     @classmethod
     def from_config(cls, cfg: MLMConfig, spec: ModelSpec | None = None) -> MLMObjective:

@@ -174,3 +174,18 @@ def test_gathered_over_two_ranks_matches_one_rank() -> None:
         for i, ref in ((0, loss), (3, gt)):
             mean = torch.stack([res[key][i].double() for res in results]).mean()
             torch.testing.assert_close(mean, ref.double(), **TOL)
+
+
+def test_slip_projector_has_three_layers_with_batch_norm() -> None:
+    """SLIP's image MLP (768 -> 4096 -> 4096 -> 256, BatchNorm + ReLU after each hidden layer): the module order and
+    its parameter count written out."""
+    from torch import nn
+
+    from objectives.intramodal import mlp_projector
+
+    head = mlp_projector(768, 4096, 256, layers=3, batch_norm=True)
+    kinds = [type(m) for m in head]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert sum(p.numel() for p in head.parameters()) == (768 * 4096 + 4096) + 2 * 4096 + (4096 * 4096 + 4096) \
+        + 2 * 4096 + (4096 * 256 + 256)
+    assert [type(m) for m in mlp_projector(8, 16, 4)] == [nn.Linear, nn.ReLU, nn.Linear]  # SimCLR's default

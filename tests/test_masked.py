@@ -412,3 +412,44 @@ def test_global_token_mean_and_codebook_broadcast_over_two_ranks() -> None:
     expected = kmeans(torch.cat([both[0], both[1][:13]]), 3, 20, 0)[0]  # rank order, unequal row counts
     for r in res:
         torch.testing.assert_close(r["codebook"], expected)
+
+
+def test_tied_mlm_decoder_shares_the_embedding_table_and_sums_both_gradients(spm: Path) -> None:
+    """``tie_embeddings`` (BERT / ALBEF): the decoder weight *is* the text tower's input embedding table, counted once
+    in the task's parameters, and its gradient is the sum of the gradients an untied copy gives to the embedding
+    table and to the decoder, on the same batch and masks."""
+    from pretrain.task import PretrainTask
+
+    cfg = ModelConfig(family="late_fusion", embed_dim=16, fusion=FusionConfig(width=32, depth=1, heads=2), towers={
+        "audio": AudioConfig(width=32, depth=1, heads=2, frames=32, n_mels=32, patch_size=[8, 8]),
+        "text": TextConfig(tokenizer=str(spm), width=32, depth=1, heads=2, max_len=12)})
+    batch = _batch(spm)
+    grads = {}
+    for tie in (True, False):
+        model = build_model(cfg, seed=0).eval()
+        spec = model.spec
+        torch.manual_seed(1)
+        objective = CrossModalMLMObjective.from_config(CrossMLMConfig(context="audio", tie_embeddings=tie,
+                                                                      global_norm=False), spec)
+        table = model.input_embeddings("text")
+        if not tie:  # the untied run starts from the same values: decoder = a copy of the table
+            objective.head.out.weight.data.copy_(table.weight.data)
+        task = PretrainTask(model, {"masked_cross": objective}, {"masked_cross": 1.0})
+        if tie:
+            assert objective.head.out.weight is table.weight
+            assert objective.max_zero_stage == 2
+            names = [n for n, p in task.named_parameters() if p is table.weight]
+            assert len(names) == 1  # one tensor, one optimizer entry
+        task(batch).loss.backward()
+        grads[tie] = (table.weight.grad.clone(), objective.head.out.weight.grad.clone())
+    tied, _ = grads[True]
+    emb, dec = grads[False]
+    assert torch.allclose(tied, emb + dec, atol=1e-6)
+    assert dec.abs().sum() > 0 and emb.abs().sum() > 0
+
+
+def test_tied_decoder_needs_matching_widths(spm: Path) -> None:
+    model = build_model(_cfg(spm), seed=0)  # fusion width 24, text width 32
+    objective = CrossModalMLMObjective.from_config(CrossMLMConfig(context="audio", tie_embeddings=True), model.spec)
+    with pytest.raises(ObjectiveError, match="tie_embeddings: the embedding table"):
+        objective.bind(model)

@@ -51,8 +51,6 @@ def _vit_block(width: int, mlp_ratio: int = 4) -> int:
 
 
 # --- documented gaps: what this framework builds minus what the paper's architecture has (recipe comments) -------
-SLIP_MLP_MIDDLE = _linear(4096, 4096) + 2 * 2 * 4096  # SLIP's 2nd 4096-wide layer and its two BatchNorms
-ALBEF_UNTIED_DECODER = 768 * 30522  # ALBEF ties the MLM decoder to the word embeddings
 FLAVA_MIM_HEADS = 2 * (_linear(768, 768) + 2 * 768 + _linear(768, 8192))  # MIM + MMM-image heads over dVAE codes
 FLAVA_MAE_DECODER = _linear(768, 768) + 768 + _vit_block(768) + 2 * 768 + _linear(768, 16 * 16 * 3)
 # BLIP-2's Q-Former minus its query path: the text half (BERT-base word + position embeddings and their LayerNorm,
@@ -93,11 +91,9 @@ PAPERS: dict[str, Paper] = {
     "siglip": Paper(203_155_970, "203.2 M", 32000,
                     "Zhai et al. 2023, B/16 224 px, 64 tokens, 32k vocab; open_clip ViT-B-16-SigLIP.json"),
     "slip": Paper(170_617_089, "170.6 M", 49408,
-                  "Mu et al. 2022, SLIP_VITB16 (models.py): CLIP ViT-B/16 + 768-4096-4096-256 SimCLR MLP",
-                  gap=-SLIP_MLP_MIDDLE),
+                  "Mu et al. 2022, SLIP_VITB16 (models.py): CLIP ViT-B/16 + 768-4096-4096-256 SimCLR MLP"),
     "albef": Paper(209_937_725, "209.9 M", 30522,
-                   "Li et al. 2021, §3.1: ViT-B/16 @256 + BERT-base (6 text + 6 fusion layers) + ITC/ITM/MLM heads",
-                   gap=ALBEF_UNTIED_DECODER),
+                   "Li et al. 2021, §3.1: ViT-B/16 @256 + BERT-base (6 text + 6 fusion layers) + ITC/ITM/MLM heads"),
     "flava": Paper(303_859_063, "303.9 M", 30522,
                    "Singh et al. 2022; transformers FlavaForPreTraining(FlavaConfig()) minus its frozen dVAE",
                    gap=FLAVA_MAE_DECODER - FLAVA_MIM_HEADS),
