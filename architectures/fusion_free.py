@@ -103,8 +103,9 @@ class FusionFreeModel(nn.Module):
 
     def input_embeddings(self, modality: str) -> nn.Embedding | None:
         """``modality``'s token-id embedding table (text towers), which an MLM decoder may tie its weight to."""
-        tower = self.towers[modality] if modality in self.towers else None
-        return tower.input_embeddings() if tower is not None else None
+        if modality not in self.towers:
+            return None
+        return self.towers[modality].input_embeddings()
 
     def frozen_sources(self) -> dict[str, str | None]:
         """Module prefix -> the local weights file of each frozen tower (None: frozen at its random init)."""
