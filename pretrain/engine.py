@@ -64,7 +64,7 @@ def deepspeed_config(train: TrainConfig, micro_batch: int, world_size: int, trai
     elif train.zero_stage == 3:
         zero.update(reduce_bucket_size=bucket, stage3_prefetch_bucket_size=bucket,
                     stage3_param_persistence_threshold=min(100_000, bucket))
-    return {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": micro_batch * train.grad_accum * world_size,
@@ -75,6 +75,9 @@ def deepspeed_config(train: TrainConfig, micro_batch: int, world_size: int, trai
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if train.profile_comms:  # DeepSpeed's comms logger times every deepspeed.comm collective (blocking it)
+        config["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
+    return config
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -63,6 +63,7 @@ class TrainConfig:
     # update is skipped on every rank); 0: abort at the first one
     max_nonfinite_steps: int = 10
     collective_timeout_s: float = 1800.0  # process-group timeout: a collective waiting longer on a dead rank fails
+    profile_comms: bool = False  # time DeepSpeed's collectives (its comms logger; each op made blocking): summary.json
 
 
 @dataclass

@@ -119,6 +119,18 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _comm_seconds() -> float:
+    """Seconds spent in DeepSpeed's collectives so far on this rank (its comms logger; 0 when it is off)."""
+    from deepspeed import comm as ds_comm
+
+    logger = ds_comm.comms_logger
+    if not logger.enabled:
+        return 0.0
+    # each op's logged latency is its timer's running total (DeepSpeed stops it with elapsed(reset=False)), so
+    # an op's time so far is the largest value logged under its name, over every message size
+    return sum(max(max(record[1]) for record in sizes.values()) for sizes in logger.comms_dict.values()) / 1000.0
+
+
 class _KeyLog:
     """``keys/rank<N>.jsonl``: the sample keys of every batch consumed (``train.log_keys``)."""
 
@@ -262,6 +274,7 @@ class Trainer:
         recent_losses: list[float] = []
         first_step = state.step
         timed_start: float | None = None
+        comm_start = comm_end = 0.0
         timed_steps = 0
         checkpoint_s = 0.0  # excluded from throughput
         objectives = list(self.engine.module.objectives.items())
@@ -344,8 +357,11 @@ class Trainer:
             metrics = {k: v.detach().float() for k, v in out.metrics.items() if rank == 0 and v.numel() == 1}
             state.step += 1
             state.samples_seen += global_batch
+            if cfg.profile_comms:  # snapshots between steps: checkpoint saves' collectives are left out
+                comm_end = _comm_seconds()
             if state.step == first_step + 1:
                 timed_start = time.perf_counter()
+                comm_start = comm_end
             else:
                 timed_steps += 1
             pending.append({"step": state.step, "loss": step_loss, "terms": terms, "metrics": metrics,
@@ -388,7 +404,9 @@ class Trainer:
         keylog.close()
         wall = time.perf_counter() - timed_start - checkpoint_s if timed_start else 0.0
         per_rank: list[Any] = [None] * world
-        dist.all_gather_object(per_rank, {"peak_rss_mb": round(_peak_rss_mb(), 1), "data_errors": dict(data_errors),
+        comm_per_step = (comm_end - comm_start) / timed_steps if cfg.profile_comms and timed_steps else None
+        dist.all_gather_object(per_rank, {"peak_rss_mb": round(_peak_rss_mb(), 1), "comm_s": comm_per_step,
+                                          "data_errors": dict(data_errors),
                                           "source_rows": dict(source_rows), "faults": list(faults.values()),
                                           **optimizer_memory(engine)})
         total_errors: Counter[str] = Counter()
@@ -416,6 +434,8 @@ class Trainer:
             "timed_steps": timed_steps,
             "step_time_split_s": {k: round(v / max(1, timed_steps * cfg.grad_accum), 5) for k, v in timings.items()},
             "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in per_rank],
+            # train.profile_comms: seconds per timed step in DeepSpeed's collectives (inside backward / optimizer)
+            "communication_s_per_step": [r["comm_s"] for r in per_rank] if cfg.profile_comms else None,
             "data_errors": dict(total_errors),
             # each skipped shard / sample member once (shard, key, member, kind, error), first MAX_LISTED_FAULTS
             "data_faults": listed,

@@ -125,3 +125,23 @@ def test_real_wordpiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
     ref = AutoTokenizer.from_pretrained(str(path))(text, max_length=16, truncation=True, padding="max_length")
     assert out["input_ids"].tolist() == ref["input_ids"]
     assert out["attention_mask"].tolist() == ref["attention_mask"]
+
+
+def test_patch_dropout_keeps_a_share_of_patches_in_training_only() -> None:
+    """FLIP patch dropout on a ViT tower: in training ``int(N·(1-p))`` of the N patch tokens (plus the class token)
+    reach the blocks, each sample its own subset; evaluation keeps all; a CNN tower refuses the option."""
+    from architectures.errors import ArchitectureError
+    from architectures.modalities import ImageConfig, get_modality
+
+    plugin = get_modality("image")
+    tower = plugin.build_tower(ImageConfig(width=32, depth=1, heads=2, image_size=32, patch_size=4,
+                                           patch_dropout=0.75))
+    x = torch.randn(3, 3, 32, 32)
+    tower.train()
+    assert tower(x).features.shape == (3, 1 + int(64 * 0.25), 32)
+    tower.eval()
+    assert tower(x).features.shape == (3, 1 + 64, 32)
+    with pytest.raises(ArchitectureError, match="patch_dropout applies to ViT towers"):
+        plugin.build_tower(ImageConfig(arch="resnet10t", image_size=32, patch_dropout=0.5))
+    with pytest.raises(ArchitectureError, match=r"patch_dropout must be in \[0, 1\)"):
+        plugin.build_tower(ImageConfig(width=32, depth=1, heads=2, patch_dropout=1.0))

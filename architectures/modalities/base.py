@@ -60,6 +60,7 @@ class TowerConfig:
     pretrained: str | None = path_field(help="local weights: a directory or a .safetensors file")
     frozen: bool = False
     grad_checkpointing: bool = False
+    patch_dropout: float = 0.0  # ViT towers: share of patch tokens dropped when training (FLIP, Li et al. 2023)
     model_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,13 +69,23 @@ VIT_PREFIXES = ("vit_", "deit_", "eva")
 
 def timm_tower(cfg: TowerConfig, *, in_chans: int, img_size: list[int], patch_size: int | list[int]) -> TimmTower:
     """A timm tower for image-like input ``[in_chans, *img_size]``. For ViT-family archs the tower's width,
-    depth, heads, MLP ratio, pooling and dropout come from ``cfg`` (any timm model otherwise, e.g. a ResNet);
-    ``cfg.model_args`` overrides anything."""
+    depth, heads, MLP ratio, pooling, dropout and patch dropout come from ``cfg`` (any timm model otherwise, e.g. a
+    ResNet); ``cfg.model_args`` overrides anything.
+
+    ``patch_dropout`` (FLIP, Li et al. 2023, "Scaling Language-Image Pre-training via Masking"): in training mode a
+    random ``patch_dropout`` share of each sample's patch tokens is dropped after the position embedding (timm's
+    ``PatchDropout``; prefix tokens kept), so the blocks run on ``⌈(1 - p)·N⌉`` tokens; evaluation sees every patch."""
+    if not 0.0 <= cfg.patch_dropout < 1.0:
+        raise ArchitectureError(f"patch_dropout must be in [0, 1), got {cfg.patch_dropout}")
     args: dict[str, Any] = {"in_chans": in_chans, "drop_path_rate": cfg.drop_path}
     if cfg.arch.startswith(VIT_PREFIXES):
         args.update(img_size=img_size, patch_size=patch_size, embed_dim=cfg.width, depth=cfg.depth,
                     num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, global_pool=cfg.pool, proj_drop_rate=cfg.dropout,
                     attn_drop_rate=cfg.dropout)
+        if cfg.patch_dropout:
+            args["patch_drop_rate"] = cfg.patch_dropout
+    elif cfg.patch_dropout:
+        raise ArchitectureError(f"patch_dropout applies to ViT towers; {cfg.arch!r} has no patch tokens")
     args.update(cfg.model_args)
     return TimmTower(cfg.arch, args, pretrained=cfg.pretrained, input_size=(in_chans, *img_size))
 
