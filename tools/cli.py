@@ -11,6 +11,7 @@
     mmssl weights random-causal-lm --tokenizer SPM --out weights/tiny-lm   a seeded random GPT-2 (tiny recipes)
     mmssl recipes                                         list bundled recipes
     mmssl bench --compare open_clip                       mmssl vs open_clip training the same CLIP (table + JSON)
+    mmssl bench matrix | scaling | flip                   family x objective x ZeRO; batch / ranks; FLIP speed-up
     mmssl pretrain RECIPE [key=value ...] --nproc 2       pretrain on N local ranks (or as one rank of a launcher)
     mmssl export RUN_DIR --out DIR                        one directory per encoder
     mmssl probe ENCODER_DIR --shards TRAIN --test-shards TEST --label FIELD
@@ -311,6 +312,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """``mmssl bench matrix|scaling`` (tools.bench_matrix), ``mmssl bench flip`` (tools.bench_flip), otherwise
+    ``mmssl bench --compare open_clip`` (tools.bench)."""
+    suite = args.bench_args[0] if args.bench_args else ""
+    if suite in ("matrix", "scaling"):
+        from tools.bench_matrix import main as matrix_main
+
+        return matrix_main(args.bench_args)
+    if suite == "flip":
+        from tools.bench_flip import main as flip_main
+
+        return flip_main(args.bench_args[1:])
     from tools.bench import main as bench_main
 
     return bench_main(args.bench_args)
@@ -373,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("recipes", help="list the bundled recipes")
     s.set_defaults(fn=cmd_recipes)
 
-    s = sub.add_parser("bench", help="benchmarks: mmssl vs open_clip on the same CLIP (see `mmssl bench -h`)",
+    s = sub.add_parser("bench", help="benchmarks: --compare open_clip | matrix | scaling | flip (`mmssl bench -h`)",
                        add_help=False)
     s.set_defaults(fn=cmd_bench, bench_args=[])  # its own options: tools.bench parses them
 

@@ -1,0 +1,134 @@
+"""``mmssl bench flip``: the training-step speed-up of FLIP patch dropout (Li et al. 2023, "Scaling Language-Image
+Pre-training via Masking") at 0 / 50 / 75 % on the CLIP model of ``mmssl bench --compare open_clip``.
+
+One process, one rank: for each rate the same recipe with ``model.image.patch_dropout`` set builds mmssl's trainer
+(model, objectives, DeepSpeed engine at ZeRO-0), and each step is the trainer's step on the same pre-decoded
+Fashion-MNIST batches (`tools.bench.MmsslSide`). Trials alternate between the rates; the first is warm-up; samples/s
+is the median of the others. Two speed-ups are reported against rate 0: the whole step (image + text towers,
+loss, optimizer), and the image tower alone (its forward + backward on the same batch, timed in isolation), the
+part FLIP shortens.
+
+    python -m tools.bench_flip [--rates 0 0.5 0.75] [--steps 5] [--trials 6] [--batch 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from tools.bench import ClipSize, MmsslSide, decoded_batches, prepare
+from tools.probe import ProbeError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def with_patch_dropout(recipe: Path, rate: float) -> Path:
+    raw = yaml.safe_load(recipe.read_text())
+    raw["model"]["image"]["patch_dropout"] = rate
+    out = recipe.with_name(f"{recipe.stem}-flip{round(100 * rate)}.yaml")
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+def image_tower_seconds(side: MmsslSide, batch: Any, repeat: int) -> float:
+    """Median seconds of the image tower's forward + backward on ``batch`` (training mode)."""
+    tower = side.model.model.towers["image"]
+    x = batch.inputs["image"]
+    times = []
+    for _ in range(repeat + 1):
+        t0 = time.perf_counter()
+        out = tower(x)
+        out.features.float().square().mean().backward()
+        times.append(time.perf_counter() - t0)
+    tower.zero_grad(set_to_none=True)
+    return statistics.median(times[1:])
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    size = ClipSize()
+    base = prepare(workdir, size, args.batch, "fp32", args.limit)
+    batches = decoded_batches(base, min(16, args.steps * args.trials))
+    sides = {rate: MmsslSide(with_patch_dropout(base, rate), workdir / f"run-{rate}") for rate in args.rates}
+    rates: dict[float, list[float]] = {r: [] for r in args.rates}
+    for trial in range(args.trials):
+        chunk = [batches[(trial * args.steps + i) % len(batches)] for i in range(args.steps)]
+        samples = sum(len(b) for b in chunk)
+        for rate, side in sides.items():
+            rates[rate].append(samples / side.run(chunk))
+    rows = []
+    ref = statistics.median(rates[args.rates[0]][1:])
+    tower_ref = None
+    for rate, side in sides.items():
+        tower_s = image_tower_seconds(side, batches[0], args.steps)
+        tower_ref = tower_ref or tower_s
+        grid = (size.image_size // size.patch_size) ** 2
+        median = statistics.median(rates[rate][1:])
+        rows.append({"patch_dropout": rate, "image_tokens": 1 + int(grid * (1 - rate)), "samples_per_s": median,
+                     "step_speedup": median / ref, "image_tower_ms": 1000 * tower_s,
+                     "image_tower_speedup": tower_ref / tower_s, "trials": rates[rate][1:]})
+    return {"config": {"image_size": size.image_size, "patch_size": size.patch_size, "width": size.width,
+                       "depth": size.depth, "batch": args.batch, "steps": args.steps, "trials": args.trials,
+                       "threads": args.threads}, "rows": rows}
+
+
+def table(result: dict[str, Any]) -> str:
+    c = result["config"]
+    lines = [f"### FLIP patch dropout: CLIP ViT {c['width']}w x {c['depth']}L, {c['image_size']} px / patch "
+             f"{c['patch_size']}, batch {c['batch']}, {c['threads']} threads, 1 rank, CPU", "",
+             "| patch dropout | image tokens | samples/s | step speed-up | image tower fwd+bwd ms | tower speed-up |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {100 * r['patch_dropout']:.0f} % | {r['image_tokens']} | {r['samples_per_s']:.1f} "
+                     f"| {r['step_speedup']:.2f}x | {r['image_tower_ms']:.1f} | {r['image_tower_speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mmssl bench flip", description=__doc__.splitlines()[0])
+    p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.5, 0.75])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--trials", type=int, default=6)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--limit", type=int, default=1024)
+    p.add_argument("--json", default=None)
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args(argv)
+    if any(not 0 <= r < 1 for r in args.rates):
+        raise ProbeError(f"--rates must be in [0, 1), got {args.rates}")
+    if args.trials < 2:
+        raise ProbeError(f"--trials must be >= 2 (the first is warm-up), got {args.trials}")
+    for key in ("steps", "batch", "threads", "limit"):
+        if getattr(args, key) < 1:
+            raise ProbeError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        result = run(args, workdir)
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main(sys.argv[1:]))
