@@ -81,9 +81,12 @@ def linear(x: Tensor, layer: nn.Linear) -> Tensor:
 
 
 def test_registry_holds_every_kind() -> None:
+    from architectures.merged import MergedAttentionFusion
+
     assert set(OPERATOR_FUSIONS) == {"cross_attention", "concat", "tensor", "low_rank", "gated", "multiplicative",
-                                     "mult"}
+                                     "mult", "merged"}
     assert OPERATOR_FUSIONS["mult"] is MulT
+    assert OPERATOR_FUSIONS["merged"] is MergedAttentionFusion
 
 
 def test_masked_mean_pools_real_tokens_only() -> None:

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from argparse import Namespace
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -417,10 +417,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(memory_child(args.memory_child, recipe, _size(args), vocab_size(recipe), args.precision,
                                       args.batch, args.steps, workdir)))
         return 0
+    return run_and_report(args, run, report)
+
+
+def run_and_report(args: argparse.Namespace, run: Callable[[argparse.Namespace, Path], dict[str, Any]],
+                   render: Callable[[dict[str, Any]], str]) -> int:
+    """A benchmark's common tail: ``run(args, workdir)`` in ``--workdir`` (default: a temporary directory), print
+    ``render(result)``, write the result to ``--json`` when given."""
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         result = run(args, workdir)
-    print(report(result))
+    print(render(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -14,11 +14,9 @@ part FLIP shortens.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from tools.bench import ClipSize, MmsslSide, decoded_batches, prepare
+from tools.bench import ClipSize, MmsslSide, decoded_batches, prepare, run_and_report
 from tools.probe import ProbeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,14 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(args.workdir) if args.workdir else Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        result = run(args, workdir)
-    print(table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return run_and_report(args, run, table)
 
 
 if __name__ == "__main__":

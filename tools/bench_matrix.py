@@ -25,10 +25,8 @@ encoder is ``2 x --depth`` shared layers; the stitched row is the real frozen Ef
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ from typing import Any
 import torch
 import yaml
 
+from tools.bench import run_and_report
 from tools.bench_pretrain import train_run
 from tools.probe import ProbeError
 
@@ -265,14 +264,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(args.workdir) if args.workdir else Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        result = run(args, workdir)
-    print(table(result["rows"], result["matmul_peak_flops_per_rank"]))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return run_and_report(args, run, lambda result: table(result["rows"], result["matmul_peak_flops_per_rank"]))
 
 
 if __name__ == "__main__":
