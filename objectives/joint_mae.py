@@ -147,8 +147,8 @@ class JointMAEObjective(Objective):
         visible, keep, grids, present = {}, {}, {}, {}
         for m in self.modalities:
             x = batch.inputs[m]
+            n_visible = int((~masks[m][0]).sum())  # on the CPU mask: no device sync
             mask = masks[m] = masks[m].to(x.device)
-            n_visible = int((~mask[0]).sum())
             features = model.towers[m](x, mask=mask).features
             visible[m] = features[:, features.shape[1] - n_visible:]
             present[m] = presence(outputs, batch, m, x.shape[0], x.device)

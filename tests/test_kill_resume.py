@@ -107,9 +107,7 @@ def _weights(run: Path, tag: str) -> dict[str, torch.Tensor]:
 def _module_state(run: Path, tag: str) -> dict[str, Any]:
     """The full module state DeepSpeed saved (parameters, buffers such as the teacher and the queues, and extra
     state such as the pseudo-labels)."""
-    # DeepSpeed's own model-states file pickles non-tensor objects (its config, versions), so it cannot be read with
-    # weights_only=True; this reads only the file the test's own run just wrote (mmssl never loads it this way)
-    saved = torch.load(run / CKPT / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(run / CKPT / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return saved["module"]
 
 

@@ -310,6 +310,12 @@ def test_cli_exit_codes(media: list[dict], tmp_path: Path, capsys: pytest.Captur
                                            f"['id', 'path', 'caption', 'label'])"
     code, _, stderr = _cli(capsys, "make-shards", "asterisk", "--out", str(out), "--workers", "2")
     assert code == 2 and "--workers applies to `make-shards manifest / folder`" in stderr
+    code, _, stderr = _cli(capsys, "make-shards", "fashion-mnist", "--out", str(out), "--languages", "fr")
+    assert code == 2 and "--languages applies to `make-shards ktuberling`, not to `make-shards fashion-mnist`" in stderr
+    code, _, stderr = _cli(capsys, "weights", "efficientnet-lite0", "--out", str(out), "--layers", "3")
+    assert code == 2 and "--layers applies to `weights random-causal-lm`" in stderr
+    code, _, stderr = _cli(capsys, "weights", "random-causal-lm", "--out", str(out))
+    assert code == 2 and "needs --tokenizer FILE" in stderr
 
     root = tmp_path / "tree" / "red"
     root.mkdir(parents=True)

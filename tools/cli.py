@@ -49,9 +49,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
             FrozenWeightsError)
 
 
-BUILDER_OPTIONS = {  # make-shards options of the manifest / folder builders, by source
+BUILDER_OPTIONS = {  # make-shards options that only some sources take, by source
     "manifest": ("manifest", "column", "key", "base_dir", "skip_missing", "max_bytes", "workers", "name"),
     "folder": ("root", "label", "ext", "max_bytes", "workers", "name"),
+    "ktuberling": ("image_size", "languages", "require_audio"),
 }
 
 
@@ -116,13 +117,13 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
     from data_pipelines.sources import asterisk, fashion_mnist, ktuberling
 
     _check_builder_options(args)
-    if args.source in BUILDER_OPTIONS:
+    if args.source in ("manifest", "folder"):
         return _make_shards_from(args)
     if args.source == "asterisk":
         indexes = asterisk.build(args.out, test_fraction=args.test_fraction if args.test_fraction is not None else 0.15,
                                  shard_size=args.shard_size or 24, vocab_size=args.vocab_size, limit=args.limit)
     elif args.source == "ktuberling":
-        indexes = ktuberling.build(args.out, image_size=args.image_size, languages=args.languages,
+        indexes = ktuberling.build(args.out, image_size=args.image_size or 64, languages=args.languages or ["en"],
                                    test_fraction=args.test_fraction if args.test_fraction is not None else 0.2,
                                    shard_size=args.shard_size or 50, limit=args.limit,
                                    require_audio=args.require_audio)
@@ -190,12 +191,15 @@ def cmd_weights(args: argparse.Namespace) -> int:
     from architectures.stitching.pretrained import efficientnet_lite0_weights, minilm_dir, random_causal_lm
     from tools.probe import ProbeError
 
+    given = [f"--{n}" for n in ("tokenizer", "layers", "width") if getattr(args, n) is not None]
+    if args.name != "random-causal-lm" and given:
+        raise ProbeError(f"{given[0]} applies to `weights random-causal-lm`, not to `weights {args.name}`")
     if args.name == "efficientnet-lite0":
         print(efficientnet_lite0_weights(args.out))
     elif args.name == "random-causal-lm":
         if not args.tokenizer:
             raise ProbeError("weights random-causal-lm needs --tokenizer FILE (its vocabulary sizes the LM)")
-        print(random_causal_lm(args.out, args.tokenizer, layers=args.layers, width=args.width))
+        print(random_causal_lm(args.out, args.tokenizer, layers=args.layers or 2, width=args.width or 64))
     else:  # all-minilm-l6-v2: already a local transformers directory inside its package
         print(minilm_dir())
     return 0
@@ -342,9 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="asterisk: share of prompts held out (0.15); ktuberling: share of pictures (0.2)")
     s.add_argument("--shard-size", type=int, default=None,
                    help="samples per shard (asterisk 24, fashion-mnist 5000, ktuberling 50, manifest / folder 1000)")
-    s.add_argument("--image-size", type=int, default=64, help="ktuberling: picture side in pixels")
-    s.add_argument("--languages", nargs="+", default=["en"],
-                   help="ktuberling: recording languages, one sample per (picture, language)")
+    s.add_argument("--image-size", type=int, default=None, help="ktuberling: picture side in pixels (64)")
+    s.add_argument("--languages", nargs="+", default=None,
+                   help="ktuberling: recording languages, one sample per (picture, language) (en)")
     s.add_argument("--require-audio", action="store_true",
                    help="ktuberling: drop pairings with no recording instead of keeping them as image + text")
     s.add_argument("--vocab-size", type=int, default=1000, help="sentencepiece vocabulary (soft limit)")
@@ -378,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", choices=["efficientnet-lite0", "all-minilm-l6-v2", "random-causal-lm"])
     s.add_argument("--out", default="weights", help="directory for converted weights (random-causal-lm: the model's)")
     s.add_argument("--tokenizer", default=None, help="random-causal-lm: the tokenizer whose vocabulary it uses")
-    s.add_argument("--layers", type=int, default=2, help="random-causal-lm: transformer layers")
-    s.add_argument("--width", type=int, default=64, help="random-causal-lm: hidden size")
+    s.add_argument("--layers", type=int, default=None, help="random-causal-lm: transformer layers (2)")
+    s.add_argument("--width", type=int, default=None, help="random-causal-lm: hidden size (64)")
     s.set_defaults(fn=cmd_weights)
 
     s = sub.add_parser("recipes", help="list the bundled recipes")
