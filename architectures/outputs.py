@@ -27,6 +27,9 @@ class ModelOutput:
         present: modality -> ``bool[B]``; rows whose modality is absent hold meaningless values.
         fused: fused token states ``[B, T_q, F]`` keyed by the query modality, for late-fusion and unified
             families (empty for fusion-free models).
+        fusion_inputs / fusion_mask: what ``model.fuse`` takes for a modality where that is not ``tokens`` /
+            ``token_mask`` (stitched models: the LM's input embeddings of the text and the bridge's soft prompts,
+            since the frozen LM is conditioned on its inputs, not on its own output states).
     """
 
     embeddings: dict[str, Tensor]
@@ -35,6 +38,8 @@ class ModelOutput:
     present: dict[str, Tensor]
     token_mask: dict[str, Tensor] = field(default_factory=dict)
     fused: dict[str, Tensor] = field(default_factory=dict)
+    fusion_inputs: dict[str, Tensor] = field(default_factory=dict)
+    fusion_mask: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 VIEW_SEP = "@"
@@ -55,6 +56,29 @@ class ModelOutputs(Protocol):
     token_mask: dict[str, Tensor]  # bool [B, T_m], True where a token is real (not padding)
     present: dict[str, Tensor]  # bool [B]
     fused: dict[str, Tensor]  # fusion outputs of the model's own forward, when it has a fusion module
+    fusion_inputs: dict[str, Tensor]  # what `fuse` takes for a modality where that is not `tokens` (stitched LMs)
+    fusion_mask: dict[str, Tensor]  # their masks, where they differ from `token_mask`
+
+
+def fusion_view(outputs: ModelOutputs, modality: str) -> tuple[Tensor, Tensor]:
+    """``(states [B, T, D], bool mask [B, T])`` of ``modality`` as ``model.fuse`` takes them: the model's
+    ``fusion_inputs`` where it gives them, else its ``tokens`` (a missing mask means every token is real)."""
+    if modality in outputs.fusion_inputs:
+        states = outputs.fusion_inputs[modality]
+        mask = outputs.fusion_mask.get(modality, outputs.token_mask.get(modality))
+    else:
+        states, mask = outputs.tokens[modality], outputs.token_mask.get(modality)
+    if mask is None:
+        mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+    return states, mask.bool()
+
+
+def fused_summary(model: Any, fused: Tensor, query_mask: Tensor) -> Tensor:
+    """``[B, F]``: the fused state that stands for the whole pair, read by matching heads. ``fused[:, 0]`` (the
+    query's CLS) unless the model names another position with a ``fused_summary(fused, query_mask)`` method (a
+    causal LM's last real token, the only one that has seen every other)."""
+    hook = getattr(model, "fused_summary", None)
+    return hook(fused, query_mask) if hook is not None else fused[:, 0]
 
 
 @runtime_checkable
@@ -79,7 +103,9 @@ class MultimodalModel(Protocol):
     def __call__(self, inputs: Mapping[str, Any], present: Mapping[str, Tensor] | None = None) -> ModelOutputs: ...
 
     def fuse(self, tokens: Mapping[str, Tensor], token_mask: Mapping[str, Tensor], query: str) -> Tensor:
-        """Fused states ``[B, T_query, fusion_dim]``: ``query``'s tokens attending to the other modalities'."""
+        """Fused states ``[B, T_query, fusion_dim]``: ``query``'s tokens attending to the other modalities'
+        (each given as `fusion_view` reads it from the outputs). A model may also define
+        ``fused_summary(fused, query_mask) -> [B, fusion_dim]`` (see `fused_summary`)."""
         ...
 
 

@@ -43,7 +43,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from objectives.autoregressive import TransformerBlock
-from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
+from objectives.base import (
+    LossOutput,
+    ModelOutputs,
+    ModelSpec,
+    Objective,
+    ObjectiveError,
+    Requirements,
+    fusion_view,
+)
 from objectives.distributed import gather_rows, world
 from objectives.kmeans import kmeans
 from objectives.masking import (
@@ -203,15 +211,13 @@ class MLMObjective(Objective):
         tm = self.make_mask(batch)
         valid = presence(outputs, batch, m, x["input_ids"].shape[0], x["input_ids"].device)
         masked_inputs = {"input_ids": tm.input_ids, "attention_mask": x["attention_mask"]}
-        states = model({m: masked_inputs}, {m: valid}).tokens[m]
+        masked_out = model({m: masked_inputs}, {m: valid})
+        states = masked_out.tokens[m]
         if self.cross:
             ctx = self.cfg.context  # type: ignore[attr-defined]
             valid = valid & presence(outputs, batch, ctx, valid.shape[0], valid.device)
-            ctx_mask = outputs.token_mask.get(ctx)
-            if ctx_mask is None:
-                ctx_mask = torch.ones(outputs.tokens[ctx].shape[:2], dtype=torch.bool, device=states.device)
-            states = model.fuse({m: states, ctx: outputs.tokens[ctx]},
-                                {m: x["attention_mask"].bool(), ctx: ctx_mask}, query=m)
+            (q_states, q_mask), (c_states, c_mask) = fusion_view(masked_out, m), fusion_view(outputs, ctx)
+            states = model.fuse({m: q_states, ctx: c_states}, {m: q_mask, ctx: c_mask}, query=m)
         sel = tm.selected & valid[:, None]
         loss, metrics = token_ce(self.head(states[sel]), x["input_ids"][sel], global_norm=self.cfg.global_norm)
         return LossOutput(loss=loss, terms={"nll": loss.detach()}, metrics=metrics)

@@ -2,8 +2,12 @@
 Arandjelović & Zisserman 2017 "Look, Listen and Learn").
 
 A linear head ``h: R^F -> R^2`` owned by the objective reads the fused state of the query modality's first token
-(CLS), ``f(q, c) = fuse(q tokens, c tokens)[0]``, and predicts matched (1) / unmatched (0). For every valid local
-row ``i`` of the global batch of ``N`` rows (both modalities present) the items are::
+(CLS), ``f(q, c) = fuse(q tokens, c tokens)[0]``, and predicts matched (1) / unmatched (0). A model may name
+another summary position (`objectives.base.fused_summary`): a stitched causal LM reads its last real text token,
+``f(q, c) = LM([P(c); E(q)])[k + len(q) - 1]`` (BLIP-2's ITM, with the frozen LM in place of the Q-Former's text
+half), and its fusion inputs are the LM's input embeddings and soft prompts (`objectives.base.fusion_view`).
+
+For every valid local row ``i`` of the global batch of ``N`` rows (both modalities present) the items are::
 
     (q_i, c_i, 1)      the positive pair
     (q_i, c_j, 0)      j ~ p(j | i) = softmax_{j ∈ A_i}(s · q̂_i·ĉ_j)   a hard negative context for query i
@@ -40,7 +44,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements, base_modality
+from objectives.base import (
+    LossOutput,
+    ModelOutputs,
+    ModelSpec,
+    Objective,
+    ObjectiveError,
+    Requirements,
+    base_modality,
+    fused_summary,
+    fusion_view,
+)
 from objectives.distributed import gather_no_grad, gather_with_grad, world
 from objectives.ids import batch_meta_ids
 
@@ -131,6 +145,7 @@ def matching_loss(
     groups: Tensor | None = None,
     fused_query: Tensor | None = None,
     gather: bool = True,
+    summarize: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], MatchingNegatives]:
     """ITM loss of the local rows against negatives drawn from the global batch (see the module docstring).
 
@@ -145,6 +160,8 @@ def matching_loss(
         groups: ``long [B]`` duplicate-group ids (equal ids are never negatives of each other; < 0: none).
         fused_query: the model's own fused query states ``[B, T_q, F]`` of the positive pairs, reused if given.
         gather: draw negatives from every rank (with gradient), else from this rank's rows only.
+        summarize: ``(fused [n, T, F], query mask bool [n, T]) -> [n, F]``, the state the head reads; default
+            ``fused[:, 0]``.
 
     Returns:
         The loss to backpropagate on this rank, detached metrics, and the negatives drawn.
@@ -196,11 +213,17 @@ def matching_loss(
         c_parts.insert(0, c_tok[pos])
         qm_parts.insert(0, q_mask[pos])
         cm_parts.insert(0, c_mask[pos])
-    cls_parts: list[Tensor] = [] if fused_query is None else [fused_query[pos, 0]]
+    if summarize is None:
+        def summarize(states: Tensor, mask: Tensor) -> Tensor:
+            return states[:, 0]
+    cls_parts: list[Tensor] = []
+    if fused_query is not None:
+        cls_parts.append(summarize(fused_query[pos], q_mask[pos, : fused_query.shape[1]]))
     if sum(p.shape[0] for p in q_parts):
+        fused_mask = torch.cat(qm_parts)
         fused = fuse({query: torch.cat(q_parts), context: torch.cat(c_parts)},
-                     {query: torch.cat(qm_parts), context: torch.cat(cm_parts)}, query)
-        cls_parts.append(fused[:, 0])
+                     {query: fused_mask, context: torch.cat(cm_parts)}, query)
+        cls_parts.append(summarize(fused, fused_mask[:, : fused.shape[1]]))
     n_pos, n_neg = pos.numel(), a.numel() + b.numel()
     labels = torch.cat([torch.ones(n_pos, dtype=torch.long, device=device),
                         torch.zeros(n_neg, dtype=torch.long, device=device)])
@@ -290,7 +313,8 @@ class MatchingObjective(Objective):
 
     def forward(self, outputs: ModelOutputs, batch: Any = None, model: Any = None) -> LossOutput:
         if self.head is None or model is None:
-            raise ObjectiveError("matching needs a model with a fusion module (model.family: late_fusion) and the "
+            raise ObjectiveError("matching needs a model with a fusion module (model.family: late_fusion, unified or "
+                                 "stitched) and the "
                                  "model passed to forward")
         q, c = self.query, self.context
         valid = outputs.present[q].bool() & outputs.present[c].bool()
@@ -300,11 +324,13 @@ class MatchingObjective(Objective):
         # reuse the forward's fused states only if they fused exactly this pair (no third modality as context)
         plain = {m for m in outputs.tokens if base_modality(m) == m}
         fused_query = outputs.fused.get(q) if plain == {q, c} else None
+        (q_states, q_mask), (c_states, c_mask) = fusion_view(outputs, q), fusion_view(outputs, c)
         loss, metrics, negs = matching_loss(
-            model.fuse, self.head, outputs.tokens, outputs.token_mask, valid, query=q, context=c,
+            model.fuse, self.head, {q: q_states, c: c_states}, {q: q_mask, c: c_mask}, valid, query=q, context=c,
             embeddings=outputs.embeddings if self.negatives == "hard" else None, negatives=self.negatives,
             scale=1.0 / self.temperature, seed=self.seed, step=step,
             groups=self._groups(batch, valid.shape[0], valid.device), fused_query=fused_query, gather=self.gather,
+            summarize=lambda states, mask: fused_summary(model, states, mask),
         )
         self.last_negatives = MatchingNegatives(context=negs.context.detach(), query=negs.query.detach())
         return LossOutput(loss=loss, terms={"itm": loss.detach()}, metrics=metrics)

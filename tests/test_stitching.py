@@ -334,8 +334,8 @@ def test_model_facts_and_errors(vision, effnet_file: Path, minilm: FrozenLM) -> 
         build_bridge("adapter", VISION_DIM, 32)
     with pytest.raises(ArchitectureError, match="no tower for modality 'audio'"):
         model({"audio": torch.zeros(1, 1, 8, 8)})
-    with pytest.raises(ArchitectureError, match="cannot fuse"):
-        model.fuse({}, {}, "text")
+    with pytest.raises(ArchitectureError, match="fuses query 'text' with context 'image'; got query 'image'"):
+        model.fuse({"image": torch.zeros(1, 2, 32), "text": torch.zeros(1, 3, 32)}, {}, "image")
     encoder = StitchedModel(vision, minilm, LinearBridge(VISION_DIM, 384), embed_dim=8,
                             vision_weights=str(effnet_file))
     assert not encoder.has_lm_head

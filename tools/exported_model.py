@@ -33,6 +33,7 @@ from architectures.config import ModelConfig, build_model
 from architectures.modalities import get_modality
 from architectures.modalities.base import DecoderFn
 from architectures.stitching.pretrained import sha256_file
+from objectives.base import fused_summary
 from pretrain.recipe import model_config_from_dict, to_dict
 from tools.probe import ProbeError
 
@@ -124,13 +125,15 @@ class LoadedModel:
     @torch.no_grad()
     def itm_scores(self, query: str, context: str, tokens: dict[str, Tensor], token_mask: dict[str, Tensor]
                    ) -> Tensor:
-        """``p(match)`` of each row's (query, context) pair from the fused query state (ALBEF/BLIP ITM head)."""
+        """``p(match)`` of each row's (query, context) pair from the fused summary state (ALBEF/BLIP ITM head);
+        ``tokens``/``token_mask`` as `fuse` takes them (the outputs' `fusion_view`)."""
         if self.itm_head is None or self.itm is None:
             raise ProbeError(f"{self.source} has no matching (ITM) head: the run was not trained with "
                              "objectives.matching")
         fused = self.model.fuse({query: tokens[query], context: tokens[context]},
                                 {query: token_mask[query], context: token_mask[context]}, query)
-        return self.itm_head(fused[:, 0].float()).softmax(-1)[:, 1]
+        summary = fused_summary(self.model, fused, token_mask[query].bool()[:, : fused.shape[1]])
+        return self.itm_head(summary.float()).softmax(-1)[:, 1]
 
 
 def read_model_meta(path: str | Path) -> dict[str, Any]:

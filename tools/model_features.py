@@ -1,8 +1,9 @@
 """Features of a whole exported model (any family) over shards, per modality and fused, cached on disk.
 
 One pass over the shards gives, for every sample: each modality's pooled tower features and projected embedding,
-the presence of each modality, and the **fused feature**: the fused state of the query modality's first token
-for models with a fusion module (late fusion, unified, stitched; the state the ITM head reads), or the
+the presence of each modality, and the **fused feature**: the fused summary state (the query modality's first
+token; a stitched causal LM's last real token — `objectives.base.fused_summary`) for models with a fusion module
+(late fusion, unified, stitched; the state the ITM head reads), or the
 concatenation of the modalities' pooled features for fusion-free models (late concatenation). Evaluations under
 noise re-read the shards with a corrupted decoder (`ModalityPlugin.corrupted_decoder`), or with a modality
 removed (``present`` all False: the models' missing-modality path, zeros for that modality, no NaN).
@@ -26,10 +27,12 @@ from torch import Tensor
 from architectures.modalities import get_modality
 from data_pipelines.shards import resolve_shards
 from data_pipelines.stream import read_once
+from objectives.base import fused_summary, fusion_view
 from tools.exported_model import CONFIG, ITM_HEAD, WEIGHTS, LoadedModel
 from tools.features import CACHE_DIR, cache_key
 
 FUSED = "fused"
+FEATURES_FORMAT = 2  # part of the cache key: bump when what a feature holds changes (2: fused summary, fusion view)
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,8 @@ def extract_model_features(loaded: LoadedModel, shards: str | list[str], *, wher
     if corruption is not None:
         loaded.check_modality(corruption.modality, "--corrupt")
     urls = resolve_shards(shards, where=where)
-    key = cache_key(loaded.source, (WEIGHTS, ITM_HEAD, CONFIG), urls, random_init, seed, names, keep_tokens,
-                    corruption.tag() if corruption else "clean")
+    key = cache_key(loaded.source, (WEIGHTS, ITM_HEAD, CONFIG), urls, FEATURES_FORMAT, random_init, seed, names,
+                    keep_tokens, corruption.tag() if corruption else "clean")
     cache_file = loaded.source / CACHE_DIR / f"{key}.safetensors"
     if cache and cache_file.exists():
         return _read_cache(cache_file, names)
@@ -130,10 +133,11 @@ def extract_model_features(loaded: LoadedModel, shards: str | list[str], *, wher
             parts.setdefault(f"pooled.{m}", []).append(pooled)
             parts.setdefault(f"embeddings.{m}", []).append(emb)
             parts.setdefault(f"present.{m}", []).append(present[m])
-            if keep_tokens and m in out.tokens:
-                parts.setdefault(f"tokens.{m}", []).append(out.tokens[m].float())
-                parts.setdefault(f"token_mask.{m}", []).append(out.token_mask[m].bool())
-        fused, fused_present = _fused(out, query, names, present, n)
+            if keep_tokens and m in out.tokens:  # as `fuse` takes them, for ITM re-ranking
+                states, mask = fusion_view(out, m)
+                parts.setdefault(f"tokens.{m}", []).append(states.float())
+                parts.setdefault(f"token_mask.{m}", []).append(mask)
+        fused, fused_present = _fused(loaded.model, out, query, names, present, n)
         if fused is not None:
             parts.setdefault(FUSED, []).append(fused)
             parts.setdefault("fused_present", []).append(fused_present)
@@ -152,13 +156,15 @@ def extract_model_features(loaded: LoadedModel, shards: str | list[str], *, wher
     return _assemble(tensors, keys, meta, errors, names)
 
 
-def _fused(out: Any, query: str | None, names: list[str], present: dict[str, Tensor], n: int
+def _fused(model: Any, out: Any, query: str | None, names: list[str], present: dict[str, Tensor], n: int
            ) -> tuple[Tensor | None, Tensor | None]:
     if len(names) < 2:
         return None, None
     all_present = torch.stack([present[m] for m in names]).all(0)
     if query is not None and query in out.fused:
-        return out.fused[query][:, 0].float(), all_present
+        fused = out.fused[query]
+        mask = out.token_mask.get(query, torch.ones(fused.shape[:2], dtype=torch.bool))
+        return fused_summary(model, fused, mask.bool()[:, : fused.shape[1]]).float(), all_present
     if query is None:  # fusion-free: late concatenation of the pooled features (absent modality -> zeros)
         pooled = [out.pooled[m].float() * present[m][:, None] if m in out.pooled else None for m in names]
         if any(p is None for p in pooled):

@@ -13,7 +13,10 @@ statistics fixed).
   ``embeddings = head_text(pooled)``;
 * ``fused["text"]`` ``[B, L, d]`` (both modalities given): the LM's states over the text positions when conditioned
   on the image — soft prompts ``P`` prepended to the token embeddings (``LM([P; E(x)])[:, k:]``), or, for
-  Flamingo, the text alone with the gated cross-attention blocks reading ``Z`` before the hooked layers.
+  Flamingo, the text alone with the gated cross-attention blocks reading ``Z`` before the hooked layers;
+* ``fusion_inputs``: ``E(x)`` for the text and ``P`` for the image, what `fuse` conditions the LM on for any
+  other pairing of rows (matching's negatives), and ``fused_summary`` the position a matching head reads (a causal
+  LM's last real token).
 
 A modality not given costs nothing (ImageBind style): an image-only batch never runs the LM, a text-only batch
 never runs the vision tower. ``lm_logits`` exposes the LM's own (frozen) output head when the LM is causal, for
@@ -118,8 +121,13 @@ class StitchedModel(nn.Module):
             embeds = self.lm.embed(ids)
             hidden = self.lm(embeds, mask)
             self._record(out, self.text_key, hidden, self.lm.mean_pool(hidden, mask), mask.bool(), present)
+            out.fusion_inputs[self.text_key] = embeds
             if bridged is not None and self.fuse_text:
                 out.fused[self.text_key] = self.condition(bridged, embeds, mask)
+        if bridged is not None and bridged.prompts is not None:
+            out.fusion_inputs[self.image_key] = bridged.prompts
+            out.fusion_mask[self.image_key] = torch.ones(bridged.prompts.shape[:2], dtype=torch.bool,
+                                                         device=bridged.prompts.device)
         return out
 
     def _record(self, out: ModelOutput, m: str, tokens: Tensor, pooled: Tensor, token_mask: Tensor | None,
@@ -138,15 +146,22 @@ class StitchedModel(nn.Module):
 
     def condition(self, bridged: BridgeOutput, text_embeds: Tensor, attention_mask: Tensor) -> Tensor:
         """``[B, L, d]`` LM states over the text positions, conditioned on the image (module docstring)."""
-        if bridged.prompts is None:
-            if not isinstance(self.bridge, FlamingoBridge):
-                raise ArchitectureError(f"bridge {type(self.bridge).__name__} gave no soft prompts")
-            with self.bridge.conditioning(bridged.tokens):
+        if bridged.prompts is None and not isinstance(self.bridge, FlamingoBridge):
+            raise ArchitectureError(f"bridge {type(self.bridge).__name__} gave no soft prompts")
+        image = bridged.tokens if bridged.prompts is None else bridged.prompts
+        return self._conditioned(image, None, text_embeds, attention_mask)
+
+    def _conditioned(self, image: Tensor, image_mask: Tensor | None, text_embeds: Tensor,
+                     attention_mask: Tensor) -> Tensor:
+        if isinstance(self.bridge, FlamingoBridge):  # image: the resampled tokens Z the xattn blocks read
+            with self.bridge.conditioning(image):
                 return self.lm(text_embeds, attention_mask)
-        prompts = bridged.prompts.to(text_embeds.dtype)
+        prompts = image.to(text_embeds.dtype)  # image: soft prompts P in the LM's input space
         k = prompts.shape[1]
-        ones = torch.ones(prompts.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
-        hidden = self.lm(torch.cat([prompts, text_embeds], dim=1), torch.cat([ones, attention_mask], dim=1))
+        if image_mask is None:
+            image_mask = torch.ones(prompts.shape[:2], dtype=torch.bool, device=attention_mask.device)
+        hidden = self.lm(torch.cat([prompts, text_embeds], dim=1),
+                         torch.cat([image_mask.to(attention_mask.dtype), attention_mask], dim=1))
         return hidden[:, k:]
 
     def lm_logits(self, hidden: Tensor) -> Tensor:
@@ -154,8 +169,27 @@ class StitchedModel(nn.Module):
         return self.lm.lm_logits(hidden)
 
     def fuse(self, tokens: Mapping[str, Tensor], token_mask: Mapping[str, Tensor], query: str) -> Tensor:
-        raise ArchitectureError(f"model.family={self.family!r} conditions the LM on token ids inside forward; it "
-                                "cannot fuse given token states (no matching / cross-modal masking objectives)")
+        """``[B, L, d]``: the LM's states over the text conditioned on the image, from the fusion inputs the
+        forward gives (``fusion_inputs``): ``tokens[text]`` the text's input embeddings ``E(x)``,
+        ``tokens[image]`` the soft prompts ``P`` (Flamingo: the bridge tokens ``Z``), so
+        ``fuse(P, E(x)) = LM([P; E(x)])[:, k:]`` — `condition` on other rows' pairs (ITM negatives)."""
+        if query != self.text_key or set(tokens) != {self.text_key, self.image_key}:
+            raise ArchitectureError(f"the stitched model fuses query {self.text_key!r} with context "
+                                    f"{self.image_key!r}; got query {query!r} over {sorted(tokens)}")
+        text_mask = token_mask.get(self.text_key)
+        if text_mask is None:
+            raise ArchitectureError(f"fuse needs the {self.text_key!r} attention mask")
+        return self._conditioned(tokens[self.image_key], token_mask.get(self.image_key), tokens[self.text_key],
+                                 text_mask.long())
+
+    def fused_summary(self, fused: Tensor, query_mask: Tensor) -> Tensor:
+        """``[B, d]``: the state a matching head reads. A causal LM's last real text token (the only one that has
+        attended to the image and the whole text); an encoder LM's first token (its CLS)."""
+        if not self.lm.causal:
+            return fused[:, 0]
+        positions = torch.arange(query_mask.shape[1], device=query_mask.device)
+        last = (positions * query_mask.long()).amax(1)  # right- or left-padded alike; an all-pad row reads 0
+        return fused[torch.arange(fused.shape[0], device=fused.device), last]
 
     def encode(self, modality: str, x: Any) -> Tensor:
         """The projected embedding of one modality."""
