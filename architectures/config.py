@@ -58,6 +58,7 @@ class UnifiedConfig:
     drop_path: float = 0.0
     query: str = "text"
     grad_checkpointing: bool = False
+    drop_tokens: dict[str, float] = field(default_factory=dict)  # modality -> DropToken rate in training (VATT)
 
 
 @dataclass
@@ -156,7 +157,8 @@ def build_unified(cfg: ModelConfig) -> UnifiedModel:
     embedders = {m: get_modality(m).build_embedder(tower_cfg, u.width) for m, tower_cfg in cfg.towers.items()}
     model = UnifiedModel(embedders, width=u.width, depth=u.depth, heads=u.heads, mlp_ratio=u.mlp_ratio,
                          embed_dim=cfg.embed_dim, head=cfg.head, experts=u.experts, fusion_depth=u.fusion_depth,
-                         latents=u.latents, latent_depth=u.latent_depth, drop_path=u.drop_path, query=u.query)
+                         latents=u.latents, latent_depth=u.latent_depth, drop_path=u.drop_path, query=u.query,
+                         drop_token_rates=u.drop_tokens)
     if u.grad_checkpointing:
         model.set_grad_checkpointing(True)
     widths = dict.fromkeys(cfg.towers, u.width)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -14,8 +15,18 @@ def tower_name(modality: str) -> str:
     return modality.split(VIEW_SEP, 1)[0]
 
 
-@dataclass
-class ModelOutput:
+class _ModelOutputFields(NamedTuple):
+    embeddings: dict[str, Tensor]
+    pooled: dict[str, Tensor]
+    tokens: dict[str, Tensor]
+    present: dict[str, Tensor]
+    token_mask: dict[str, Tensor]
+    fused: dict[str, Tensor]
+    fusion_inputs: dict[str, Tensor]
+    fusion_mask: dict[str, Tensor]
+
+
+class ModelOutput(_ModelOutputFields):
     """What every architecture returns; objectives read the fields they declare they need.
 
     Attributes:
@@ -30,16 +41,25 @@ class ModelOutput:
         fusion_inputs / fusion_mask: what ``model.fuse`` takes for a modality where that is not ``tokens`` /
             ``token_mask`` (stitched models: the LM's input embeddings of the text and the bridge's soft prompts,
             since the frozen LM is conditioned on its inputs, not on its own output states).
+
+    A named tuple of dicts (the optional fields default to fresh empty dicts), not a dataclass: DeepSpeed ZeRO-3
+    finds a module's output tensors only inside tuples, lists and dicts, and hooks them to re-gather the module's
+    partitioned parameters before its backward; a dataclass hides them, and a parameter the module's forward
+    saved for backward is then read partitioned (size 0). Replace a field with ``_replace``.
     """
 
-    embeddings: dict[str, Tensor]
-    pooled: dict[str, Tensor]
-    tokens: dict[str, Tensor]
-    present: dict[str, Tensor]
-    token_mask: dict[str, Tensor] = field(default_factory=dict)
-    fused: dict[str, Tensor] = field(default_factory=dict)
-    fusion_inputs: dict[str, Tensor] = field(default_factory=dict)
-    fusion_mask: dict[str, Tensor] = field(default_factory=dict)
+    __slots__ = ()
+
+    def __new__(cls, embeddings: dict[str, Tensor], pooled: dict[str, Tensor], tokens: dict[str, Tensor],
+                present: dict[str, Tensor], token_mask: dict[str, Tensor] | None = None,
+                fused: dict[str, Tensor] | None = None, fusion_inputs: dict[str, Tensor] | None = None,
+                fusion_mask: dict[str, Tensor] | None = None) -> ModelOutput:
+        return super().__new__(cls, embeddings, pooled, tokens, present, _fresh(token_mask), _fresh(fused),
+                               _fresh(fusion_inputs), _fresh(fusion_mask))
+
+
+def _fresh(value: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    return {} if value is None else value
 
 
 @dataclass

@@ -8,16 +8,23 @@ modality and a modality's outputs never depend on which other modalities are in 
     e_m  = Embed_m(x_m) + t_m                                  tokeniser (positions included) + type embedding t_m
     s_m  = [c_m + t_m ; e_m]                                   latents == 0
     s_m  = [c_m + t_m ; Perceiver(e_m) + t_m]                  latents  > 0: L latents instead of T_m tokens
+    e_m  = DropToken_p(e_m)                                    training, p = drop_tokens[m] > 0 (before both)
     h_m  = LN(Blocks(s_m))                                     the shared backbone; expert m when experts=True
     pooled[m] = h_m[:, 0],   tokens[m] = h_m[:, 1:],   embeddings[m] = Head_m(pooled[m])
 
-``c_m`` is the modality's learned [CLS]-like token. ``tokens[m]`` (``[B, T_m, D]``) and ``token_mask[m]``
-(``bool[B, T_m]``, the tokeniser's mask) are aligned with the tokeniser's tokens — position ``t`` is input token
-``t``, the [CLS] state is only in ``pooled`` — so objectives written for tower outputs (MLM selecting ``[B, T]``
-positions of the input ids) work unchanged. With ``latents > 0`` they are instead the ``L`` latents' states
-``[B, L, D]`` (mask all True): no longer aligned with the input, so per-input-token objectives (MLM, masked
-cross-modal prediction) cannot be used; ``tokens_align_with_inputs`` says which case holds. A view ``"audio@1"``
-is encoded by the tokeniser, type embedding, [CLS], expert and head of ``"audio"``.
+``c_m`` is the modality's learned [CLS]-like token. **DropToken** (VATT, Akbari et al. 2021, §3.3): in
+training mode, each row keeps a uniformly random ``max(1, ⌊(1 - p)·T_m⌋)`` of its ``T_m`` tokens (real
+tokens before padding), in input order, so the backbone runs on fewer tokens; evaluation sees every token. A
+dropped modality's ``tokens[m]`` in training are the kept tokens' states, not aligned with the input
+(`token_aligned` is False for it: no per-input-token objective on it).
+
+Otherwise ``tokens[m]`` (``[B, T_m, D]``) and ``token_mask[m]`` (``bool[B, T_m]``, the tokeniser's mask) are aligned
+with the tokeniser's tokens — position ``t`` is input token ``t``, the [CLS] state is only in ``pooled`` — so
+objectives written for tower outputs (MLM selecting ``[B, T]`` positions of the input ids) work unchanged. With
+``latents > 0`` they are instead the ``L`` latents' states ``[B, L, D]`` (mask all True): no longer aligned with the
+input, so per-input-token objectives (MLM, masked cross-modal prediction) cannot be used;
+``tokens_align_with_inputs`` says which case holds. A view ``"audio@1"`` is encoded by the tokeniser, type
+embedding, [CLS], expert and head of ``"audio"``.
 
 **Joint pass** (``fused[query]``, when ``query`` and at least one other plain modality — not a view — are given):
 the segments of all given plain modalities are concatenated (``query`` first) and attend to each other in one
@@ -70,6 +77,46 @@ class _Encoded(NamedTuple):
     states: Tensor  # h_m: final states after the backbone and its norm [B, 1+T, D], [CLS] first
 
 
+class _PerModalityVectors(nn.Module):
+    """One learned ``[1, 1, width]`` parameter per modality, named by the modality (state-dict key ``<m>``), used
+    by calling the module rather than by indexing it, so that DeepSpeed ZeRO-3 gathers them in forward and again
+    in backward: its hooks fire on module calls and follow tensor outputs, and the root's output is a
+    `ModelOutput` they cannot see into (an indexed `nn.ParameterDict` stays partitioned, size 0, in backward)."""
+
+    def __init__(self, modalities: list[str], width: int) -> None:
+        super().__init__()
+        for m in modalities:
+            self.register_parameter(m, nn.Parameter(torch.empty(1, 1, width)))  # initialised by the owner
+
+    def vector(self, name: str) -> Tensor:
+        return self._parameters[name]  # type: ignore[return-value]
+
+
+class TypeEmbeddings(_PerModalityVectors):
+    """The type embeddings ``t_m``: ``type_embeds(m, x) = x + t_m`` for ``x`` ``[B, T, D]``."""
+
+    def forward(self, name: str, x: Tensor) -> Tensor:
+        return x + self.vector(name).to(x.dtype)
+
+
+class ClassTokens(_PerModalityVectors):
+    """The learned [CLS]-like tokens ``c_m``: ``cls_tokens(m, batch, dtype)`` is ``c_m`` for ``batch`` rows,
+    ``[B, 1, D]``."""
+
+    def forward(self, name: str, batch: int, dtype: torch.dtype) -> Tensor:
+        return self.vector(name).to(dtype).expand(batch, -1, -1)
+
+
+def drop_tokens(tokens: Tensor, keep: Tensor, rate: float) -> tuple[Tensor, Tensor]:
+    """DropToken: ``max(1, ⌊(1 - rate)·T⌋)`` tokens of each row of ``tokens`` ``[B, T, D]`` drawn uniformly without
+    replacement (real tokens, ``keep`` True, before padding), in input order; returns them and their ``keep``."""
+    b, t, d = tokens.shape
+    k = max(1, int(t * (1.0 - rate)))
+    score = torch.rand(b, t, device=tokens.device) + (~keep).float()  # padding sorts after every real token
+    index = score.argsort(dim=1)[:, :k].sort(dim=1).values
+    return tokens.gather(1, index[..., None].expand(-1, -1, d)), keep.gather(1, index)
+
+
 class UnifiedModel(nn.Module):
     """The model of the module docstring. ``embedders``: one `TokenEmbedder` per modality, all ``width`` wide."""
 
@@ -78,16 +125,17 @@ class UnifiedModel(nn.Module):
     def __init__(self, embedders: Mapping[str, TokenEmbedder], *, width: int, depth: int, heads: int,
                  mlp_ratio: float = 4.0, embed_dim: int, head: str = "linear", experts: bool = False,
                  fusion_depth: int = 0, latents: int = 0, latent_depth: int = 1, drop_path: float = 0.0,
-                 query: str = "text") -> None:
+                 query: str = "text", drop_token_rates: Mapping[str, float] | None = None) -> None:
         super().__init__()
+        self.drop_token_rates = {m: float(r) for m, r in (drop_token_rates or {}).items() if r}
         _validate(embedders, width=width, depth=depth, heads=heads, fusion_depth=fusion_depth, latents=latents,
-                  drop_path=drop_path, query=query)
+                  drop_path=drop_path, query=query, drop_token_rates=self.drop_token_rates)
         self.width, self.depth, self.fusion_depth, self.query, self.experts = width, depth, fusion_depth, query, experts
         self.num_features = width
         self.tokens_align_with_inputs = latents == 0  # False: tokens are latent states (no per-input-token loss)
         self.embedders = nn.ModuleDict(dict(embedders))
-        self.cls_tokens = nn.ParameterDict({m: nn.Parameter(torch.empty(1, 1, width)) for m in embedders})
-        self.type_embeds = nn.ParameterDict({m: nn.Parameter(torch.empty(1, 1, width)) for m in embedders})
+        self.cls_tokens = ClassTokens(list(embedders), width)
+        self.type_embeds = TypeEmbeddings(list(embedders), width)
         self.perceiver = PerceiverEncoder(width, heads, latents, latent_depth, mlp_ratio) if latents > 0 else None
         total = depth + fusion_depth  # drop-path rates rise linearly (plain floats: builds on the meta device too)
         rates = [drop_path * i / max(1, total - 1) for i in range(total)]
@@ -99,9 +147,8 @@ class UnifiedModel(nn.Module):
         self.fusion_blocks = nn.ModuleList(MomeBlock(width, heads, mlp_ratio, fusion_experts, rates[depth + i])
                                            for i in range(fusion_depth))
         self.fusion_norm = nn.LayerNorm(width) if fusion_depth > 0 else None
-        for params in (self.cls_tokens, self.type_embeds):
-            for p in params.values():
-                nn.init.trunc_normal_(p, std=0.02)
+        for p in (*self.cls_tokens.parameters(), *self.type_embeds.parameters()):
+            nn.init.trunc_normal_(p, std=0.02)
         for module in (self.blocks, self.norm, self.fusion_blocks, self.fusion_norm):
             if module is not None:
                 module.apply(init_vit_weights)
@@ -113,6 +160,11 @@ class UnifiedModel(nn.Module):
     def modalities(self) -> list[str]:
         return list(self.embedders)
 
+    def token_aligned(self, modality: str) -> bool:
+        """Whether ``tokens[modality]`` in training are aligned with the input tokens (no Perceiver latents, no
+        DropToken on it), as per-input-token objectives (MLM, masked modelling) need."""
+        return self.tokens_align_with_inputs and tower_name(modality) not in self.drop_token_rates
+
     # unimodal pass ---------------------------------------------------------------------------------------------
     def _check_known(self, keys: Any) -> None:
         unknown = sorted(m for m in keys if tower_name(m) not in self.embedders)
@@ -123,13 +175,14 @@ class UnifiedModel(nn.Module):
     def _sequence(self, name: str, x: Any) -> tuple[Tensor, Tensor]:
         """``s_m`` and its key mask (see the module docstring)."""
         embedded = self.embedders[name](x)
-        type_embed = self.type_embeds[name]
-        body, keep = embedded.tokens + type_embed, embedded.mask.bool()
+        body, keep = self.type_embeds(name, embedded.tokens), embedded.mask.bool()
+        if self.training and name in self.drop_token_rates:
+            body, keep = drop_tokens(body, keep, self.drop_token_rates[name])
         if self.perceiver is not None:
-            body = self.perceiver(body, keep) + type_embed
+            body = self.type_embeds(name, self.perceiver(body, keep))
             keep = torch.ones(body.shape[:2], dtype=torch.bool, device=body.device)
         batch = body.shape[0]
-        cls = (self.cls_tokens[name] + type_embed).to(body.dtype).expand(batch, -1, -1)
+        cls = self.type_embeds(name, self.cls_tokens(name, batch, body.dtype))
         cls_keep = torch.ones(batch, 1, dtype=torch.bool, device=body.device)
         return torch.cat([cls, body], dim=1), torch.cat([cls_keep, keep], dim=1)
 
@@ -248,7 +301,7 @@ class UnifiedModel(nn.Module):
 
 
 def _validate(embedders: Mapping[str, TokenEmbedder], *, width: int, depth: int, heads: int, fusion_depth: int,
-              latents: int, drop_path: float, query: str) -> None:
+              latents: int, drop_path: float, query: str, drop_token_rates: Mapping[str, float]) -> None:
     if not embedders:
         raise ArchitectureError("the unified model needs at least one modality embedder")
     if heads < 1 or width % heads:
@@ -261,6 +314,12 @@ def _validate(embedders: Mapping[str, TokenEmbedder], *, width: int, depth: int,
         raise ArchitectureError(f"model.unified.latents must be >= 0, got {latents}")
     if not 0.0 <= drop_path < 1.0:
         raise ArchitectureError(f"model.unified.drop_path must be in [0, 1), got {drop_path}")
+    for m, rate in drop_token_rates.items():
+        if m not in embedders:
+            raise ArchitectureError(f"model.unified.drop_tokens.{m}: no such modality "
+                                    f"(modalities: {sorted(embedders)})")
+        if not 0.0 <= rate < 1.0:
+            raise ArchitectureError(f"model.unified.drop_tokens.{m} must be in [0, 1), got {rate}")
     for m, e in embedders.items():
         if tower_name(m) != m:
             raise ArchitectureError(f"embedder key {m!r} names a view; embedders are keyed by modality")

@@ -16,8 +16,8 @@ encode it with the tower of ``<modality>``. `base_modality` maps a view name bac
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -114,14 +114,26 @@ FeatureSource = Callable[[], Iterator[tuple[list[str], ModelOutputs]]]
 without gradient by the current model (what a pseudo-label service clusters)."""
 
 
-@dataclass
-class LossOutput:
-    """``loss``: the scalar to minimise on this rank; ``terms``: named sub-losses (detached, for logging);
-    ``metrics``: further logged scalars (detached)."""
-
+class _LossFields(NamedTuple):
     loss: Tensor
-    terms: dict[str, Tensor] = field(default_factory=dict)
-    metrics: dict[str, Tensor] = field(default_factory=dict)
+    terms: dict[str, Tensor]
+    metrics: dict[str, Tensor]
+
+
+class LossOutput(_LossFields):
+    """``loss``: the scalar to minimise on this rank; ``terms``: named sub-losses (detached, for logging);
+    ``metrics``: further logged scalars (detached); both default to fresh empty dicts.
+
+    A named tuple, not a dataclass, so that DeepSpeed ZeRO-3 sees ``loss`` and hooks it to re-gather the
+    objective's own parameters (a learned temperature, prototypes) before its backward; hidden in a dataclass,
+    a parameter saved for backward is read partitioned (size 0) in the first step's backward and its gradient is
+    silently lost."""
+
+    __slots__ = ()
+
+    def __new__(cls, loss: Tensor, terms: dict[str, Tensor] | None = None,
+                metrics: dict[str, Tensor] | None = None) -> LossOutput:
+        return super().__new__(cls, loss, {} if terms is None else terms, {} if metrics is None else metrics)
 
 
 @dataclass(frozen=True)

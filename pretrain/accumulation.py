@@ -25,7 +25,6 @@ full gradient once.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -53,14 +52,14 @@ def cached_leaves(outputs: list[Any]) -> Any:
     """The micro-batches' outputs concatenated row-wise, each floating tensor a fresh leaf requiring grad."""
     first = outputs[0]
     merged: dict[str, Any] = {}
-    for f in dataclasses.fields(first):
-        parts = [getattr(o, f.name) for o in outputs]
-        merged[f.name] = {}
+    for name in first._fields:
+        parts = [getattr(o, name) for o in outputs]
+        merged[name] = {}
         for key in parts[0]:
             value = torch.cat([p[key] for p in parts])
-            if f.name in OUTPUT_FIELDS and value.is_floating_point():
+            if name in OUTPUT_FIELDS and value.is_floating_point():
                 value = value.detach().requires_grad_(True)
-            merged[f.name][key] = value
+            merged[name][key] = value
     return type(first)(**merged)
 
 
@@ -88,18 +87,19 @@ def cached_accumulation_step(engine: Any, batches: list[Batch],
             states.append(_rng_state())
             cached.append(task.model(batch.inputs, batch.present))
     leaves = cached_leaves(cached)
+    # the leaves by reference: under ZeRO-3 DeepSpeed's module hooks replace the dicts' tensors in place
+    held = {(field, key): leaf for field in OUTPUT_FIELDS for key, leaf in getattr(leaves, field).items()}
     result: LossOutput = task.loss(leaves, cat_batches(batches))
     if proceed is not None and not proceed(result):
         return result
     engine.backward(result.loss, scale_wrt_gas=False)
     rows = [len(b) for b in batches]
     grads: list[dict[tuple[str, str], Tensor]] = [{} for _ in batches]
-    for field in OUTPUT_FIELDS:
-        for key, leaf in getattr(leaves, field).items():
-            if leaf.grad is None:
-                continue
-            for j, part in enumerate(leaf.grad.split(rows)):
-                grads[j][(field, key)] = part
+    for (field, key), leaf in held.items():
+        if leaf.grad is None:
+            continue
+        for j, part in enumerate(leaf.grad.split(rows)):
+            grads[j][(field, key)] = part
     after = _rng_state()
     for j, batch in enumerate(batches):
         _set_rng_state(states[j])

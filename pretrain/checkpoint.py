@@ -13,7 +13,9 @@ Layout under ``<run>/checkpoints``::
 A save goes to ``.tmp-step_...`` and is renamed once every rank has written its part; ``latest`` is then
 replaced with a temp file + rename. A kill at any moment leaves ``latest`` naming a complete checkpoint. Only the
 newest ``keep_last`` tags are kept. The trainer's own state (step, next batch index, samples seen, world size)
-travels in DeepSpeed's ``client_state`` under ``"mmssl"``.
+travels in DeepSpeed's ``client_state`` under ``"mmssl"``. Without ZeRO (stage 0) in bf16, DeepSpeed keeps the fp32
+master weights as unnamed per-group lists; their parameter names travel under ``"mmssl_master_params"`` so that
+export can match them (`master_param_names`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from data_pipelines.shards import atomic_write_text
 from pretrain.frozen import check_reference, write_reference
 
 CHECKPOINTS = "checkpoints"
+MASTER_PARAM_NAMES = "mmssl_master_params"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 
@@ -74,6 +77,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def master_param_names(engine: Any) -> list[list[str]] | None:
+    """The parameter names of each group of fp32 master weights DeepSpeed's stage-0 fp16/bf16 optimizer saves
+    (``optimizer.fp32_groups``, in the order of its ``fp16_groups``); None where the checkpoint names its weights
+    itself (ZeRO stages 1-3, or fp32 training whose module weights are the master weights)."""
+    groups = getattr(engine.optimizer, "fp16_groups", None)
+    if engine.zero_optimization_stage() != 0 or groups is None:
+        return None
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return [[names[id(p)] for p in group] for group in groups]
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -86,7 +100,11 @@ def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], *, keep_l
     root = run_dir / CHECKPOINTS
     tag = tag_for(step)
     tmp_tag = TMP_PREFIX + tag
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"mmssl": state}, save_latest=False,
+    client_state: dict[str, Any] = {"mmssl": state}
+    master = master_param_names(engine)
+    if master is not None:
+        client_state[MASTER_PARAM_NAMES] = master
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=frozen is not None)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if frozen is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:

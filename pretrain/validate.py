@@ -45,11 +45,13 @@ def validate_recipe(recipe: Recipe, *, world_size: int) -> None:
                 raise RecipeError(f"objectives.{name} predicts masked input tokens, but with "
                                   f"model.unified.latents={recipe.model.unified.latents} the model's token states "
                                   f"are Perceiver latents; set model.unified.latents: 0")
-    if recipe.model.family == "unified" and recipe.train.zero_stage == 3:
-        # known gap, found by `mmssl bench matrix`: with any objective the first backward fails inside DeepSpeed's
-        # ZeRO-3 (a gathered parameter of size 0), so the run is refused before launch instead
-        raise RecipeError("model.family=unified does not yet train with train.zero_stage=3 (the first backward fails "
-                          "inside DeepSpeed's ZeRO-3 parameter partitioning); use train.zero_stage <= 2")
+    dropped = getattr(model, "drop_token_rates", {})
+    for name, objective in objectives.items():
+        for m in objective.requires.needs_masked_view:
+            if base_modality(m) in dropped:
+                raise RecipeError(f"objectives.{name} predicts masked {m!r} tokens, but model.unified.drop_tokens."
+                                  f"{base_modality(m)}={dropped[base_modality(m)]} drops them in training, so its "
+                                  f"token states no longer align with the input; remove it from drop_tokens")
     views = set(view_names(recipe)) - set(recipe.model.towers)
     for name, objective in objectives.items():
         for needed in objective.requires.modalities:

@@ -142,12 +142,9 @@ def _with_objectives(tmp_path: Path, asterisk_data: Path, objectives: dict, **se
     ({"momentum_contrastive": {"pairs": [["audio", "text"]]}}, {"train": {"zero_stage": 3}}, RecipeError,
      r"objectives\.momentum_contrastive needs train\.zero_stage <= 2"),
     ({"mae": {"modality": "text"}}, {}, ObjectiveError, r"objectives\.mae"),
-    ({"matching": {"query": "text", "context": "audio"}},
-     {"model": {"family": "unified", "unified": {"width": 48, "depth": 1, "heads": 2}}, "train": {"zero_stage": 3}},
-     RecipeError, r"model\.family=unified does not yet train with train\.zero_stage=3.*train\.zero_stage <= 2"),
-    ({"contrastive": {"pairs": [["audio", "text"]]}},
-     {"model": {"family": "unified", "unified": {"width": 48, "depth": 1, "heads": 2}}, "train": {"zero_stage": 3}},
-     RecipeError, r"model\.family=unified does not yet train with train\.zero_stage=3"),
+    ({"mlm": {"modality": "text"}},
+     {"model": {"family": "unified", "unified": {"width": 48, "depth": 1, "heads": 2, "drop_tokens": {"text": 0.5}}}},
+     RecipeError, r"objectives\.mlm predicts masked 'text' tokens, but model\.unified\.drop_tokens\.text=0\.5"),
 ])
 def test_objective_configuration_errors_name_the_key(tmp_path: Path, asterisk_data: Path, objectives: dict,
                                                      sections: dict, error: type, message: str) -> None:

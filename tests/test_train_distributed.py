@@ -155,6 +155,28 @@ def test_bf16_zero3_trains_and_exports_from_sharded_state(asterisk_data: Path, t
     assert any(not torch.equal(initial[k], v) for k, v in enc.tower.state_dict().items())
 
 
+def test_bf16_zero0_exports_the_fp32_master_weights(asterisk_data: Path, tmp_path: Path) -> None:
+    """Without ZeRO, DeepSpeed keeps bf16 module weights and unnamed per-group fp32 master copies; export reads
+    the masters by the names the checkpoint records: each rounds to the module's bf16 weight, and they carry
+    more precision than bf16 (so they are not the module weights upcast)."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(
+        asterisk_data, train={"steps": 3, "zero_stage": 0, "precision": "bf16", "ckpt_every": 0}))
+    run = tmp_path / "run"
+    _check(mmssl("pretrain", str(recipe), "--nproc", "2", "--run-dir", str(run)))
+    root = run / "checkpoints"
+    tag = (root / "latest").read_text().strip()
+    module = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    state = _weights(run)
+    assert state.keys() == module.keys()
+    assert all(state[k].dtype == torch.float32 and torch.equal(state[k].to(v.dtype), v) for k, v in module.items())
+    trained = [k for k in module if k.startswith("model.towers.audio.")]
+    assert any(not torch.equal(state[k], module[k].float()) for k in trained)
+    export_run(run, tmp_path / "export")
+    enc = Encoder.from_dir(tmp_path / "export" / "audio")
+    for name, value in enc.tower.state_dict().items():
+        torch.testing.assert_close(value, state[f"model.towers.audio.{name}"], rtol=0, atol=0)
+
+
 def test_mmssl_pretrain_runs_as_the_ranks_of_an_external_launcher(asterisk_data: Path, tmp_path: Path) -> None:
     """The multi-node path of the README on one node: torchrun starts `mmssl pretrain` as every rank."""
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(asterisk_data, train={"steps": 2}))

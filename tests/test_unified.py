@@ -367,3 +367,54 @@ def test_bad_configurations_raise_naming_the_value() -> None:
         _model(query="audio")
     with pytest.raises(ArchitectureError, match=r"no embedder for modality 'audio' \(modalities: \['image', 'text'\]"):
         _model()({"audio": torch.zeros(1, 1, 8, 8)})
+
+
+def test_drop_tokens_keeps_an_ordered_random_subset_of_each_rows_real_tokens_in_training_only() -> None:
+    """DropToken (VATT): the backbone's input in training is [CLS] + an in-order subset of each row's embedded
+    tokens, of size ⌊(1 - p)·T⌋, drawn independently per row and per call (each token kept about (1 - p) of the
+    time); padding is dropped before real tokens; evaluation sees every token and equals the plain model."""
+    rates = {"image": 0.5, "text": 0.5}
+    model = _model(drop_token_rates=rates, fusion_depth=1)
+    plain = _model(fusion_depth=1)
+    x = _batch(5)  # 4 image patches; text lengths 7, 3, 5, 6, 2 of 7
+    seen: list[torch.Tensor] = []
+    model.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        out = model(x)
+        for field in ("pooled", "embeddings"):
+            for m in ("image", "text"):
+                _close(getattr(out, field)[m], getattr(plain(x), field)[m])
+        full = {m: model._sequence(m, x[m])[0] for m in ("image", "text")}  # eval: no drop
+        model.train()
+        counts = torch.zeros(5, full["image"].shape[1] - 1)
+        draws = 200
+        for _ in range(draws):
+            seen.clear()
+            trained = model(x)
+            image_in, text_in = seen[0], seen[1]  # backbone inputs of the two unimodal passes
+            assert image_in.shape[1] == 1 + int(4 * 0.5) and text_in.shape[1] == 1 + int(7 * 0.5)
+            assert trained.tokens["image"].shape[1] == 2 and trained.token_mask["text"].shape[1] == 3
+            for name, got in (("image", image_in), ("text", text_in)):
+                ref = full[name]
+                _close(got[:, 0], ref[:, 0])  # [CLS] always kept
+                # each kept token is one of the row's own tokens, at strictly increasing input positions
+                dist = (got[:, 1:, None, :] - ref[:, None, 1:, :]).abs().amax(-1)  # [B, k, T]
+                assert bool((dist.amin(-1) < 1e-6).all())
+                pos = dist.argmin(-1)
+                assert bool((pos[:, 1:] > pos[:, :-1]).all())
+                if name == "image":
+                    counts.scatter_add_(1, pos, torch.ones_like(pos, dtype=counts.dtype))
+                else:  # the last row has 2 real tokens and keeps 3: both real ones, then one pad
+                    assert trained.token_mask["text"].sum(1).tolist() == [3, 3, 3, 3, 2]
+    share = counts / draws
+    assert float((share - 0.5).abs().max()) < 0.15, share  # uniform: every patch kept about half the time
+    assert len({tuple(r) for r in counts.tolist()}) > 1  # rows draw independently
+
+
+def test_drop_tokens_bad_values_and_masked_objectives_are_refused() -> None:
+    with pytest.raises(ArchitectureError, match=r"model\.unified\.drop_tokens\.audio: no such modality"):
+        _model(drop_token_rates={"audio": 0.5})
+    with pytest.raises(ArchitectureError, match=r"model\.unified\.drop_tokens\.image must be in \[0, 1\), got 1\.0"):
+        _model(drop_token_rates={"image": 1.0})
+    model = _model(drop_token_rates={"image": 0.5})
+    assert not model.token_aligned("image") and model.token_aligned("text") and not model.token_aligned("image@1")

@@ -19,6 +19,7 @@ encoder is ``2 x --depth`` shared layers; the stitched row is the real frozen Ef
 ``--nproc`` ranks and at one rank.
 
     python -m tools.bench_matrix matrix [--steps 12] [--nproc 2] [--json out.json] [--only fusion_free ...]
+                                        [--stages 0 3]
     python -m tools.bench_matrix scaling [--steps 12]
 """
 
@@ -77,7 +78,7 @@ def configs(width: int, depth: int) -> list[Config]:
                {"momentum_contrastive": {"pairs": [["image", "text"]], "queue_size": 256},
                 "matching": {"query": "text", "context": "image", "negatives": "hard", "exclude_duplicates": "label"},
                 "masked_cross": {"modality": "text", "context": "image"}}, stages=(0, 2), model=fusion),
-        Config("unified", "contrastive", {"contrastive": pairs}, model=unified, stages=(0, 2)),  # ZeRO-3: refused
+        Config("unified", "contrastive", {"contrastive": pairs}, model=unified, stages=(0, 2, 3)),
         Config("unified", "contrastive + mlm", {"contrastive": pairs, "mlm": {"modality": "text"}}, model=unified),
         Config("stitched", "contrastive + captioning (Q-Former)", {"contrastive": pairs, "captioning": {}},
                model={"stitched": {"bridge": "qformer", "options": {"num_queries": 8, "width": width,
@@ -211,7 +212,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     chosen = [c for c in configs(args.width, args.depth) if not args.only or c.family in args.only]
     plan: list[tuple[Config, int, int, int]] = []  # config, stage, per-rank batch, ranks
     if args.suite == "matrix":
-        plan = [(c, s, args.batch, args.nproc) for c in chosen for s in c.stages]
+        plan = [(c, s, args.batch, args.nproc) for c in chosen for s in c.stages if not args.stages or s in args.stages]
     else:
         base = chosen[0] if chosen else configs(args.width, args.depth)[0]
         plan = [(base, 2, g // args.nproc, args.nproc) for g in (64, 128, 256)] + [(base, 2, 64, 1)]
@@ -244,6 +245,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=2048, help="Fashion-MNIST images per split to shard")
     p.add_argument("--peak-size", type=int, default=1024, help="matmul side for the measured peak")
     p.add_argument("--only", nargs="*", default=None, help="families to run (default: all)")
+    p.add_argument("--stages", nargs="*", type=int, default=None, help="ZeRO stages to run (default: each row's)")
     p.add_argument("--json", default=None)
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)

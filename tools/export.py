@@ -1,7 +1,9 @@
 """``mmssl export RUN_DIR --out DIR``: the encoders of any checkpoint of a run, of any architecture family.
 
-The fp32 weights are consolidated from the DeepSpeed checkpoint with DeepSpeed's own ``zero_to_fp32`` reader
-(it handles ZeRO stages 0-3 and the fp32 master weights kept for bf16 training); parameters that were frozen
+The fp32 weights are consolidated from the DeepSpeed checkpoint: ZeRO stages 1-3 with DeepSpeed's own
+``zero_to_fp32`` reader (it handles the partitions and the fp32 master weights kept for bf16 training); stage 0
+from the module weights, or, in bf16, from the fp32 master weights matched to names by the checkpoint's
+``mmssl_master_params`` (`pretrain.checkpoint.master_param_names`). Parameters that were frozen
 and not saved fall back to the weights the recipe loaded them from (their sha256 checked against the run's
 ``frozen.json``). Written:
 
@@ -43,8 +45,33 @@ def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    model_file = root / tag / "mp_rank_00_model_states.pt"
+    if model_file.is_file():
+        states = torch.load(model_file, map_location="cpu", weights_only=True)
+        if states.get("param_shapes") is None:  # ZeRO stage 0: nothing is partitioned
+            return _stage0_state_dict(states, model_file)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+
+
+def _stage0_state_dict(states: dict[str, Any], source: Path) -> dict[str, torch.Tensor]:
+    """Stage 0: the module's weights, replaced by the fp32 master weights where the optimizer kept them."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    masters = (states.get("optimizer") or {}).get("fp32_groups")
+    if masters is None:  # fp32 training: the module weights are the master weights
+        return state
+    names = states.get(checkpoint.MASTER_PARAM_NAMES)
+    if names is None:
+        raise checkpoint.CheckpointError(
+            f"{source} holds bf16/fp16 ZeRO-0 weights whose fp32 master copies carry no parameter names "
+            f"({checkpoint.MASTER_PARAM_NAMES} missing: not written by this mmssl); export would lose precision")
+    for group_names, group in zip(names, masters, strict=True):
+        for name, master in zip(group_names, group, strict=True):
+            if tuple(master.shape) != tuple(state[name].shape):
+                raise checkpoint.CheckpointError(f"{source}: master weight of {name!r} is {list(master.shape)}, "
+                                                 f"the module's {list(state[name].shape)}")
+            state[name] = master.float()
+    return state
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint_tag: str | None = None) -> dict[str, Any]:

@@ -2,10 +2,13 @@
 
 For query ``i`` with positive set ``P_i`` (gallery items of the same group; by default only item ``i``), the
 rank of the first positive is ``r_i = #{j ∉ P_i : s_ij ≥ max_{p ∈ P_i} s_ip}`` with ``s`` the cosine
-similarity, and ``Recall@K = mean_i [r_i < K]``. Ties go against the query (a non-positive scoring exactly as
-high as the best positive ranks above it), so a degenerate embedding (every item equal, e.g. a corrupted input
-reduced to an empty string) retrieves nothing rather than everything. Two passes over gallery chunks (the best
-positive score, then the count of non-positives at or above it) keep memory at ``query_chunk x gallery_chunk``.
+similarity, and ``Recall@K = mean_i [r_i < K]``. Ties go against the query (a non-positive scoring as high
+as the best positive ranks above it), so a degenerate embedding (every item equal, e.g. a corrupted input
+reduced to an empty string) retrieves nothing rather than everything. Similarities are computed in float64 and
+"as high" means within ``TIE_TOL`` = 1e-9: a matrix product may score two identical gallery rows a few ulps
+apart (different kernel paths), which must still count as a tie; float64 rounding stays far below it. Two
+passes over gallery chunks (the best positive score, then the count of non-positives at or above it) keep memory
+at ``query_chunk x gallery_chunk``.
 
 `topk_chunked` keeps a running top-k per query over gallery chunks (memory ``chunk x (chunk + k)``).
 `rerank_recall` is the two-stage protocol of ALBEF / BLIP (Li et al., 2021; Li et al., 2022): the cosine top-k
@@ -25,18 +28,19 @@ from torch import Tensor
 from tools.probe import ProbeError
 
 PairScorer = Callable[[Tensor, Tensor], Tensor]
+TIE_TOL = 1e-9  # similarities this close to the best positive count as ties (against the query)
 
 
 def first_positive_rank(query: Tensor, gallery: Tensor, query_groups: Tensor, gallery_groups: Tensor, *,
                         chunk: int = 4096) -> Tensor:
     """``r_i`` for every query (see the module docstring); groups are integer ids."""
-    q = F.normalize(query.float(), dim=-1)
-    g = F.normalize(gallery.float(), dim=-1)
+    q = F.normalize(query.double(), dim=-1)
+    g = F.normalize(gallery.double(), dim=-1)
     query_groups, gallery_groups = query_groups.to(q.device), gallery_groups.to(q.device)
     ranks = torch.empty(q.shape[0], dtype=torch.long)
     for qs in range(0, q.shape[0], chunk):
         qc, qg = q[qs : qs + chunk], query_groups[qs : qs + chunk]
-        best = torch.full((qc.shape[0],), float("-inf"), device=q.device)
+        best = torch.full((qc.shape[0],), float("-inf"), dtype=q.dtype, device=q.device)
         for gs in range(0, g.shape[0], chunk):
             sims = qc @ g[gs : gs + chunk].T
             positive = qg[:, None] == gallery_groups[None, gs : gs + chunk]
@@ -47,7 +51,7 @@ def first_positive_rank(query: Tensor, gallery: Tensor, query_groups: Tensor, ga
         for gs in range(0, g.shape[0], chunk):
             sims = qc @ g[gs : gs + chunk].T
             positive = qg[:, None] == gallery_groups[None, gs : gs + chunk]
-            above += ((sims >= best[:, None]) & ~positive).sum(1)
+            above += ((sims >= best[:, None] - TIE_TOL) & ~positive).sum(1)
         ranks[qs : qs + chunk] = above.cpu()
     return ranks
 

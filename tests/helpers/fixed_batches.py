@@ -6,7 +6,8 @@ Global batch ``i`` is samples ``i·G .. (i+1)·G-1`` of the training shards read
 trains on rows ``r·G/W .. (r+1)·G/W - 1`` of it, in ``k = train.grad_accum`` micro-batches of ``G/(W·k)`` rows.
 So 1 rank and 2 ranks, with or without accumulation, see the same global batches, which is what the equivalence
 tests need. Afterwards rank 0 saves the live model's pooled features and embeddings for the first global batch
-(evaluation mode) so that the export test can compare against the training model itself.
+(evaluation mode; every rank runs that forward, as ZeRO-3 needs) so that the export test can compare against the
+training model itself.
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ def main() -> None:
     dist.barrier()
     trainer = Trainer(recipe, run_dir, batches=source)
     trainer.fit()
+    model = trainer.model.eval()  # every rank runs the forward: under ZeRO-3 it gathers weights collectively
+    first = next(global_batches())
+    with torch.no_grad():
+        out = model(first.inputs, first.present)
     if rank == 0:
-        model = trainer.model.eval()
-        first = next(global_batches())
-        with torch.no_grad():
-            out = model(first.inputs, first.present)
         tensors = {f"{kind}.{m}": getattr(out, kind)[m].contiguous() for kind in ("pooled", "embeddings")
                    for m in out.embeddings}
         save_file(tensors, out_file)
