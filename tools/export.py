@@ -46,10 +46,8 @@ def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     model_file = root / tag / "mp_rank_00_model_states.pt"
-    if model_file.is_file():
-        states = torch.load(model_file, map_location="cpu", weights_only=True)
-        if states.get("param_shapes") is None:  # ZeRO stage 0: nothing is partitioned
-            return _stage0_state_dict(states, model_file)
+    if model_file.is_file() and not any((root / tag).glob("*optim_states.pt")):  # ZeRO-0 writes no partitions
+        return _stage0_state_dict(torch.load(model_file, map_location="cpu", weights_only=True), model_file)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
 
