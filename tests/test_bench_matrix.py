@@ -48,5 +48,7 @@ def test_bad_bench_options_name_the_option() -> None:
         parse_args(["matrix", "--only", "fusionfree"])
     with pytest.raises(ProbeError, match="--steps must be >= 2"):
         parse_args(["matrix", "--steps", "1"])
+    with pytest.raises(ProbeError, match=r"--stages 4: not a ZeRO stage \(choose from 0, 1, 2, 3\)"):
+        parse_args(["matrix", "--stages", "2", "4"])
     done = mmssl("bench", "flip", "--rates", "1.0")
     assert done.returncode == 2 and "--rates must be in [0, 1)" in done.stderr

@@ -256,6 +256,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise ProbeError(f"--steps must be >= 2 (the first step is excluded), got {args.steps}")
     if args.width % 32:
         raise ProbeError(f"--width must be a multiple of 32 (32-wide heads), got {args.width}")
+    bad_stage = sorted(set(args.stages or ()) - {0, 1, 2, 3})
+    if bad_stage:
+        raise ProbeError(f"--stages {bad_stage[0]}: not a ZeRO stage (choose from 0, 1, 2, 3)")
     families = {c.family for c in configs(args.width, args.depth)}
     unknown = sorted(set(args.only or ()) - families)
     if unknown:
