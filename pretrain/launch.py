@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -129,9 +130,10 @@ def run_torchrun(args: Sequence[str], env: Mapping[str, str]) -> dict[int, Any] 
 
 def _failure_order(exitcode: int | None, record: dict[str, Any] | None) -> int:
     """Likely causes first: a rank killed by a signal (its peers' collectives then fail with connection errors),
-    then a user error (exit 2), then other recorded exceptions, then the rest."""
+    then a user error (exit 2), then other recorded exceptions, then the rest; last, ranks ended by SIGTERM, the
+    signal torchrun's agent sends the surviving ranks once one has failed (a consequence, not a cause)."""
     if exitcode is not None and exitcode < 0 and not (record and record.get("exit_code")):
-        return 0
+        return 4 if -exitcode == signal.SIGTERM else 0
     if record and record.get("exit_code"):
         return 1 if record["exit_code"] == 2 else 2
     return 3

@@ -22,6 +22,8 @@ def setup_text_logs(run_dir: Path, rank: int) -> logging.Logger:
     logs.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger("mmssl")
     root.setLevel(logging.INFO)
+    for old in root.handlers:  # an earlier run in this process (its log file stays complete and is closed)
+        old.close()
     root.handlers.clear()
     fmt = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     file_handler = logging.FileHandler(logs / f"rank{rank}.log")

@@ -379,6 +379,10 @@ def test_launcher_line_names_the_killed_rank_before_its_peers(tmp_path: Path) ->
     assert line == (f"rank 1 was killed by signal SIGKILL (exit -9); see {logs / 'rank1.log'}; "
                     f"rank 0 failed (exit 1): RuntimeError: Connection reset by peer; see {logs / 'rank0.log'}")
     assert failure_exit_code(tmp_path, {0: _failure(0, 1), 1: _failure(1, -9)}) == 1
+    # torchrun's agent ends the surviving ranks with SIGTERM once one died: named after the rank that died first
+    line = describe_failures(tmp_path / "none", {0: _failure(0, -15), 1: _failure(1, -9)}, 2)
+    assert line == (f"rank 1 was killed by signal SIGKILL (exit -9); see {tmp_path / 'none' / 'logs' / 'rank1.log'}; "
+                    f"rank 0 was killed by signal SIGTERM (exit -15); see {tmp_path / 'none' / 'logs' / 'rank0.log'}")
     # a rank that ended with a code but wrote nothing (killed before the trainer, os._exit elsewhere)
     assert describe_failures(tmp_path, {1: _failure(1, 3)}, 2) == \
         f"rank 1 exited with code 3 and no exit record; see {logs / 'rank1.log'}"

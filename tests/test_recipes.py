@@ -7,10 +7,11 @@ each at full scale (`recipes/<method>.yaml`) and at CPU scale (`recipes/<method>
   its trainable parameter count — over the modules the paper's figure covers (``prefixes``), corrected by the
   documented, formula-computed gap where this framework cannot express a component exactly — is within 2 % of the
   reference size in `PAPERS` (each also printed in the recipe's description);
-* each tiny recipe trains 3 steps on 2 ranks over real shards (Fashion-MNIST; KTuberling for VATT; the stitched
-  recipes with the real frozen EfficientNet-Lite0 and a seeded random causal LM): every objective term of the recipe is
-  logged and finite, the logged loss is ``Σ_i w_i L_i`` of those terms, and the run summary's parameter count equals
-  the meta-device count of the same recipe.
+* each tiny recipe trains 3 steps on 2 ranks over real shards (Fashion-MNIST; KTuberling for VATT, XDC, CAV-MAE; the
+  stitched recipes with the real frozen EfficientNet-Lite0 and a seeded random causal LM), all on the same 2 ranks one
+  after another (`tests.helpers.train_many`): every objective term of the recipe is logged and finite, the logged
+  loss is ``Σ_i w_i L_i`` of those terms, and the run summary's parameter count equals the meta-device count of the
+  same recipe.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pretrain.recipe import Recipe, list_bundled_recipes, load_recipe
-from tests.conftest import mmssl
 from tools.recipes_check import (
     build_on_meta,
     count_parameters,
@@ -236,9 +237,7 @@ def _data_overrides(method: str, train: Path) -> list[str]:
     return [f"data.sources={json.dumps(sources)}"]
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("method", METHODS)
-def test_tiny_recipe_trains_every_term(method: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+def _tiny_overrides(method: str, request: pytest.FixtureRequest) -> list[str]:
     train, spm = request.getfixturevalue("ktuberling_data" if method in KTUBERLING else "fashion")
     name = f"{method}-tiny"
     text = [f"model.text.tokenizer={spm}"] if "text" in load_recipe(name).model.towers else []
@@ -246,9 +245,35 @@ def test_tiny_recipe_trains_every_term(method: str, request: pytest.FixtureReque
                  "train.tensorboard=false"]
     if method in STITCHED:
         overrides += request.getfixturevalue("frozen_parts")
-    run = tmp_path / "run"
-    done = mmssl("pretrain", name, "--nproc", "2", "--run-dir", str(run), *overrides, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    return overrides
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every tiny recipe trained 3 steps on the same 2 ranks, one after another (`tests.helpers.train_many`):
+    method -> (overrides, run directory, None or why it did not train); methods without their data are absent."""
+    from tests.helpers.train_many import Job, run_jobs
+
+    root = tmp_path_factory.mktemp("tiny_runs")
+    jobs = {}
+    for method in METHODS:
+        try:
+            overrides = _tiny_overrides(method, request)
+        except pytest.skip.Exception:
+            continue
+        jobs[method] = Job(f"{method}-tiny", overrides, str(root / method))
+    results = run_jobs(list(jobs.values()), timeout=900)
+    return {m: (job.overrides, Path(job.run_dir), results[job.run_dir]) for m, job in jobs.items()}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", METHODS)
+def test_tiny_recipe_trains_every_term(method: str, tiny_runs: dict[str, Any]) -> None:
+    if method not in tiny_runs:
+        pytest.skip(f"{method}-tiny: its data is not installed (see README, Data)")
+    overrides, run, error = tiny_runs[method]
+    name = f"{method}-tiny"
+    assert error is None, error[-3000:]
     recipe = load_recipe(name, overrides)
     weights = {term: cfg.weight for term, cfg in recipe.objectives.terms.items()}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
