@@ -1,6 +1,7 @@
-"""Every architecture family trains end to end: `mmssl pretrain` on 2 ranks (DeepSpeed ZeRO-2, gloo) over the
-real bundled shards (Asterisk speech + transcripts; Fashion-MNIST images + captions for stitching), and every
-logged loss term goes down (mean of the last 10 logged steps below the mean of the first 10)."""
+"""Every architecture family trains end to end: the pretraining trainer on 2 ranks (DeepSpeed ZeRO-2, gloo; every
+run on the same ranks, one after another, `tests.helpers.train_many`) over the real bundled shards (Asterisk
+speech + transcripts; Fashion-MNIST images + captions for stitching), and every logged loss term goes down (mean of
+the last 10 logged steps below the mean of the first 10)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import mmssl, tiny_recipe_dict, write_recipe
+from tests.conftest import tiny_recipe_dict, write_recipe
 
 pytestmark = pytest.mark.distributed
 
@@ -36,8 +37,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 
 def _assert_export_reloads(run: Path, tmp_path: Path) -> Path:
-    """`mmssl export` of the run, reloaded with `tools.exported_model.load_model`, gives the outputs of the model
-    rebuilt from the consolidated checkpoint (<= 1e-6) on a real batch; returns the model directory."""
+    """`export_run` (`mmssl export`) of the run, reloaded with `tools.exported_model.load_model`, gives the outputs
+    of the model rebuilt from the consolidated checkpoint (<= 1e-6) on a real batch; returns the model directory."""
     import torch
 
     from architectures.config import build_model
@@ -45,11 +46,10 @@ def _assert_export_reloads(run: Path, tmp_path: Path) -> Path:
     from data_pipelines.stream import read_once
     from pretrain.data import eval_decoders, modality_fields
     from pretrain.recipe import load_recipe
-    from tools.export import consolidated_state_dict
+    from tools.export import consolidated_state_dict, export_run
     from tools.exported_model import load_model
 
-    proc = mmssl("export", str(run), "--out", str(tmp_path / "export"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    export_run(run, tmp_path / "export")  # what `mmssl export RUN --out DIR` runs
     recipe = load_recipe(run / "recipe.yaml")
     root = run / "checkpoints"
     state = consolidated_state_dict(root, (root / "latest").read_text().strip())
@@ -80,22 +80,6 @@ def _assert_terms_go_down(run: Path, objectives: dict[str, Any], label: str) -> 
         assert last < first - 0.01 * abs(first), f"{label}: {name} did not go down ({first:.4f} -> {last:.4f})"
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_trains_on_two_ranks(family: str, asterisk_data: Path, tmp_path: Path) -> None:
-    spec = FAMILIES[family]
-    recipe = tiny_recipe_dict(asterisk_data, model=spec["model"],
-                              train={"steps": 40, "warmup_steps": 5, "log_every": 10})
-    recipe["objectives"] = spec["objectives"]
-    path = write_recipe(tmp_path / "r.yaml", recipe)
-    run = tmp_path / "run"
-    proc = mmssl("pretrain", str(path), "--nproc", "2", "--run-dir", str(run), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    _assert_terms_go_down(run, spec["objectives"], family)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["steps"] == 40
-    _assert_export_reloads(run, tmp_path)
-
-
 @pytest.fixture(scope="module")
 def fashion_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 400 real Fashion-MNIST images with their templated captions, in 16 shards of 25."""
@@ -106,24 +90,18 @@ def fashion_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_stitched_frozen_models_train_only_the_bridge(fashion_data: Path, tmp_path: Path) -> None:
+def _stitched_recipe(fashion_data: Path, weights_dir: Path) -> dict[str, Any]:
     """BLIP-2 stage 1 on real pretrained parts: the ImageNet EfficientNet-Lite0 (frozen, timm) and
-    all-MiniLM-L6-v2 (frozen, transformers) joined by a Q-Former; image-text contrastive on Fashion-MNIST captions.
-    The loss goes down, the checkpoint holds only bridge and head weights, and the frozen weights at the end hash
-    exactly as built from their files."""
-    from architectures.config import build_model
+    all-MiniLM-L6-v2 (frozen, transformers) joined by a Q-Former; image-text contrastive on Fashion-MNIST captions."""
     from architectures.stitching.pretrained import efficientnet_lite0_weights, minilm_dir
-    from pretrain.frozen import FROZEN_FILE, frozen_state_sha256
-    from pretrain.recipe import load_recipe
-    from tools.export import consolidated_state_dict
 
     minilm = minilm_dir()
-    recipe = {
+    return {
         "name": "stitch-tiny",
         "data": {"train": str(fashion_data / "train"), "batch_size": 16, "shuffle_buffer": 64,
                  "streams_per_rank": 2, "num_workers": 0, "seed": 0},
         "model": {"family": "stitched", "embed_dim": 64,
-                  "image": {"arch": "efficientnet_lite0", "pretrained": str(efficientnet_lite0_weights(tmp_path)),
+                  "image": {"arch": "efficientnet_lite0", "pretrained": str(efficientnet_lite0_weights(weights_dir)),
                             "image_size": 64, "in_chans": 3, "mean": [0.485, 0.456, 0.406],
                             "std": [0.229, 0.224, 0.225]},
                   "text": {"pretrained": str(minilm), "tokenizer": str(minilm / "tokenizer.json"), "max_len": 16},
@@ -133,15 +111,58 @@ def test_stitched_frozen_models_train_only_the_bridge(fashion_data: Path, tmp_pa
         "train": {"steps": 40, "lr": 1e-3, "warmup_steps": 5, "log_every": 10, "zero_stage": 2,
                   "precision": "fp32", "tensorboard": False, "threads": 1},
     }
-    path = write_recipe(tmp_path / "r.yaml", recipe)
-    run = tmp_path / "run"
-    proc = mmssl("pretrain", str(path), "--nproc", "2", "--run-dir", str(run), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    _assert_terms_go_down(run, recipe["objectives"], "stitched")
+
+
+@pytest.fixture(scope="module")
+def family_runs(asterisk_data: Path, fashion_data: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, str | None]]:
+    """Every family's recipe (and the stitched one) trained on the same 2 ranks, one after another
+    (`tests.helpers.train_many`): name -> (recipe file, run directory, None or why it did not train)."""
+    from tests.helpers.train_many import Job, run_jobs
+
+    root = tmp_path_factory.mktemp("family_runs")
+    recipes = {}
+    for family, spec in sorted(FAMILIES.items()):
+        recipe = tiny_recipe_dict(asterisk_data, model=spec["model"],
+                                  train={"steps": 40, "warmup_steps": 5, "log_every": 10})
+        recipe["objectives"] = spec["objectives"]
+        recipes[family] = recipe
+    recipes["stitched"] = _stitched_recipe(fashion_data, root / "weights")
+    jobs = {name: Job(str(write_recipe(root / f"{name}.yaml", recipe)), [], str(root / name))
+            for name, recipe in recipes.items()}
+    results = run_jobs(list(jobs.values()), timeout=900)
+    return {name: (Path(job.source), Path(job.run_dir), results[job.run_dir]) for name, job in jobs.items()}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_trains_on_two_ranks(family: str, family_runs: dict[str, tuple[Path, Path, str | None]],
+                                    tmp_path: Path) -> None:
+    spec = FAMILIES[family]
+    _, run, error = family_runs[family]
+    assert error is None, error[-4000:]
+    _assert_terms_go_down(run, spec["objectives"], family)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["steps"] == 40
+    _assert_export_reloads(run, tmp_path)
+
+
+def test_stitched_frozen_models_train_only_the_bridge(family_runs: dict[str, tuple[Path, Path, str | None]],
+                                                      fashion_data: Path, tmp_path: Path) -> None:
+    """The stitched recipe (`_stitched_recipe`): the loss goes down, the checkpoint holds only bridge and head
+    weights, and the frozen weights at the end hash exactly as built from their files."""
+    from architectures.config import build_model
+    from pretrain.frozen import FROZEN_FILE, frozen_state_sha256
+    from pretrain.recipe import load_recipe
+    from tools.export import consolidated_state_dict
+
+    path, run, error = family_runs["stitched"]
+    assert error is None, error[-4000:]
+    recipe = load_recipe(path)
+    _assert_terms_go_down(run, {"contrastive": {}}, "stitched")
     root = run / "checkpoints"
     tag = (root / "latest").read_text().strip()
     state = consolidated_state_dict(root, tag)
-    fresh = build_model(load_recipe(path).model, seed=0)
+    fresh = build_model(recipe.model, seed=0)
     buffers = {f"model.{k}" for k, _ in fresh.named_buffers()}  # BatchNorm statistics: tiny, kept
     stored = {k for k in state if k not in buffers}
     trainable = {f"model.{k}" for k, p in fresh.named_parameters() if p.requires_grad}
