@@ -77,6 +77,26 @@ def run_ranks(nproc: int, args: list[str], *, timeout: int = 300, cwd: Path = RO
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def mmssl_in_process(*args: str) -> subprocess.CompletedProcess:
+    """``mmssl ARGS`` through the CLI's ``main`` in this process: the same parsing, commands and one-line errors as
+    the console script, without a fresh interpreter's imports (most of a failing command's time). Returns what the
+    command printed and its exit code; an exception the CLI does not turn into an error line propagates (the
+    subprocess form would print its traceback)."""
+    import contextlib
+    import io
+
+    from tools.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return subprocess.CompletedProcess(["mmssl", *args], code, out.getvalue(), err.getvalue())
+
+
 def mmssl(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     return subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=ROOT, env=env, capture_output=True,

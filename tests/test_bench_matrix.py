@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import mmssl
+from tests.conftest import mmssl, mmssl_in_process
 from tools.bench_matrix import parse_args
 from tools.probe import ProbeError
 
@@ -50,5 +50,5 @@ def test_bad_bench_options_name_the_option() -> None:
         parse_args(["matrix", "--steps", "1"])
     with pytest.raises(ProbeError, match=r"--stages 4: not a ZeRO stage \(choose from 0, 1, 2, 3\)"):
         parse_args(["matrix", "--stages", "2", "4"])
-    done = mmssl("bench", "flip", "--rates", "1.0")
+    done = mmssl_in_process("bench", "flip", "--rates", "1.0")
     assert done.returncode == 2 and "--rates must be in [0, 1)" in done.stderr

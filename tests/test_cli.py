@@ -1,4 +1,5 @@
-"""Bad input through the `mmssl` command: one clear line naming the value, exit code 2, no traceback."""
+"""Bad input through the `mmssl` command: one clear line naming the value, exit code 2, no traceback. The CLI runs
+in this process (`mmssl_in_process`: its ``main``), except two cases through the console script itself."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from architectures.config import ModelConfig, build_model
 from architectures.encoder import save_encoder
 from architectures.modalities import AudioConfig
-from tests.conftest import mmssl, tiny_recipe_dict, write_recipe
+from tests.conftest import mmssl, mmssl_in_process, tiny_recipe_dict, write_recipe
 
 
 def _one_line_error(proc, *fragments: str) -> None:
@@ -29,7 +30,7 @@ def recipe(tmp_path: Path, asterisk_data: Path) -> Path:
 
 
 def test_missing_shard_path(recipe: Path, tmp_path: Path) -> None:
-    proc = mmssl("pretrain", str(recipe), f"data.train={tmp_path}/gone", "--run-dir", str(tmp_path / "run"))
+    proc = mmssl_in_process("pretrain", str(recipe), f"data.train={tmp_path}/gone", "--run-dir", str(tmp_path / "run"))
     _one_line_error(proc, "data.train", f"{tmp_path}/gone")
 
 
@@ -39,18 +40,18 @@ def test_unknown_recipe_key(recipe: Path, tmp_path: Path) -> None:
 
 
 def test_modality_the_model_lacks(recipe: Path, tmp_path: Path) -> None:
-    proc = mmssl("pretrain", str(recipe), "objectives.contrastive.pairs=[[audio,video]]", "--run-dir",
-                 str(tmp_path / "run"))
+    proc = mmssl_in_process("pretrain", str(recipe), "objectives.contrastive.pairs=[[audio,video]]", "--run-dir",
+                            str(tmp_path / "run"))
     _one_line_error(proc, "objectives.contrastive", "'video'")
 
 
 def test_non_numeric_override(recipe: Path, tmp_path: Path) -> None:
-    proc = mmssl("pretrain", str(recipe), "train.steps=ten", "--run-dir", str(tmp_path / "run"))
+    proc = mmssl_in_process("pretrain", str(recipe), "train.steps=ten", "--run-dir", str(tmp_path / "run"))
     _one_line_error(proc, "'train.steps' expects int, got 'ten'")
 
 
 def test_export_of_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
-    proc = mmssl("export", str(tmp_path), "--out", str(tmp_path / "x"))
+    proc = mmssl_in_process("export", str(tmp_path), "--out", str(tmp_path / "x"))
     _one_line_error(proc, f"{tmp_path} is not a run directory")
 
 
@@ -63,6 +64,7 @@ def test_probe_skips_and_counts_a_truncated_shard(asterisk_data: Path, tmp_path:
     shutil.copytree(asterisk_data / "train", train)
     victim = sorted(train.glob("shard-*.tar"))[0]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    # the console script itself: the skipped shard's warning is a log line on its stderr
     proc = mmssl("probe", str(enc), "--shards", str(train), "--test-shards", str(asterisk_data / "test"),
                  "--label", "family", "--no-floor", "--json", str(tmp_path / "probe.json"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,8 +77,8 @@ def test_probe_with_an_unknown_label_field(asterisk_data: Path, tmp_path: Path) 
     cfg = ModelConfig(embed_dim=8, towers={"audio": AudioConfig(width=16, depth=1, heads=2, frames=32, n_mels=32)})
     model = build_model(cfg, seed=0)
     save_encoder(tmp_path / "audio", "audio", cfg.towers["audio"], model.towers["audio"], model.heads["audio"], 8)
-    proc = mmssl("probe", str(tmp_path / "audio"), "--shards", str(asterisk_data / "train"), "--test-shards",
-                 str(asterisk_data / "test"), "--label", "colour", "--no-floor")
+    proc = mmssl_in_process("probe", str(tmp_path / "audio"), "--shards", str(asterisk_data / "train"), "--test-shards",
+                            str(asterisk_data / "test"), "--label", "colour", "--no-floor")
     _one_line_error(proc, "label field 'colour'", "family")
 
 
@@ -84,9 +86,9 @@ def test_probe_out_writes_results_and_plot(asterisk_data: Path, tmp_path: Path) 
     cfg = ModelConfig(embed_dim=8, towers={"audio": AudioConfig(width=16, depth=1, heads=2, frames=32, n_mels=32)})
     model = build_model(cfg, seed=0)
     save_encoder(tmp_path / "audio", "audio", cfg.towers["audio"], model.towers["audio"], model.heads["audio"], 8)
-    proc = mmssl("probe", str(tmp_path / "audio"), "--shards", str(asterisk_data / "train"), "--test-shards",
-                 str(asterisk_data / "test"), "--label", "family", "--json", str(tmp_path / "probe.json"),
-                 "--out", str(tmp_path / "eval"))
+    proc = mmssl_in_process("probe", str(tmp_path / "audio"), "--shards", str(asterisk_data / "train"), "--test-shards",
+                            str(asterisk_data / "test"), "--label", "family", "--json", str(tmp_path / "probe.json"),
+                            "--out", str(tmp_path / "eval"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "eval" / "results.json").read_text()) == json.loads(
         (tmp_path / "probe.json").read_text())

@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 
 from architectures.config import ModelConfig, build_model
 from architectures.modalities import AudioConfig, TextConfig
-from tests.conftest import mmssl
+from tests.conftest import mmssl_in_process
 from tools.eval_report import compare, format_evaluation
 from tools.evaluation import evaluate
 from tools.exported_model import load_model, save_model
@@ -124,8 +124,8 @@ def test_compare_lines_up_evaluations(results: dict, tmp_path: Path) -> None:
 ])
 def test_bad_inputs_fail_by_name(model_dir: Path, asterisk_data: Path, tmp_path: Path, args: list[str],
                                  message: str) -> None:
-    proc = mmssl("evaluate", str(model_dir), "--shards", str(asterisk_data / "train"), "--test-shards",
-                 str(asterisk_data / "test"), "--out", str(tmp_path), "--no-robustness", "--no-floor", *args)
+    proc = mmssl_in_process("evaluate", str(model_dir), "--shards", str(asterisk_data / "train"), "--test-shards",
+                            str(asterisk_data / "test"), "--out", str(tmp_path), "--no-robustness", "--no-floor", *args)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
