@@ -43,27 +43,39 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _trained(asterisk_data: Path, tmp: Path, config: dict[str, Any], stage: int) -> dict[str, torch.Tensor]:
-    recipe = tiny_recipe_dict(asterisk_data, train={"steps": 3, "warmup_steps": 1, "zero_stage": stage,
-                                                    "ckpt_every": 3})
-    recipe["model"].update(config["model"])
-    recipe["objectives"] = config["objectives"]
-    path = write_recipe(tmp / f"zero{stage}.yaml", recipe)
-    run = tmp / f"zero{stage}"
-    proc = run_ranks(2, ["tests/helpers/fixed_batches.py", str(path), str(run), "16", str(tmp / f"f{stage}.st")])
+@pytest.fixture(scope="module")
+def trained(asterisk_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path]:
+    """Every config at ZeRO-0 and ZeRO-3, 3 steps on the same fixed global batches, all on the same 2 ranks one
+    after another: (config, stage) -> run directory."""
+    tmp = tmp_path_factory.mktemp("zero3_equivalence")
+    runs, args = {}, []
+    for name, config in sorted(CONFIGS.items()):
+        for stage in (0, 3):
+            recipe = tiny_recipe_dict(asterisk_data, train={"steps": 3, "warmup_steps": 1, "zero_stage": stage,
+                                                            "ckpt_every": 3})
+            recipe["model"].update(config["model"])
+            recipe["objectives"] = config["objectives"]
+            path = write_recipe(tmp / f"{name}-zero{stage}.yaml", recipe)
+            runs[name, stage] = tmp / f"{name}-zero{stage}"
+            args += [str(path), str(runs[name, stage]), "16", str(tmp / f"{name}-f{stage}.st")]
+    proc = run_ranks(2, ["tests/helpers/fixed_batches.py", *args], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return runs
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
     root = run / "checkpoints"
     return {k: v.detach() for k, v in consolidated_state_dict(root, (root / "latest").read_text().strip()).items()}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_zero3_weights_equal_zero0_weights(name: str, asterisk_data: Path, tmp_path: Path) -> None:
+def test_zero3_weights_equal_zero0_weights(name: str, trained: dict[tuple[str, int], Path]) -> None:
     config = CONFIGS[name]
-    zero0, zero3 = (_trained(asterisk_data, tmp_path, config, stage) for stage in (0, 3))
+    zero0, zero3 = (_weights(trained[name, stage]) for stage in (0, 3))
     assert zero0.keys() == zero3.keys()
     worst, where = max((float((zero0[k] - zero3[k]).abs().max()), k) for k in zero0)
     assert worst <= 1e-6, f"{name}: ZeRO-0 and ZeRO-3 weights differ by {worst} at {where}"
-    recipe = load_recipe(tmp_path / "zero0.yaml")
+    recipe = load_recipe(trained[name, 0] / "recipe.yaml")
     model = build_model(recipe.model, seed=recipe.train.seed)
     objectives, _ = build_objectives(recipe.objectives, model.spec)
     initial = {**{f"model.{k}": v for k, v in model.state_dict().items()},

@@ -1,6 +1,8 @@
 """Run the real trainer with fixed global batches split across however many ranks are launched.
 
-    torchrun --nproc_per_node=N tests/helpers/fixed_batches.py RECIPE RUN_DIR GLOBAL_BATCH OUT_FEATURES
+    torchrun --nproc_per_node=N tests/helpers/fixed_batches.py RECIPE RUN_DIR GLOBAL_BATCH OUT_FEATURES [...]
+
+(several groups of those four arguments: the runs happen one after another on the same ranks).
 
 Global batch ``i`` is samples ``i·G .. (i+1)·G-1`` of the training shards read in order; rank ``r`` of ``W``
 trains on rows ``r·G/W .. (r+1)·G/W - 1`` of it, in ``k = train.grad_accum`` micro-batches of ``G/(W·k)`` rows.
@@ -28,8 +30,7 @@ from pretrain.recipe import load_recipe
 from pretrain.trainer import Trainer, init_distributed
 
 
-def main() -> None:
-    recipe_path, run_dir, global_batch, out_file = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+def train_fixed(recipe_path: str, run_dir: Path, global_batch: int, out_file: str) -> None:
     recipe = load_recipe(recipe_path)
     rank, world, _ = init_distributed()
     accum = recipe.train.grad_accum
@@ -64,6 +65,14 @@ def main() -> None:
                    for m in out.embeddings}
         save_file(tensors, out_file)
     dist.barrier()
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if not args or len(args) % 4:
+        raise SystemExit(f"usage: {sys.argv[0]} RECIPE RUN_DIR GLOBAL_BATCH OUT_FEATURES [...]; got {args}")
+    for i in range(0, len(args), 4):
+        train_fixed(args[i], Path(args[i + 1]), int(args[i + 2]), args[i + 3])
     dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)
