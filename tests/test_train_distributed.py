@@ -32,20 +32,26 @@ def _check(proc) -> None:
 
 
 @pytest.fixture(scope="module")
-def fixed_runs(asterisk_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    """The same 3 global batches of 16 trained on 1 rank and on 2 ranks (ZeRO-2, fp32)."""
+def fixed_runs(asterisk_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int | str, Path]:
+    """The same 3 global batches of 16 trained on 1 rank and on 2 ranks (ZeRO-2, fp32); on 2 ranks also with 2
+    accumulated micro-batches, ``cached`` (gradient cache) and ``naive`` (the 2-rank runs one after another on the
+    same ranks)."""
     tmp = tmp_path_factory.mktemp("fixed")
     recipe = write_recipe(tmp / "r.yaml", tiny_recipe_dict(asterisk_data, train={"steps": 3, "warmup_steps": 1}))
-    runs = {}
-    for nproc in (1, 2):
-        run = tmp / f"ranks{nproc}"
-        _check(run_ranks(nproc, ["tests/helpers/fixed_batches.py", str(recipe), str(run), "16",
-                                 str(tmp / f"features{nproc}.safetensors")]))
-        runs[nproc] = run
+    runs: dict[int | str, Path] = {1: tmp / "ranks1", 2: tmp / "ranks2"}
+    _check(run_ranks(1, ["tests/helpers/fixed_batches.py", str(recipe), str(runs[1]), "16",
+                         str(tmp / "features1.safetensors")]))
+    two = [str(recipe), str(runs[2]), "16", str(tmp / "features2.safetensors")]
+    for mode in ("cached", "naive"):
+        accumulated = write_recipe(tmp / f"{mode}.yaml", tiny_recipe_dict(
+            asterisk_data, train={"steps": 3, "warmup_steps": 1, "grad_accum": 2, "accumulation": mode}))
+        runs[mode] = tmp / mode
+        two += [str(accumulated), str(runs[mode]), "16", str(tmp / f"{mode}.safetensors")]
+    _check(run_ranks(2, ["tests/helpers/fixed_batches.py", *two]))
     return runs
 
 
-def test_two_ranks_equal_one_rank_on_the_same_global_batches(fixed_runs: dict[int, Path]) -> None:
+def test_two_ranks_equal_one_rank_on_the_same_global_batches(fixed_runs: dict[int | str, Path]) -> None:
     one, two = _weights(fixed_runs[1]), _weights(fixed_runs[2])
     assert one.keys() == two.keys()
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)
@@ -56,7 +62,7 @@ def test_two_ranks_equal_one_rank_on_the_same_global_batches(fixed_runs: dict[in
     assert moved > 1e-3  # training really changed the weights, so the comparison is not vacuous
 
 
-def test_export_reloads_the_training_model_exactly(fixed_runs: dict[int, Path], tmp_path: Path) -> None:
+def test_export_reloads_the_training_model_exactly(fixed_runs: dict[int | str, Path], tmp_path: Path) -> None:
     run = fixed_runs[2]
     recipe = load_recipe(run / "recipe.yaml")
     export_run(run, tmp_path / "export")
@@ -72,17 +78,10 @@ def test_export_reloads_the_training_model_exactly(fixed_runs: dict[int, Path], 
         assert float((emb - live[f"embeddings.{m}"]).abs().max()) <= 1e-6
 
 
-def test_cached_accumulation_equals_the_large_batch(fixed_runs: dict[int, Path], asterisk_data: Path,
-                                                    tmp_path: Path) -> None:
+def test_cached_accumulation_equals_the_large_batch(fixed_runs: dict[int | str, Path]) -> None:
     """2 ranks x 2 accumulated micro-batches of 4 (gradient cache) == 1 rank x 1 batch of 16, and naive
     accumulation (negatives from one micro-batch only) is measurably different."""
-    weights = {}
-    for mode in ("cached", "naive"):
-        recipe = write_recipe(tmp_path / f"{mode}.yaml", tiny_recipe_dict(
-            asterisk_data, train={"steps": 3, "warmup_steps": 1, "grad_accum": 2, "accumulation": mode}))
-        _check(run_ranks(2, ["tests/helpers/fixed_batches.py", str(recipe), str(tmp_path / mode), "16",
-                             str(tmp_path / f"{mode}.safetensors")]))
-        weights[mode] = _weights(tmp_path / mode)
+    weights = {mode: _weights(fixed_runs[mode]) for mode in ("cached", "naive")}
     large = _weights(fixed_runs[1])
     assert large.keys() == weights["cached"].keys()
     worst = max(float((large[k] - weights["cached"][k]).abs().max()) for k in large)
@@ -93,13 +92,16 @@ def test_cached_accumulation_equals_the_large_batch(fixed_runs: dict[int, Path],
 
 @pytest.fixture(scope="module")
 def resume_runs(asterisk_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Through the `mmssl pretrain` command: 6 steps straight, and 3 steps + `train.resume=latest` to 6."""
+    """6 steps straight, and 3 steps (both on the same ranks, `tests.helpers.train_many`) then, through the
+    `mmssl pretrain` command in a new job, `train.resume=latest` to 6."""
+    from tests.helpers.train_many import Job, run_jobs
+
     tmp = tmp_path_factory.mktemp("resume")
     recipe = write_recipe(tmp / "r.yaml", tiny_recipe_dict(
         asterisk_data, data={"num_workers": 1}, train={"steps": 6, "log_keys": True, "ckpt_every": 0}))
     straight, split = tmp / "straight", tmp / "split"
-    _check(mmssl("pretrain", str(recipe), "--nproc", "2", "--run-dir", str(straight)))
-    _check(mmssl("pretrain", str(recipe), "train.stop_at=3", "--nproc", "2", "--run-dir", str(split)))
+    results = run_jobs([Job(str(recipe), [], str(straight)), Job(str(recipe), ["train.stop_at=3"], str(split))])
+    assert list(results.values()) == [None, None], results
     assert json.loads((split / "summary.json").read_text())["steps"] == 3
     _check(mmssl("pretrain", str(recipe), "train.resume=latest", "--nproc", "2", "--run-dir", str(split)))
     return {"straight": straight, "split": split}
@@ -137,11 +139,24 @@ def test_run_directory_has_summary_curve_and_logs(resume_runs: dict[str, Path]) 
     assert resolved.train.steps == 6
 
 
-def test_bf16_zero3_trains_and_exports_from_sharded_state(asterisk_data: Path, tmp_path: Path) -> None:
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(
-        asterisk_data, train={"steps": 3, "zero_stage": 3, "precision": "bf16", "ckpt_every": 0}))
-    run = tmp_path / "run"
-    _check(mmssl("pretrain", str(recipe), "--nproc", "2", "--run-dir", str(run)))
+@pytest.fixture(scope="module")
+def bf16_runs(asterisk_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """3 bf16 steps at ZeRO-3 and at ZeRO-0 (on the same 2 ranks one after the other): stage -> run directory."""
+    from tests.helpers.train_many import Job, run_jobs
+
+    tmp = tmp_path_factory.mktemp("bf16")
+    jobs = {}
+    for stage in (3, 0):
+        recipe = write_recipe(tmp / f"zero{stage}.yaml", tiny_recipe_dict(
+            asterisk_data, train={"steps": 3, "zero_stage": stage, "precision": "bf16", "ckpt_every": 0}))
+        jobs[stage] = Job(str(recipe), [], str(tmp / f"zero{stage}"))
+    results = run_jobs(list(jobs.values()))
+    assert list(results.values()) == [None, None], results
+    return {stage: Path(job.run_dir) for stage, job in jobs.items()}
+
+
+def test_bf16_zero3_trains_and_exports_from_sharded_state(bf16_runs: dict[int, Path], tmp_path: Path) -> None:
+    run = bf16_runs[3]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["zero_stage"] == 3 and summary["precision"] == "bf16"
     assert 0 < summary["final_loss"] < 10
@@ -155,14 +170,11 @@ def test_bf16_zero3_trains_and_exports_from_sharded_state(asterisk_data: Path, t
     assert any(not torch.equal(initial[k], v) for k, v in enc.tower.state_dict().items())
 
 
-def test_bf16_zero0_exports_the_fp32_master_weights(asterisk_data: Path, tmp_path: Path) -> None:
+def test_bf16_zero0_exports_the_fp32_master_weights(bf16_runs: dict[int, Path], tmp_path: Path) -> None:
     """Without ZeRO, DeepSpeed keeps bf16 module weights and unnamed per-group fp32 master copies; export reads
     the masters by the names the checkpoint records: each rounds to the module's bf16 weight, and they carry
     more precision than bf16 (so they are not the module weights upcast)."""
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(
-        asterisk_data, train={"steps": 3, "zero_stage": 0, "precision": "bf16", "ckpt_every": 0}))
-    run = tmp_path / "run"
-    _check(mmssl("pretrain", str(recipe), "--nproc", "2", "--run-dir", str(run)))
+    run = bf16_runs[0]
     root = run / "checkpoints"
     tag = (root / "latest").read_text().strip()
     module = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
