@@ -39,11 +39,29 @@ def _lit_recipe(root: Path, model_dir: Path, **train: object) -> dict:
 
 
 @pytest.fixture(scope="module")
-def lit_run(asterisk_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("lit")
-    recipe = write_recipe(tmp / "r.yaml", _lit_recipe(asterisk_data, _minilm()))
-    _check(mmssl("pretrain", str(recipe), "--nproc", "2", "--run-dir", str(tmp / "run"), timeout=600))
-    return tmp / "run"
+def runs(asterisk_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """On the same 2 ranks, one after another (`tests.helpers.train_many`): ``lit`` (`_lit_recipe`, 3 steps);
+    ``straight`` (a frozen randomly initialised text tower, 4 steps) and ``split`` (the same, stopped at step 2, then
+    resumed to 4 by the `mmssl pretrain` command in a new job)."""
+    from tests.helpers.train_many import Job, run_jobs
+
+    tmp = tmp_path_factory.mktemp("frozen")
+    lit = write_recipe(tmp / "lit.yaml", _lit_recipe(asterisk_data, _minilm()))
+    recipe = tiny_recipe_dict(asterisk_data, train={"steps": 4, "ckpt_every": 0})
+    recipe["model"]["text"]["frozen"] = True
+    path = write_recipe(tmp / "random.yaml", recipe)
+    dirs = {name: tmp / name for name in ("lit", "straight", "split")}
+    results = run_jobs([Job(str(lit), [], str(dirs["lit"])), Job(str(path), [], str(dirs["straight"])),
+                        Job(str(path), ["train.stop_at=2"], str(dirs["split"]))])
+    assert list(results.values()) == [None, None, None], results
+    assert json.loads((dirs["split"] / "checkpoints" / "step_00000002" / FROZEN_FILE).read_text())["state_sha256"]
+    _check(mmssl("pretrain", str(path), "train.resume=latest", "--nproc", "2", "--run-dir", str(dirs["split"])))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def lit_run(runs: dict[str, Path]) -> Path:
+    return runs["lit"]
 
 
 def test_optimizer_state_is_proportional_to_trainable_parameters_only(lit_run: Path) -> None:
@@ -91,17 +109,10 @@ def test_a_changed_frozen_weights_file_is_refused(lit_run: Path, tmp_path: Path)
         check_reference(lit_run / "checkpoints" / tag, frozen_reference(model))
 
 
-def test_resume_with_a_frozen_random_tower_is_exact(asterisk_data: Path, tmp_path: Path) -> None:
+def test_resume_with_a_frozen_random_tower_is_exact(runs: dict[str, Path]) -> None:
     """A frozen randomly initialised tower is rebuilt from the seed on resume (checked by its state hash); the
     resumed weights equal an uninterrupted run's bit for bit."""
-    recipe = tiny_recipe_dict(asterisk_data, train={"steps": 4, "ckpt_every": 0})
-    recipe["model"]["text"]["frozen"] = True
-    path = write_recipe(tmp_path / "r.yaml", recipe)
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    _check(mmssl("pretrain", str(path), "--nproc", "2", "--run-dir", str(straight)))
-    _check(mmssl("pretrain", str(path), "train.stop_at=2", "--nproc", "2", "--run-dir", str(split)))
-    assert json.loads((split / "checkpoints" / "step_00000002" / FROZEN_FILE).read_text())["state_sha256"]
-    _check(mmssl("pretrain", str(path), "train.resume=latest", "--nproc", "2", "--run-dir", str(split)))
+    straight, split = runs["straight"], runs["split"]
     weights = []
     for run in (straight, split):
         root = run / "checkpoints"
