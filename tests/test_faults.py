@@ -87,18 +87,38 @@ def _train_ranks(rank: int, world: int, data: str, run_dir: str, train: dict[str
             "lr": float(trainer.scheduler.get_last_lr()[0]), "final_loss": summary["final_loss"]}
 
 
+def _train_runs(rank: int, world: int, runs: list[tuple]) -> list[dict[str, Any]]:
+    """`_train_ranks` for each of ``runs`` (its arguments after ``world``), one after another on the same ranks."""
+    return [_train_ranks(rank, world, *run) for run in runs]
+
+
+@pytest.fixture(scope="module")
+def nan_runs(asterisk_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, str], list[Any]]:
+    """For ``grad_accum`` 1 and 2 (gradient cache), 5 steps on 2 ranks: ``poisoned`` (rank 1's batch 2 is NaN) and
+    ``reference`` (never sees that step's batches, stops one step earlier); all on the same ranks, one after
+    another. (grad_accum, kind) -> per-rank results."""
+    tmp = tmp_path_factory.mktemp("nan")
+    steps, runs, names = 5, [], []
+    for grad_accum in (1, 2):
+        train = {"steps": steps, "grad_accum": grad_accum, "accumulation": "cached"}
+        first = NAN_BATCH // grad_accum * grad_accum
+        runs.append((str(asterisk_data), str(tmp / f"nan{grad_accum}"), train, [], [NAN_BATCH]))
+        runs.append((str(asterisk_data), str(tmp / f"ref{grad_accum}"), {**train, "stop_at": steps - 1},
+                     list(range(first, first + grad_accum)), []))
+        names += [(grad_accum, "poisoned"), (grad_accum, "reference")]
+    per_rank = spawn_ranks(_train_runs, runs)
+    return {name: [per_rank[r][i] for r in range(2)] for i, name in enumerate(names)}
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_one_ranks_nan_skips_the_update_on_every_rank(asterisk_data: Path, tmp_path: Path, grad_accum: int) -> None:
+def test_one_ranks_nan_skips_the_update_on_every_rank(nan_runs: dict[tuple[int, str], list[Any]],
+                                                     asterisk_data: Path, grad_accum: int) -> None:
     """Rank 1's batch 2 is NaN: both ranks skip the update of the step that holds it (with ``grad_accum=2`` under
     the gradient cache, before any backward of that step's two micro-batches), so the weights equal those of a run
     that never saw that step's batches (same LR schedule length, one optimizer step fewer), and the count is 1."""
     steps = 5
-    train = {"steps": steps, "grad_accum": grad_accum, "accumulation": "cached"}
-    first = NAN_BATCH // grad_accum * grad_accum
-    poisoned = spawn_ranks(_train_ranks, str(asterisk_data), str(tmp_path / "nan"), train, [], [NAN_BATCH])
-    reference = spawn_ranks(_train_ranks, str(asterisk_data), str(tmp_path / "ref"), {**train, "stop_at": steps - 1},
-                            list(range(first, first + grad_accum)), [])
+    poisoned, reference = nan_runs[grad_accum, "poisoned"], nan_runs[grad_accum, "reference"]
     for rank in (0, 1):
         got, want = poisoned[rank], reference[rank]
         assert got["nonfinite_steps"] == 1 and want["nonfinite_steps"] == 0
