@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,24 @@ from data_pipelines.shards import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
+
+
+def hardware_summary(device_type: str) -> dict[str, Any]:
+    """What the run's numbers depend on beyond the recipe: the CPU (model name and the vector ISA torch's kernels
+    use, e.g. AVX2 vs AVX512: a different ISA rounds differently, so the same seed trains to different weights),
+    the GPU if any, and the torch version."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if device_type == "cuda" else None, "torch": torch.__version__}
 
 
 def setup_text_logs(run_dir: Path, rank: int) -> logging.Logger:

@@ -57,7 +57,7 @@ from pretrain.data import batches_per_epoch, build_loader, feature_source
 from pretrain.engine import build_engine
 from pretrain.frozen import frozen_reference, frozen_state_sha256, optimizer_memory
 from pretrain.recipe import Recipe, RecipeError
-from pretrain.runlog import MetricsWriter, plot_loss_curve, setup_text_logs
+from pretrain.runlog import MetricsWriter, hardware_summary, plot_loss_curve, setup_text_logs
 from pretrain.task import PretrainTask
 
 SUMMARY = "summary.json"
@@ -429,6 +429,7 @@ class Trainer:
             "zero_stage": cfg.zero_stage,
             "precision": cfg.precision,
             "device": device.type,
+            "hardware": hardware_summary(device.type),
             "samples_seen": state.samples_seen,
             "steps_per_exact_epoch": epoch_batches / cfg.grad_accum if epoch_batches else None,
             "timed_steps": timed_steps,

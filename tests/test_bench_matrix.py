@@ -30,6 +30,8 @@ def test_matrix_row_columns_follow_from_the_run(tmp_path: Path) -> None:
     state = 8 * row["trainable_parameters"] / 2**20  # AdamW's two fp32 moments, whole on each rank at ZeRO-0
     assert max(row["optimizer_state_mb_per_rank"]) == pytest.approx(state, rel=0.02)
     assert "| unified | contrastive | 0 | 2 | 16 |" in done.stdout
+    hardware = result["hardware"]  # the machine the figures depend on, in the JSON and above the table
+    assert f"kernels {hardware['cpu_capability']}, torch {hardware['torch']}" in done.stdout
 
 
 def test_flip_rows_report_the_kept_tokens(tmp_path: Path) -> None:

@@ -130,6 +130,10 @@ def test_run_directory_has_summary_curve_and_logs(resume_runs: dict[str, Path]) 
     for key in ("steps", "samples_per_s", "final_loss", "step_time_split_s", "peak_rss_mb_per_rank"):
         assert summary[key] is not None, key
     assert summary["steps"] == 6 and summary["world_size"] == 2
+    # what the numbers depend on beyond the recipe: the kernels' vector ISA and the torch build
+    assert summary["hardware"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert summary["hardware"]["torch"] == torch.__version__
+    assert (summary["hardware"]["gpu"] is None) == (summary["device"] == "cpu")
     assert len(summary["peak_rss_mb_per_rank"]) == 2
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 7))

@@ -423,11 +423,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_and_report(args: argparse.Namespace, run: Callable[[argparse.Namespace, Path], dict[str, Any]],
                    render: Callable[[dict[str, Any]], str]) -> int:
     """A benchmark's common tail: ``run(args, workdir)`` in ``--workdir`` (default: a temporary directory), print
-    ``render(result)``, write the result to ``--json`` when given."""
+    the machine (`hardware_summary`: the figures depend on it) and ``render(result)``, write the result with its
+    ``hardware`` to ``--json`` when given."""
+    from pretrain.runlog import hardware_summary
+
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         result = run(args, workdir)
+    hardware = result["hardware"] = hardware_summary("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"machine: {hardware['gpu'] or hardware['cpu']}, {hardware['cpu_count']} CPUs, kernels "
+          f"{hardware['cpu_capability']}, torch {hardware['torch']}")
     print(render(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

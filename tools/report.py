@@ -36,12 +36,19 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
+def _device(summary: dict[str, Any]) -> str:
+    """``cpu (AVX2)`` / ``cuda (NVIDIA H200)``: the device and what its numbers depend on (see `hardware_summary`)."""
+    hardware = summary.get("hardware") or {}
+    detail = hardware.get("gpu") or hardware.get("cpu_capability")
+    return f"{summary.get('device')} ({detail})" if detail else f"{summary.get('device')}"
+
+
 def format_report(summary: dict[str, Any], run_dir: str | Path) -> str:
     run = Path(run_dir)
     rows = [
         ("steps", str(summary.get("steps")), ""),
         ("samples/s", f"{summary.get('samples_per_s')}", f"({summary.get('world_size')} ranks, "
-                                                          f"{summary.get('device')}, {summary.get('precision')})"),
+                                                          f"{_device(summary)}, {summary.get('precision')})"),
         ("final loss", f"{summary.get('final_loss')}", f"(mean of the last {summary.get('final_loss_window_steps')} "
                                                        "steps)"),
     ]
