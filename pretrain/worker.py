@@ -51,27 +51,35 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return RecipeError, DataError, ArchitectureError, ObjectiveError, CheckpointError
 
 
-def run_rank(source: str, overrides: Sequence[str], run_dir: Path, *, overwrite: bool = False,
-             prepared: bool = False) -> int:
-    """Parse the recipe, prepare the run directory on rank 0 (unless the parent did), train, tear down cleanly."""
+def train_job(source: str, overrides: Sequence[str], run_dir: Path, *, prepare: bool = True,
+              overwrite: bool = False, validate: bool = False) -> None:
+    """One pretraining job on the current process group (created if there is none, and kept): parse the recipe;
+    on rank 0 validate it (``validate``: what the launcher does before it starts the ranks) and prepare the run
+    directory (``prepare``); then train on every rank."""
     import torch.distributed as dist
 
     from pretrain.launch import prepare_run_dir
     from pretrain.recipe import load_recipe
     from pretrain.trainer import init_distributed, train
+    from pretrain.validate import validate_recipe
 
+    recipe = load_recipe(source, overrides)
+    rank, world, _ = init_distributed(recipe.train.collective_timeout_s)
+    if rank == 0 and validate:
+        validate_recipe(recipe, world_size=world)
+    if rank == 0 and prepare:
+        prepare_run_dir(run_dir, recipe, overwrite=overwrite)
+    dist.barrier()
+    train(recipe, run_dir)
+
+
+def run_rank(source: str, overrides: Sequence[str], run_dir: Path, *, overwrite: bool = False,
+             prepared: bool = False) -> int:
+    """`train_job` (preparing the run directory on rank 0 unless the parent did), then tear down cleanly."""
     record = exit_record_path(run_dir, int(os.environ.get("RANK", "0")))
     record.unlink(missing_ok=True)  # a previous run's record in a resumed run directory
-
-    def work() -> None:
-        recipe = load_recipe(source, overrides)
-        rank, _, _ = init_distributed(recipe.train.collective_timeout_s)
-        if rank == 0 and not prepared:
-            prepare_run_dir(run_dir, recipe, overwrite=overwrite)
-        dist.barrier()
-        train(recipe, run_dir)
-
-    return run_and_teardown(work, _user_errors(), exit_record=record)
+    return run_and_teardown(lambda: train_job(source, overrides, run_dir, prepare=not prepared, overwrite=overwrite),
+                            _user_errors(), exit_record=record)
 
 
 def _one_line(exc: BaseException) -> str:

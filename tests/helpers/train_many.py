@@ -1,9 +1,9 @@
 """Train several recipes one after another on the same ranks, so a test module pays torchrun's start-up (Python,
 torch, timm, DeepSpeed imports: most of a few-step run) once instead of once per recipe.
 
-Each job goes through what ``mmssl pretrain RECIPE --run-dir DIR --overwrite OVERRIDES`` does after its launcher:
-`load_recipe`, `validate_recipe` and `prepare_run_dir` on rank 0, then `pretrain.trainer.train` on every rank
-(the same `Trainer` a user's run builds: recipe -> model -> DeepSpeed engine -> real shard loader). The launcher's
+Each job is `pretrain.worker.train_job`, what every rank of ``mmssl pretrain RECIPE --run-dir DIR --overwrite
+OVERRIDES`` runs, with the launcher's `validate_recipe` done on rank 0 (recipe -> model -> DeepSpeed engine -> real
+shard loader -> `Trainer`). The launcher's
 own path (torchrun in-process, exit records, failure lines) is tested by `mmssl pretrain` runs elsewhere.
 
     run_jobs([Job("clip-tiny", [...], run_dir), ...], nproc=2)  # -> {run_dir: None (trained) | "error text"}
@@ -62,26 +62,16 @@ def run_jobs(jobs: list[Job], *, nproc: int = 2, timeout: int = 900) -> dict[str
 def _main(jobs_file: str) -> None:
     import torch.distributed as dist
 
-    from pretrain.launch import prepare_run_dir
-    from pretrain.recipe import load_recipe
-    from pretrain.trainer import init_distributed, train
-    from pretrain.validate import validate_recipe
+    from pretrain.worker import train_job
 
     for spec in json.loads(Path(jobs_file).read_text()):
         job = Job(**spec)
-        run_dir = Path(job.run_dir)
         try:
-            recipe = load_recipe(job.source, job.overrides)
-            rank, world, _ = init_distributed(recipe.train.collective_timeout_s)
-            if rank == 0:
-                validate_recipe(recipe, world_size=world)
-                prepare_run_dir(run_dir, recipe, overwrite=True)
-            dist.barrier()
-            train(recipe, run_dir)
+            train_job(job.source, job.overrides, Path(job.run_dir), validate=True, overwrite=True)
             dist.barrier()
         except BaseException:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / JOB_ERROR).write_text(f"rank {os.environ.get('RANK')}:\n{traceback.format_exc()}")
+            Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(job.run_dir) / JOB_ERROR).write_text(f"rank {os.environ.get('RANK')}:\n{traceback.format_exc()}")
             sys.stderr.flush()
             os._exit(1)
     dist.destroy_process_group()
