@@ -49,6 +49,15 @@ def check_pairs(kind: str, pairs: Any) -> list[tuple[str, str]]:
     return checked
 
 
+def learned_scale(log_scale: Tensor, max_log: float) -> Tensor:
+    """``s = exp(clamp(log_s, 0, max_log))`` as a 0-dim fp32 tensor, for every learned logit scale (CLIP's ``1/τ``).
+
+    Exponentiated in fp32 whatever the parameter's dtype: under bf16 training the engine's copy of ``log_s`` is
+    bf16 (its fp32 master lives in the optimizer) and an exponential computed in bf16 would round ``s`` once more
+    to 8 significant bits."""
+    return log_scale.float().clamp(0.0, max_log).exp().squeeze(0)
+
+
 class ModelOutputs(Protocol):
     embeddings: dict[str, Tensor]  # [B, E] projected, not normalised
     pooled: dict[str, Tensor]  # [B, D_m] tower features

@@ -39,7 +39,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements, check_pairs
+from objectives.base import (
+    LossOutput,
+    ModelOutputs,
+    ModelSpec,
+    Objective,
+    ObjectiveError,
+    Requirements,
+    check_pairs,
+    learned_scale,
+)
 from objectives.distributed import gather_no_grad, gather_with_grad, world
 from objectives.ids import batch_meta_ids, check_meta_field, same_id
 
@@ -196,7 +205,7 @@ class ContrastiveObjective(Objective):
 
     def logit_scale(self) -> Tensor:
         """``s = exp(clamp(log_s, 0, log max_logit_scale))`` as a 0-dim tensor."""
-        return self.log_logit_scale.clamp(0.0, self.max_log_scale).exp().squeeze(0)
+        return learned_scale(self.log_logit_scale, self.max_log_scale)
 
     def no_weight_decay(self) -> set[str]:
         return {"log_logit_scale"}

@@ -32,7 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import VIEW_SEP, LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
+from objectives.base import (
+    VIEW_SEP,
+    LossOutput,
+    ModelOutputs,
+    ModelSpec,
+    Objective,
+    ObjectiveError,
+    Requirements,
+    learned_scale,
+)
 from objectives.distributed import gather_no_grad, gather_with_grad, world
 
 PROJECTORS = ("none", "mlp")
@@ -185,7 +194,7 @@ class IntraModalObjective(Objective):
 
     def temperature(self) -> Tensor:
         """``τ = 1/exp(clamp(log 1/τ, 0, log max_logit_scale))`` as a 0-dim tensor."""
-        return self.log_inv_temperature.clamp(0.0, self.max_log_scale).neg().exp().squeeze(0)
+        return learned_scale(self.log_inv_temperature, self.max_log_scale).reciprocal()
 
     def no_weight_decay(self) -> set[str]:
         return {"log_inv_temperature"}

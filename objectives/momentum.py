@@ -55,7 +55,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements, check_pairs
+from objectives.base import (
+    LossOutput,
+    ModelOutputs,
+    ModelSpec,
+    Objective,
+    ObjectiveError,
+    Requirements,
+    check_pairs,
+    learned_scale,
+)
 from objectives.distributed import gather_no_grad, world
 from objectives.ids import UNKNOWN_ID, meta_ids
 from objectives.queue import FeatureQueue
@@ -242,7 +251,7 @@ class MomentumContrastiveObjective(Objective):
 
     def logit_scale(self) -> Tensor:
         """``s = exp(clamp(log_s, 0, log max_logit_scale))`` as a 0-dim tensor."""
-        return self.log_logit_scale.clamp(0.0, self.max_log_scale).exp().squeeze(0)
+        return learned_scale(self.log_logit_scale, self.max_log_scale)
 
     def current_alpha(self) -> float:
         if self.alpha_warmup_steps == 0:

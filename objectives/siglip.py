@@ -31,7 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements, check_pairs
+from objectives.base import (
+    LossOutput,
+    ModelOutputs,
+    ModelSpec,
+    Objective,
+    ObjectiveError,
+    Requirements,
+    check_pairs,
+    learned_scale,
+)
 from objectives.distributed import gather_no_grad, gather_with_grad, world
 from objectives.ids import batch_meta_ids, check_meta_field, same_id
 
@@ -155,7 +164,7 @@ class SigLIPObjective(Objective):
 
     def logit_scale(self) -> Tensor:
         """``t = exp(clamp(t', 0, log max_logit_scale))`` as a 0-dim tensor."""
-        return self.log_logit_scale.clamp(0.0, self.max_log_scale).exp().squeeze(0)
+        return learned_scale(self.log_logit_scale, self.max_log_scale)
 
     def no_weight_decay(self) -> set[str]:
         return {"log_logit_scale", "logit_bias"}

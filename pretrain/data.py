@@ -12,6 +12,7 @@ from data_pipelines.epochs import exact_batches_per_epoch
 from data_pipelines.shards import resolve_shards, shard_sizes
 from data_pipelines.stream import ShardStream, Source, make_loader, read_once
 from objectives.base import VIEW_SEP, base_modality
+from pretrain.precision import input_dtype
 from pretrain.recipe import Recipe, RecipeError
 
 
@@ -125,7 +126,7 @@ def feature_source(recipe: Recipe, model: torch.nn.Module, *, rank: int, world_s
     urls = train_urls(recipe)[rank::world_size]
     decoders = eval_decoders(recipe)
     fields = {m: exts for m, exts in modality_fields(recipe).items() if m in recipe.model.towers}
-    dtype = torch.bfloat16 if recipe.train.precision == "bf16" else None
+    dtype = input_dtype(recipe.train.precision)
 
     def features() -> Iterator[tuple[list[str], Any]]:
         was_training = model.training

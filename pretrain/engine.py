@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pretrain.precision import check_precision, deepspeed_precision, prepare_for_precision
 from pretrain.recipe import RecipeError, TrainConfig
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def lr_factor(step: int, train: TrainConfig) -> float:
@@ -27,10 +26,8 @@ def lr_factor(step: int, train: TrainConfig) -> float:
     return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def check_train_config(train: TrainConfig, *, cuda: bool) -> None:
-    if train.precision not in PRECISIONS:
-        hint = " (fp16 needs a loss scaler and does not run on CPU; use bf16)" if train.precision == "fp16" else ""
-        raise RecipeError(f"train.precision must be one of {PRECISIONS}, got {train.precision!r}{hint}")
+def check_train_config(train: TrainConfig) -> None:
+    check_precision(train)
     if train.zero_stage not in (0, 1, 2, 3):
         raise RecipeError(f"train.zero_stage must be 0, 1, 2 or 3, got {train.zero_stage}")
     for key in ("steps", "grad_accum", "log_every", "keep_last"):
@@ -50,27 +47,39 @@ def check_train_config(train: TrainConfig, *, cuda: bool) -> None:
         raise RecipeError(f"train.collective_timeout_s must be > 0 seconds, got {train.collective_timeout_s}")
 
 
-DEFAULT_BUCKET = 500_000_000  # DeepSpeed's own default (elements)
+# Bucket caps in elements: DeepSpeed's ZeRO tutorial values for reduce / all-gather buckets, DeepSpeed's defaults for
+# ZeRO-3 prefetch and parameter persistence.
+BUCKET_CAP = 200_000_000
+PREFETCH_CAP = 50_000_000
+PERSISTENCE_CAP = 100_000
 
 
-def deepspeed_config(train: TrainConfig, micro_batch: int, world_size: int, trainable: int) -> dict[str, Any]:
-    """ZeRO buckets are sized to the model: DeepSpeed's default (5e8 elements, 2 GB in fp32) is allocated per
-    backward even for a 3M-parameter model, which dominated the step time on CPU."""
-    bucket = int(min(DEFAULT_BUCKET, max(1_000_000, trainable))) // 1024 * 1024  # a multiple of any alignment
-    zero: dict[str, Any] = {"stage": train.zero_stage}
-    if train.zero_stage in (1, 2):
-        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket, overlap_comm=False,
+def zero_config(stage: int, trainable: int, *, cuda: bool) -> dict[str, Any]:
+    """``zero_optimization``: buckets no larger than the model (a bucket is allocated whole per backward: 2e8
+    fp32 elements are 800 MB, which dominated a 3M-parameter model's step on CPU) and no larger than the caps;
+    ``overlap_comm`` on CUDA (NCCL runs the reductions on their own stream while backward goes on), off on CPU
+    (gloo blocks the calling thread, so overlapping only adds copies)."""
+    bucket = int(min(BUCKET_CAP, max(1_000_000, trainable))) // 1024 * 1024  # a multiple of any alignment
+    zero: dict[str, Any] = {"stage": stage}
+    if stage in (1, 2):
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket, overlap_comm=cuda,
                     contiguous_gradients=True)
-    elif train.zero_stage == 3:
-        zero.update(reduce_bucket_size=bucket, stage3_prefetch_bucket_size=bucket,
-                    stage3_param_persistence_threshold=min(100_000, bucket))
+    elif stage == 3:
+        zero.update(reduce_bucket_size=bucket, stage3_prefetch_bucket_size=min(bucket, PREFETCH_CAP),
+                    stage3_param_persistence_threshold=min(PERSISTENCE_CAP, bucket), overlap_comm=cuda)
+    return zero
+
+
+def deepspeed_config(train: TrainConfig, micro_batch: int, world_size: int, trainable: int, *,
+                     cuda: bool = False) -> dict[str, Any]:
+    """The engine config of a recipe's ``train`` section (precision keys: `pretrain.precision`)."""
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": micro_batch * train.grad_accum * world_size,
         "gradient_clipping": train.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": train.precision == "bf16"},
+        "zero_optimization": zero_config(train.zero_stage, trainable, cuda=cuda),
+        **deepspeed_precision(train),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -102,6 +111,8 @@ def build_engine(task: nn.Module, train: TrainConfig, micro_batch: int, world_si
         for module in task.modules():
             for param in getattr(module, "parameters_outside_forward", list)():
                 deepspeed.zero.register_external_parameter(module, param)
+    if train.precision != "fp32":
+        prepare_for_precision(task)
     chosen = groups if groups is not None else param_groups(task, train.weight_decay)
     optimizer = torch.optim.AdamW(chosen, lr=train.lr, betas=tuple(train.betas), eps=train.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
@@ -110,6 +121,7 @@ def build_engine(task: nn.Module, train: TrainConfig, micro_batch: int, world_si
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=deepspeed_config(train, micro_batch, world_size,
-                                sum(p.numel() for p in task.parameters() if p.requires_grad)),
+                                sum(p.numel() for p in task.parameters() if p.requires_grad),
+                                cuda=torch.cuda.is_available()),
     )
     return engine, optimizer, scheduler

@@ -10,11 +10,15 @@ reference to the frozen ones::
 
     {"parameters": 22713216,                      frozen parameter count
      "sources": {"towers.text": {"path": "/…/model.safetensors", "sha256": "…"}},
-     "state_sha256": "…"}                          digest of the frozen tensors at the save (ZeRO 0-2; null at
+     "state_sha256": "…",                          digest of the frozen tensors at the save (ZeRO 0-2; null at
                                                    ZeRO-3): equal to the digest at the start of training
+     "state_dtype": "bfloat16"}                    the dtype the digest is taken in: the run's compute dtype
 
 Resuming rebuilds the frozen parts from the recipe (same paths, same seed) and checks both hashes, so a changed
-weights file or a different random init is an error naming the file, not a silent drift.
+weights file or a different random init is an error naming the file, not a silent drift. The state digest is taken
+of the tensors cast to the run's compute dtype (`pretrain.precision.compute_dtype`): built in fp32 before the engine
+casts them, or read in bf16 at a save, the same weights give the same digest. A resume in another precision
+compares the files' hashes only.
 """
 
 from __future__ import annotations
@@ -41,21 +45,24 @@ def frozen_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
 
 
-def frozen_state_sha256(module: nn.Module) -> str | None:
-    """sha256 over the frozen tensors' names, shapes and bytes (name order); None when any is partitioned away
-    (ZeRO-3 leaves an empty local shard)."""
+def frozen_state_sha256(module: nn.Module, dtype: torch.dtype = torch.float32) -> str | None:
+    """sha256 over the frozen tensors' names, shapes and bytes once cast to ``dtype`` (name order); None when any
+    is partitioned away (ZeRO-3 leaves an empty local shard)."""
     digest = hashlib.sha256()
     for name, p in sorted(frozen_parameters(module), key=lambda item: item[0]):
         if getattr(p, "ds_id", None) is not None:
             return None
-        t = p.detach().cpu().contiguous()
+        t = p.detach()
+        t = (t.to(dtype) if t.is_floating_point() else t).cpu().contiguous()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
-def frozen_reference(model: nn.Module, task: nn.Module | None = None) -> dict[str, Any] | None:
-    """The ``frozen.json`` content for ``model``'s frozen parameters, or None when nothing is frozen.
+def frozen_reference(model: nn.Module, task: nn.Module | None = None,
+                     dtype: torch.dtype = torch.float32) -> dict[str, Any] | None:
+    """The ``frozen.json`` content for ``model``'s frozen parameters, or None when nothing is frozen; ``dtype``:
+    the run's compute dtype, the one its state digest is taken in.
 
     ``task`` (the module DeepSpeed wraps, holding ``model``) is checked too: DeepSpeed excludes every frozen
     parameter of it, so when the task holds frozen parameters outside the model (a momentum teacher, whose
@@ -72,7 +79,8 @@ def frozen_reference(model: nn.Module, task: nn.Module | None = None) -> dict[st
         "parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for _, p in frozen),
         "sources": {prefix: ({"path": path, "sha256": sha256_file(path)} if path else None)
                     for prefix, path in sorted(sources.items())},
-        "state_sha256": frozen_state_sha256(model),
+        "state_sha256": frozen_state_sha256(model, dtype),
+        "state_dtype": str(dtype).removeprefix("torch."),
     }
 
 
@@ -101,7 +109,8 @@ def check_reference(tag_dir: Path, current: dict[str, Any] | None) -> bool:
             raise FrozenWeightsError(f"{stored_file}: frozen weights of {prefix!r} changed: {now['path']} has "
                                      f"sha256 {now['sha256'][:12]}…, the checkpoint was trained with "
                                      f"{ref['path']} (sha256 {ref['sha256'][:12]}…)")
-    if stored.get("state_sha256") and current.get("state_sha256") and stored["state_sha256"] != current[
+    same_dtype = stored.get("state_dtype", current.get("state_dtype")) == current.get("state_dtype")
+    if same_dtype and stored.get("state_sha256") and current.get("state_sha256") and stored["state_sha256"] != current[
             "state_sha256"]:
         raise FrozenWeightsError(f"{stored_file}: the frozen weights built now differ from those the checkpoint was "
                                  f"trained with (a different seed or init for a frozen random tower?)")

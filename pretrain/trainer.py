@@ -56,6 +56,7 @@ from pretrain.accumulation import cached_accumulation_step
 from pretrain.data import batches_per_epoch, build_loader, feature_source
 from pretrain.engine import build_engine
 from pretrain.frozen import frozen_reference, frozen_state_sha256, optimizer_memory
+from pretrain.precision import compute_dtype, input_dtype
 from pretrain.recipe import Recipe, RecipeError
 from pretrain.runlog import MetricsWriter, hardware_summary, plot_loss_curve, setup_text_logs
 from pretrain.task import PretrainTask
@@ -175,7 +176,8 @@ class Trainer:
         self.model = build_model(recipe.model, seed=cfg.seed)
         objectives, weights = build_objectives(recipe.objectives, self.model.spec)
         task = PretrainTask(self.model, objectives, weights)
-        self.frozen = frozen_reference(self.model, task)  # before ZeRO-3 partitions the weights
+        self.dtype = compute_dtype(cfg.precision)
+        self.frozen = frozen_reference(self.model, task, self.dtype)  # before ZeRO-3 partitions the weights
         self.engine, _, self.scheduler = build_engine(task, cfg, recipe.data.batch_size, self.world)
         _seed_everything(cfg.seed + self.rank)
         self.positions: dict[int, Any] = {}  # virtual stream -> its position after the last batch consumed
@@ -251,7 +253,7 @@ class Trainer:
         recipe, run_dir, rank, world, device = self.recipe, self.run_dir, self.rank, self.world, self.device
         cfg, engine, state, log = recipe.train, self.engine, self.state, self.log
         stop = min(cfg.stop_at, cfg.steps) if cfg.stop_at else cfg.steps
-        float_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+        float_dtype = input_dtype(cfg.precision)
         global_batch = recipe.data.batch_size * world * cfg.grad_accum
         writer = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.tensorboard, total_steps=cfg.steps,
                                start_step=state.step)
@@ -394,7 +396,7 @@ class Trainer:
                 pending.clear()
             if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or last:
                 t_save = time.perf_counter()
-                frozen = self.frozen and {**self.frozen, "state_sha256": frozen_state_sha256(self.model)}
+                frozen = self.frozen and {**self.frozen, "state_sha256": frozen_state_sha256(self.model, self.dtype)}
                 tag = checkpoint.save(engine, run_dir, state.step, asdict(state), keep_last=cfg.keep_last,
                                       frozen=frozen, stream=self.positions or None)
                 checkpoint_s += time.perf_counter() - t_save if timed_start else 0.0

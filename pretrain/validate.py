@@ -21,7 +21,7 @@ from pretrain.recipe import Recipe, RecipeError
 
 def validate_recipe(recipe: Recipe, *, world_size: int) -> None:
     """Raise a one-line error (RecipeError, DataError, ArchitectureError or ObjectiveError) naming the bad key."""
-    check_train_config(recipe.train, cuda=torch.cuda.is_available())
+    check_train_config(recipe.train)
     recipe.model.validate()
     for name, cfg in recipe.model.towers.items():
         for f in dataclasses.fields(cfg):

@@ -41,14 +41,17 @@ def read_exit_record(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean bad input (a recipe, data, weights or a checkpoint that cannot be used as given): a rank
+    reports them as one ``mmssl: error:`` line and exit code 2. The CLI adds its tools' own."""
     from architectures.towers import ArchitectureError
     from data_pipelines.shards import DataError
     from objectives.base import ObjectiveError
     from pretrain.checkpoint import CheckpointError
+    from pretrain.frozen import FrozenWeightsError
     from pretrain.recipe import RecipeError
 
-    return RecipeError, DataError, ArchitectureError, ObjectiveError, CheckpointError
+    return RecipeError, DataError, ArchitectureError, ObjectiveError, CheckpointError, FrozenWeightsError
 
 
 def train_job(source: str, overrides: Sequence[str], run_dir: Path, *, prepare: bool = True,
@@ -79,7 +82,7 @@ def run_rank(source: str, overrides: Sequence[str], run_dir: Path, *, overwrite:
     record = exit_record_path(run_dir, int(os.environ.get("RANK", "0")))
     record.unlink(missing_ok=True)  # a previous run's record in a resumed run directory
     return run_and_teardown(lambda: train_job(source, overrides, run_dir, prepare=not prepared, overwrite=overwrite),
-                            _user_errors(), exit_record=record)
+                            user_errors(), exit_record=record)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -87,19 +90,19 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def run_and_teardown(work: Callable[[], None], user_errors: tuple[type[Exception], ...], *,
+def run_and_teardown(work: Callable[[], None], expected: tuple[type[Exception], ...], *,
                      exit_record: Path | None = None) -> int:
-    """Run one rank's ``work``; a user error becomes one ``mmssl: error:`` line (and the rank's log) and exit code
-    2; then a barrier (on success) and the process group's teardown. Returns the exit code. ``exit_record``: where
-    to write this rank's exit record (see the module docstring) as soon as ``work`` ends; an unexpected exception
-    is recorded (exit code 1, its type and first line) and then propagates as before."""
+    """Run one rank's ``work``; a user error (one of ``expected``) becomes one ``mmssl: error:`` line (and the
+    rank's log) and exit code 2; then a barrier (on success) and the process group's teardown. Returns the exit
+    code. ``exit_record``: where to write this rank's exit record (see the module docstring) as soon as ``work``
+    ends; an unexpected exception is recorded (exit code 1, its type and first line) and then propagates."""
     import torch.distributed as dist
 
     rank = int(os.environ.get("RANK", "0"))
     code = 0
     try:
         work()
-    except user_errors as exc:
+    except expected as exc:
         logging.getLogger("mmssl").error("%s", exc)
         print(f"mmssl: error: {exc}", file=sys.stderr, flush=True)
         code = 2

@@ -38,11 +38,11 @@ def _recipe(data: Path, **train: Any) -> Recipe:
 
 # ----------------------------------------------------------------------------------------------- config checks
 def test_fault_settings_are_validated() -> None:
-    check_train_config(TrainConfig(max_nonfinite_steps=0), cuda=False)  # 0 is valid: abort at the first one
+    check_train_config(TrainConfig(max_nonfinite_steps=0))  # 0 is valid: abort at the first one
     with pytest.raises(RecipeError, match=r"train\.max_nonfinite_steps must be >= 0, got -1"):
-        check_train_config(TrainConfig(max_nonfinite_steps=-1), cuda=False)
+        check_train_config(TrainConfig(max_nonfinite_steps=-1))
     with pytest.raises(RecipeError, match=r"train\.collective_timeout_s must be > 0 seconds, got 0.0"):
-        check_train_config(TrainConfig(collective_timeout_s=0.0), cuda=False)
+        check_train_config(TrainConfig(collective_timeout_s=0.0))
 
 
 # ----------------------------------------------------------------------------------------------- non-finite loss

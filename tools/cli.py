@@ -36,17 +36,13 @@ import sys
 from collections.abc import Sequence
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from architectures.towers import ArchitectureError
-    from data_pipelines.shards import DataError
-    from objectives.base import ObjectiveError
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.frozen import FrozenWeightsError
-    from pretrain.recipe import RecipeError
+def user_errors() -> tuple[type[Exception], ...]:
+    """Every user error: the ranks' (`pretrain.worker.user_errors`) and the tools' own; the CLI and the fine-tuning
+    ranks print each as one ``mmssl: error:`` line."""
+    from pretrain.worker import user_errors
     from tools.probe import ProbeError
 
-    return (RecipeError, DataError, ArchitectureError, ObjectiveError, CheckpointError, ProbeError,
-            FrozenWeightsError)
+    return (*user_errors(), ProbeError)
 
 
 BUILDER_OPTIONS = {  # make-shards options that only some sources take, by source
@@ -479,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = args.fn(args)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         print(f"mmssl: error: {exc}", file=sys.stderr)
         code = 2
     sys.exit(code)

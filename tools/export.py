@@ -30,6 +30,7 @@ from objectives.registry import kind_of
 from pretrain import checkpoint
 from pretrain.frozen import check_reference, frozen_reference
 from pretrain.launch import RECIPE_FILE
+from pretrain.precision import compute_dtype
 from pretrain.recipe import Recipe, RecipeError, load_recipe
 from tools.exported_model import check_state, save_model
 from tools.probe import ProbeError
@@ -84,7 +85,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint_tag: str 
     root, tag = found
     state = consolidated_state_dict(root, tag)
     model = build_model(recipe.model, seed=recipe.train.seed)
-    check_reference(root / tag, frozen_reference(model))  # frozen weights rebuilt now = those trained with
+    # frozen weights rebuilt now = those trained with (digested in the run's compute dtype)
+    check_reference(root / tag, frozen_reference(model, dtype=compute_dtype(recipe.train.precision)))
     own = model.state_dict()
     prefix = "model."
     trained = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

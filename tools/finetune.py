@@ -36,13 +36,13 @@ import torch
 
 from architectures.errors import ArchitectureError
 from data_pipelines.shards import atomic_write_text
+from pretrain.precision import PRECISIONS
 from tools.finetune_model import check_layer_decay, parse_freeze
 from tools.probe import ProbeError, fmt_pct
 
 CONFIG_FILE = "finetune_config.json"
 RESULTS_FILE = "results.json"
 CURVE_FILE = "finetune_curve.png"
-PRECISIONS = ("fp32", "bf16")
 
 if TYPE_CHECKING:
     from architectures.encoder import Encoder

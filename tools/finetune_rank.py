@@ -189,17 +189,11 @@ def fit(cfg: FinetuneConfig) -> dict[str, Any] | None:
     return results
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from architectures.errors import ArchitectureError
-    from data_pipelines.shards import DataError
-    from tools.probe import ProbeError
-
-    return ProbeError, DataError, ArchitectureError
-
-
 def run_rank(cfg: FinetuneConfig) -> int:
     """`fit`, then a clean teardown; user errors become one ``mmssl: error:`` line and exit code 2."""
-    return run_and_teardown(lambda: fit(cfg), _user_errors())
+    from tools.cli import user_errors
+
+    return run_and_teardown(lambda: fit(cfg), user_errors())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
