@@ -10,12 +10,17 @@ Layout under ``<run>/checkpoints``::
                                frozen weights themselves are not stored
     latest                     the newest complete tag, replaced atomically
 
-A save goes to ``.tmp-step_...`` and is renamed once every rank has written its part; ``latest`` is then
-replaced with a temp file + rename. A kill at any moment leaves ``latest`` naming a complete checkpoint. Only the
-newest ``keep_last`` tags are kept. The trainer's own state (step, next batch index, samples seen, world size)
-travels in DeepSpeed's ``client_state`` under ``"mmssl"``. Without ZeRO (stage 0) in bf16, DeepSpeed keeps the fp32
-master weights as unnamed per-group lists; their parameter names travel under ``"mmssl_master_params"`` so that
-export can match them (`master_param_names`).
+A save writes every rank's files into ``.tmp-step_...``; after a barrier, the **finaliser** of each copy of the
+run directory (`pretrain.storage`: global rank 0 on shared storage, each node's local rank 0 on node-local disks)
+renames it to ``step_...`` and replaces ``latest`` (temp file + rename); after a second barrier it prunes to the
+newest ``keep_last`` tags. So exactly one process finalises each tag in each copy, no process removes a file
+another still writes, and a tag directory is complete by construction: a kill at any moment (of a rank, or of a
+whole node) leaves ``latest`` naming a complete tag, and, because pruning waits for every copy to hold the new
+tag, every copy still holds the tag all copies last had in common. A resume takes the newest tag that every copy
+holds (`agree_resume`). The trainer's own state (step, next batch index, samples seen, world size) travels in
+DeepSpeed's ``client_state`` under ``"mmssl"``. Without ZeRO (stage 0) in bf16, DeepSpeed keeps the fp32 master
+weights as unnamed per-group lists; their parameter names travel under ``"mmssl_master_params"`` so that export
+can match them (`master_param_names`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch.distributed as dist
 
 from data_pipelines.shards import atomic_write_text
 from pretrain.frozen import check_reference, write_reference
+from pretrain.storage import RunStorage
 
 CHECKPOINTS = "checkpoints"
 MASTER_PARAM_NAMES = "mmssl_master_params"
@@ -93,10 +99,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], *, keep_last: int,
+def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], *, keep_last: int, storage: RunStorage,
          frozen: dict[str, Any] | None = None, stream: dict[int, Any] | None = None) -> str:
-    """Save a checkpoint; ``frozen`` (`pretrain.frozen.frozen_reference`) excludes frozen weights and stores the
-    reference to them instead; ``stream``: this rank's stream positions (virtual stream -> position)."""
+    """Save a checkpoint (collective; see the module docstring); ``frozen`` (`pretrain.frozen.frozen_reference`)
+    excludes frozen weights and stores the reference to them instead; ``stream``: this rank's stream positions
+    (virtual stream -> position); ``storage``: the run directory's layout across nodes."""
     root = run_dir / CHECKPOINTS
     tag = tag_for(step)
     tmp_tag = TMP_PREFIX + tag
@@ -107,7 +114,7 @@ def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], *, keep_l
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=frozen is not None)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if frozen is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if frozen is not None and storage.finaliser:
         write_reference(root / tmp_tag, frozen)
     rng_file = root / tmp_tag / f"rng_rank{rank:05d}.pt"
     torch.save(rng_state(), str(rng_file) + ".part")
@@ -115,31 +122,46 @@ def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], *, keep_l
     if stream is not None:
         atomic_write_text(root / tmp_tag / f"stream_rank{rank:05d}.json",
                           json.dumps({str(v): p for v, p in sorted(stream.items())}) + "\n")
-    _barrier()
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one process per node finalises (shared or local disks)
-        try:
-            if (root / tag).exists():
-                shutil.rmtree(root / tag)
-            os.replace(root / tmp_tag, root / tag)
-        except FileNotFoundError:
-            pass  # another node's process renamed it on a shared filesystem
-        atomic_write_text(root / LATEST, tag + "\n")
-        _prune(root, keep_last)
-    _barrier()
+    _barrier()  # every rank's files are written
+    if storage.finaliser:
+        _finalise(root, tag)
+    _barrier()  # every copy of the run directory holds the new tag
+    if storage.finaliser:
+        _prune(root, keep_last, step)
     return tag
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _finalise(root: Path, tag: str) -> None:
+    """``.tmp-<tag>`` -> ``<tag>``, then ``latest`` -> ``<tag>``. A tag of the same name (a run resumed from an
+    earlier checkpoint saves the same steps again) is first moved aside whole, so no partial tag ever exists."""
+    if (root / tag).exists():
+        aside = root / f"{TMP_PREFIX}replaced-{tag}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(root / tag, aside)
+    os.replace(root / (TMP_PREFIX + tag), root / tag)
+    atomic_write_text(root / LATEST, tag + "\n")
+
+
+def _prune(root: Path, keep_last: int, step: int) -> None:
+    """Keep the newest ``keep_last`` tags up to ``step``; tags past ``step`` (a run resumed from an earlier
+    checkpoint left them) and temporary directories (saves a kill interrupted) go."""
     tags = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in tags[:-keep_last]:
+    current = [p for p in tags if p.name <= tag_for(step)]
+    for old in current[:-keep_last] + [p for p in tags if p.name > tag_for(step)]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(TMP_PREFIX + "*"):
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def complete_tags(run_dir: Path) -> list[str]:
+    """The tags of ``run_dir`` that a save finalised (a ``step_*`` directory exists only once complete)."""
+    root = run_dir / CHECKPOINTS
+    return sorted(p.name for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+
+
 def find(run_dir: Path, resume: str) -> tuple[Path, str] | None:
     """``(checkpoints root, tag)`` for ``resume`` = ``latest``, a tag, or a tag directory; None when ``latest`` is
-    asked for and no checkpoint exists yet (a fresh start)."""
+    asked for and no checkpoint exists yet (a fresh start). Reads this process's copy only (export, evaluation)."""
     if resume == "latest":
         root = run_dir / CHECKPOINTS
         latest = root / LATEST
@@ -155,6 +177,38 @@ def find(run_dir: Path, resume: str) -> tuple[Path, str] | None:
     if (run_dir / CHECKPOINTS / resume).is_dir():
         return run_dir / CHECKPOINTS, resume
     raise CheckpointError(f"train.resume={resume!r}: no such checkpoint (use 'latest', a tag, or a tag directory)")
+
+
+def agree_resume(run_dir: Path, resume: str) -> tuple[Path, str] | None:
+    """`find` for a training resume, agreed by every rank (collective): ``latest`` is the newest tag that every
+    rank's copy of the run directory holds complete (None when no rank has one: a fresh start); a named tag must
+    exist in every copy. The error names the ranks that lack it."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if resume == "latest":
+        mine: list[str] = complete_tags(run_dir)
+    else:
+        try:
+            found = find(run_dir, resume)
+        except CheckpointError:
+            found = None
+        mine = [str(found[0] / found[1])] if found else []
+    views: list[Any] = [mine] * world
+    if world > 1:
+        dist.all_gather_object(views, mine)
+    if resume != "latest":
+        missing = [r for r, v in enumerate(views) if not v]
+        if missing:
+            raise CheckpointError(f"train.resume={resume!r}: no such checkpoint in the run directory of rank(s) "
+                                  f"{missing} (use 'latest', a tag, or a tag directory)")
+        path = Path(mine[0])
+        return path.parent, path.name
+    common = set(views[0]).intersection(*map(set, views[1:]))
+    if not common:
+        if any(views):
+            raise CheckpointError(f"train.resume=latest: the copies of {run_dir} hold no checkpoint in common "
+                                  f"(rank -> tags: {dict(enumerate(views))})")
+        return None
+    return run_dir / CHECKPOINTS, max(common)
 
 
 def load(engine: Any, root: Path, tag: str, frozen: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -71,8 +71,9 @@ def zero_config(stage: int, trainable: int, *, cuda: bool) -> dict[str, Any]:
 
 
 def deepspeed_config(train: TrainConfig, micro_batch: int, world_size: int, trainable: int, *,
-                     cuda: bool = False) -> dict[str, Any]:
-    """The engine config of a recipe's ``train`` section (precision keys: `pretrain.precision`)."""
+                     cuda: bool = False, node_local: bool = False) -> dict[str, Any]:
+    """The engine config of a recipe's ``train`` section (precision keys: `pretrain.precision`); ``node_local``:
+    the run directory is a copy per node (`pretrain.storage`), so every node writes the model-states file."""
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": train.grad_accum,
@@ -83,6 +84,7 @@ def deepspeed_config(train: TrainConfig, micro_batch: int, world_size: int, trai
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        "checkpoint": {"use_node_local_storage": node_local},
     }
     if train.profile_comms:  # DeepSpeed's comms logger times every deepspeed.comm collective (blocking it)
         config["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
@@ -102,9 +104,10 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 def build_engine(task: nn.Module, train: TrainConfig, micro_batch: int, world_size: int,
-                 groups: list[dict[str, Any]] | None = None) -> tuple[Any, Any, Any]:
+                 groups: list[dict[str, Any]] | None = None, *, node_local: bool = False) -> tuple[Any, Any, Any]:
     """``(engine, optimizer, scheduler)`` from ``deepspeed.initialize`` around ``task``. ``groups``: explicit AdamW
-    parameter groups (default: `param_groups`, decay / no-decay at ``train.lr``)."""
+    parameter groups (default: `param_groups`, decay / no-decay at ``train.lr``); ``node_local``: see
+    `deepspeed_config`."""
     import deepspeed
 
     if train.zero_stage == 3:  # parameters read outside their owner's forward must be gathered for the reader
@@ -122,6 +125,6 @@ def build_engine(task: nn.Module, train: TrainConfig, micro_batch: int, world_si
         lr_scheduler=scheduler,
         config=deepspeed_config(train, micro_batch, world_size,
                                 sum(p.numel() for p in task.parameters() if p.requires_grad),
-                                cuda=torch.cuda.is_available()),
+                                cuda=torch.cuda.is_available(), node_local=node_local),
     )
     return engine, optimizer, scheduler

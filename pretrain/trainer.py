@@ -59,6 +59,7 @@ from pretrain.frozen import frozen_reference, frozen_state_sha256, optimizer_mem
 from pretrain.precision import compute_dtype, input_dtype
 from pretrain.recipe import Recipe, RecipeError
 from pretrain.runlog import MetricsWriter, hardware_summary, plot_loss_curve, setup_text_logs
+from pretrain.storage import RunStorage, probe_storage
 from pretrain.task import PretrainTask
 
 SUMMARY = "summary.json"
@@ -160,10 +161,12 @@ class Trainer:
     """One rank of a pretraining run: ``Trainer(recipe, run_dir).fit()`` trains (or resumes) and returns the
     summary. ``model`` is the live model (full parameters at ZeRO 0-2)."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, *, batches: BatchSource | None = None) -> None:
+    def __init__(self, recipe: Recipe, run_dir: Path, *, batches: BatchSource | None = None,
+                 storage: RunStorage | None = None) -> None:
         self.recipe, self.run_dir = recipe, run_dir
         cfg = recipe.train
         self.rank, self.world, self.device = init_distributed(cfg.collective_timeout_s)
+        self.storage = storage or probe_storage(run_dir)
         self.log = setup_text_logs(run_dir, self.rank)
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         torch.set_num_threads(threads)
@@ -178,7 +181,8 @@ class Trainer:
         task = PretrainTask(self.model, objectives, weights)
         self.dtype = compute_dtype(cfg.precision)
         self.frozen = frozen_reference(self.model, task, self.dtype)  # before ZeRO-3 partitions the weights
-        self.engine, _, self.scheduler = build_engine(task, cfg, recipe.data.batch_size, self.world)
+        self.engine, _, self.scheduler = build_engine(task, cfg, recipe.data.batch_size, self.world,
+                                                      node_local=self.storage.node_local)
         _seed_everything(cfg.seed + self.rank)
         self.positions: dict[int, Any] = {}  # virtual stream -> its position after the last batch consumed
         self.state = self._resume() if cfg.resume else TrainerState(world_size=self.world)
@@ -191,7 +195,7 @@ class Trainer:
                                             positions=self.positions))
 
     def _resume(self) -> TrainerState:
-        found = checkpoint.find(self.run_dir, self.recipe.train.resume or "latest")
+        found = checkpoint.agree_resume(self.run_dir, self.recipe.train.resume or "latest")
         if found is None:
             self.log.info("train.resume: no checkpoint in %s yet; starting from step 0", self.run_dir)
             return TrainerState(world_size=self.world)
@@ -398,7 +402,7 @@ class Trainer:
                 t_save = time.perf_counter()
                 frozen = self.frozen and {**self.frozen, "state_sha256": frozen_state_sha256(self.model, self.dtype)}
                 tag = checkpoint.save(engine, run_dir, state.step, asdict(state), keep_last=cfg.keep_last,
-                                      frozen=frozen, stream=self.positions or None)
+                                      storage=self.storage, frozen=frozen, stream=self.positions or None)
                 checkpoint_s += time.perf_counter() - t_save if timed_start else 0.0
                 log.info("saved checkpoint %s", tag)
 
@@ -459,6 +463,8 @@ class Trainer:
         return summary
 
 
-def train(recipe: Recipe, run_dir: Path, *, batches: BatchSource | None = None) -> dict[str, Any]:
-    """Run (or resume) pretraining as one rank of the current process group; returns the run summary."""
-    return Trainer(recipe, run_dir, batches=batches).fit()
+def train(recipe: Recipe, run_dir: Path, *, batches: BatchSource | None = None,
+          storage: RunStorage | None = None) -> dict[str, Any]:
+    """Run (or resume) pretraining as one rank of the current process group; returns the run summary.
+    ``storage``: the run directory's layout (`pretrain.storage.probe_storage`; probed here when not given)."""
+    return Trainer(recipe, run_dir, batches=batches, storage=storage).fit()

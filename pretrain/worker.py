@@ -50,19 +50,23 @@ def user_errors() -> tuple[type[Exception], ...]:
     from pretrain.checkpoint import CheckpointError
     from pretrain.frozen import FrozenWeightsError
     from pretrain.recipe import RecipeError
+    from pretrain.storage import StorageError
 
-    return RecipeError, DataError, ArchitectureError, ObjectiveError, CheckpointError, FrozenWeightsError
+    return (RecipeError, DataError, ArchitectureError, ObjectiveError, CheckpointError, FrozenWeightsError,
+            StorageError)
 
 
 def train_job(source: str, overrides: Sequence[str], run_dir: Path, *, prepare: bool = True,
               overwrite: bool = False, validate: bool = False) -> None:
     """One pretraining job on the current process group (created if there is none, and kept): parse the recipe;
-    on rank 0 validate it (``validate``: what the launcher does before it starts the ranks) and prepare the run
-    directory (``prepare``); then train on every rank."""
+    on rank 0 validate it (``validate``: what the launcher does before it starts the ranks); find the run
+    directory's layout across nodes (`pretrain.storage`) and prepare each copy of it (``prepare``: the finaliser of
+    each copy, so node-local run directories get their recipe too); then train on every rank."""
     import torch.distributed as dist
 
     from pretrain.launch import prepare_run_dir
     from pretrain.recipe import load_recipe
+    from pretrain.storage import probe_storage
     from pretrain.trainer import init_distributed, train
     from pretrain.validate import validate_recipe
 
@@ -70,10 +74,11 @@ def train_job(source: str, overrides: Sequence[str], run_dir: Path, *, prepare: 
     rank, world, _ = init_distributed(recipe.train.collective_timeout_s)
     if rank == 0 and validate:
         validate_recipe(recipe, world_size=world)
-    if rank == 0 and prepare:
+    storage = probe_storage(run_dir)
+    if storage.finaliser and prepare:
         prepare_run_dir(run_dir, recipe, overwrite=overwrite)
     dist.barrier()
-    train(recipe, run_dir)
+    train(recipe, run_dir, storage=storage)
 
 
 def run_rank(source: str, overrides: Sequence[str], run_dir: Path, *, overwrite: bool = False,

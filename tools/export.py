@@ -19,6 +19,7 @@ and not saved fall back to the weights the recipe loaded them from (their sha256
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,9 @@ def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     model_file = root / tag / "mp_rank_00_model_states.pt"
     if model_file.is_file() and not any((root / tag).glob("*optim_states.pt")):  # ZeRO-0 writes no partitions
         return _stage0_state_dict(torch.load(model_file, map_location="cpu", weights_only=True), model_file)
+    bf16_partitions = sorted((root / tag).glob(f"{BF16_PARTITION_PREFIX}*_optim_states.pt"))
+    if model_file.is_file() and bf16_partitions:
+        return _bf16_optimizer_state_dict(model_file, bf16_partitions)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
 
@@ -70,6 +74,36 @@ def _stage0_state_dict(states: dict[str, Any], source: Path) -> dict[str, torch.
                 raise checkpoint.CheckpointError(f"{source}: master weight of {name!r} is {list(master.shape)}, "
                                                  f"the module's {list(state[name].shape)}")
             state[name] = master.float()
+    return state
+
+
+BF16_PARTITION_PREFIX = "bf16_zero_pp_rank_"
+
+
+def _bf16_optimizer_state_dict(model_file: Path, partitions: list[Path]) -> dict[str, torch.Tensor]:
+    """ZeRO-1 in bf16 with fp32 gradient accumulation (DeepSpeed's ``BF16_Optimizer``, which ``zero_to_fp32`` does
+    not read): each rank's file holds its slice of every flat fp32 master group and, per parameter, the
+    ``(start, numel)`` of its fragment in that slice (``param_slice_mappings``); a parameter is its fragments
+    concatenated in rank order, shaped as the model-states file records."""
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([fragment_address]):
+        states = torch.load(model_file, map_location="cpu", weights_only=True)
+        ranks = [torch.load(p, map_location="cpu", weights_only=True)["optimizer_state_dict"] for p in
+                 sorted(partitions, key=lambda p: int(p.name[len(BF16_PARTITION_PREFIX):].split("_", 1)[0]))]
+    state = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    shapes = {name: shape for group in states["param_shapes"] for name, shape in group.items()}
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for rank in ranks:
+        for flat, mapping in zip(rank["single_partition_of_fp32_groups"], rank["param_slice_mappings"], strict=True):
+            for name, where in mapping.items():
+                pieces.setdefault(name, []).append(flat.narrow(0, where.start, where.numel))
+    for name, parts in pieces.items():
+        full = torch.cat(parts)
+        if full.numel() != math.prod(shapes[name]):
+            raise checkpoint.CheckpointError(f"{model_file.parent}: the fp32 fragments of {name!r} hold {full.numel()} "
+                                             f"values, its shape {list(shapes[name])} needs {math.prod(shapes[name])}")
+        state[name] = full.view(shapes[name]).clone()
     return state
 
 
