@@ -31,6 +31,14 @@ def batch_size(x: Any) -> int:
     return int(next(iter(x.values())).shape[0]) if isinstance(x, Mapping) else int(x.shape[0])
 
 
+def present_rows(present: Mapping[str, Tensor], modality: str) -> int:
+    """How many rows carry ``modality``: the host-side count a `data_pipelines.batch.Presence` carries (no device
+    read), else counted from the mask (which waits for the device)."""
+    count = getattr(present, "count", None)
+    known = count(modality) if count is not None else None
+    return known if known is not None else int(present[modality].sum())
+
+
 def select_rows(x: Any, rows: Tensor) -> Any:
     if isinstance(x, Mapping):
         return {k: v.index_select(0, rows) for k, v in x.items()}
@@ -63,7 +71,9 @@ class FusionFreeModel(nn.Module):
         encoded: the tower sees only the present rows (so batch statistics, e.g. BatchNorm, and cost depend on
         them alone) and the absent rows' outputs are zeros with an all-False token mask. If no row of a batch
         carries the modality, the tower still runs once on the whole batch, so every rank calls every tower
-        (parameter-gathering hooks under ZeRO-3 stay in step)."""
+        (parameter-gathering hooks under ZeRO-3 stay in step). Whether every row, none or some carry it is read
+        from the presence's host-side counts (`present_rows`), so only a batch with some rows absent waits for the
+        device (to index them)."""
         unknown = sorted(m for m in inputs if tower_name(m) not in self.towers)
         if unknown:
             raise ArchitectureError(f"the model has no tower for modality {unknown[0]!r} (towers: {self.modalities})")
@@ -73,7 +83,7 @@ class FusionFreeModel(nn.Module):
             batch = batch_size(x)
             mask = present.get(m) if present is not None else None
             rows = None
-            if mask is not None and bool(mask.any()) and not bool(mask.all()):
+            if mask is not None and 0 < present_rows(present, m) < batch:
                 rows = mask.nonzero().squeeze(1)
                 x = select_rows(x, rows)
             features, pooled = self.towers[name](x)

@@ -116,15 +116,17 @@ class TimmTower(Tower):
     def forward_head(self, x: Tensor, pre_logits: bool = True, **kwargs: Any) -> Tensor:
         return self.model.forward_head(x, pre_logits=True)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> TowerOutput:
+    def forward(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None,
+                visible: int | None = None) -> TowerOutput:
         """Without ``mask``: the plain forward. With ``mask`` (``bool[B, N]`` over patches, True = masked; ViTs
         only, see `patch_shape`): with ``mask_token`` (``[D]``) masked patch embeddings are replaced by it
         (BEiT / SimMIM / HuBERT); without, masked patches are dropped before the blocks and only the visible
-        ones are encoded (MAE; every row must mask the same number of patches). Returned token states are
+        ones are encoded (MAE; every row must mask the same number of patches: ``visible`` of them, when the
+        caller knows it, else counted on the device, which waits for it). Returned token states are
         ``[B, prefix + N or N_visible, D]``, prefix tokens (class / register) first."""
         if mask is None:
             return super().forward(x)
-        features = self._forward_masked(x, mask, mask_token)
+        features = self._forward_masked(x, mask, mask_token, visible)
         return TowerOutput(features, self.forward_head(features))
 
     def patch_shape(self) -> tuple[int, int, int] | None:
@@ -139,7 +141,7 @@ class TimmTower(Tower):
     def num_prefix_tokens(self) -> int:
         return int(getattr(self.model, "num_prefix_tokens", 0))
 
-    def _forward_masked(self, x: Tensor, mask: Tensor, mask_token: Tensor | None) -> Tensor:
+    def _forward_masked(self, x: Tensor, mask: Tensor, mask_token: Tensor | None, visible: int | None) -> Tensor:
         if self.patch_shape() is None:
             raise ArchitectureError(f"timm model {self.arch!r} cannot encode a masked view (ViT-family only)")
         vit = self.model
@@ -153,12 +155,14 @@ class TimmTower(Tower):
             tokens = torch.where(mask.unsqueeze(-1), mask_token.to(tokens.dtype), tokens)
         tokens = vit._pos_embed(tokens)
         if mask_token is None:
-            keep = (~mask).sum(1)
-            if bool((keep != keep[0]).any()):
-                raise ArchitectureError("dropping masked patches needs the same number masked in every row")
+            if visible is None:
+                keep = (~mask).sum(1)
+                if bool((keep != keep[0]).any()):
+                    raise ArchitectureError("dropping masked patches needs the same number masked in every row")
+                visible = int(keep[0])
             prefix = self.num_prefix_tokens
-            visible = (~mask).nonzero()[:, 1].view(mask.shape[0], -1)
-            patches = torch.gather(tokens[:, prefix:], 1, visible.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+            kept = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :visible]  # visible patches, in order
+            patches = torch.gather(tokens[:, prefix:], 1, kept.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
             tokens = torch.cat([tokens[:, :prefix], patches], dim=1)
         tokens = vit.norm_pre(tokens)
         if getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled():
@@ -203,6 +207,21 @@ class TimmTower(Tower):
         (out_dir / "config.json").write_text(json.dumps({**self.timm_config(), "mmssl": extra}, indent=2) + "\n")
 
 
+def expanded_attention_mask(mask: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
+    """A transformers encoder's attention mask as the 4-D ``[B, 1, 1, T]`` form its attention takes, built here
+    from the ``[B, T]`` padding mask (1 = real token): transformers' own construction asks the device whether any
+    token is padded (to skip the mask), which makes every step wait for the device. SDPA takes booleans (True =
+    attend), eager attention an additive bias; a row with no real token attends to every position (finite states,
+    as transformers does for SDPA). Other implementations (flash attention) take the 2-D mask as it is."""
+    if implementation not in ("sdpa", "eager"):
+        return mask
+    keep = mask.bool()[:, None, None, :]
+    keep = keep | ~keep.any(-1, keepdim=True)
+    if implementation == "sdpa":
+        return keep
+    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
 class HFTextTower(Tower):
     """A transformers encoder (BERT-style by default) over ``{"input_ids", "attention_mask"}``.
 
@@ -242,7 +261,9 @@ class HFTextTower(Tower):
         return self.model.get_input_embeddings()
 
     def forward_features(self, x: dict[str, Tensor]) -> Tensor:
-        return self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).last_hidden_state
+        mask = expanded_attention_mask(x["attention_mask"], self.model.config._attn_implementation,
+                                       self.model.get_input_embeddings().weight.dtype)
+        return self.model(input_ids=x["input_ids"], attention_mask=mask).last_hidden_state
 
     def forward_head(self, x: Tensor, pre_logits: bool = True, attention_mask: Tensor | None = None,
                      **kwargs: Any) -> Tensor:

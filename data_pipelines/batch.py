@@ -4,7 +4,9 @@ A `Batch` is what the stream yields and what models and objectives consume:
 
 * ``inputs[m]``: a tensor ``[B, ...]`` (or a dict of such tensors, e.g. text ids and attention mask) for every
   modality ``m`` that at least one sample of the batch carries;
-* ``present[m]``: ``bool[B]``, which samples really carry ``m`` (rows of absent samples hold zeros);
+* ``present[m]``: ``bool[B]``, which samples really carry ``m`` (rows of absent samples hold zeros); a `Presence`,
+  which also knows on the host how many rows carry each modality (counted where the batch was collated), so a
+  model decides "every row / none / some" without reading the device;
 * ``keys``: the webdataset sample keys, in order;
 * ``meta``: non-tensor metadata fields (from a sample's ``.json`` member), one list entry per sample;
 * ``index``: the position of this batch in its rank's stream (0, 1, 2, ... across the whole run), which is what
@@ -13,7 +15,9 @@ A `Batch` is what the stream yields and what models and objectives consume:
   shards, rows per source, padding rows), summed by the trainer;
 * ``faults``: the skipped data behind those counters, one record per fault (shard, key, member, error);
 * ``position``: the state of the producing virtual stream right after this batch (`data_pipelines.stream`), what
-  a checkpoint stores to resume the stream exactly.
+  a checkpoint stores to resume the stream exactly;
+* ``host``: on a batch moved to a device by `Batch.to`, the host batch it came from (objectives that draw random
+  masks from the token ids read them there instead of copying them back from the device).
 
 A missing modality costs nothing downstream: models skip modalities that are not in ``inputs`` and objectives
 mask rows with ``present``.
@@ -31,16 +35,58 @@ from torch import Tensor
 TensorTree = Tensor | dict[str, Tensor]
 
 
+class Presence(dict):
+    """``modality -> bool[B]`` presence masks, plus ``counts``: ``modality -> rows present``, known on the host.
+
+    Counts are taken from masks that live on the CPU (at collation, or when built from CPU masks) and travel with
+    the masks to the device; a modality whose mask was first seen on a device has no count (`count` is None)."""
+
+    def __init__(self, masks: Mapping[str, Tensor] | None = None, counts: Mapping[str, int] | None = None) -> None:
+        super().__init__(masks or {})
+        known = dict(counts or {})
+        if isinstance(masks, Presence):
+            known = {**masks.counts, **known}
+        for m, mask in self.items():
+            if m not in known and mask.device.type == "cpu":
+                known[m] = int(mask.sum())
+        self.counts = {m: n for m, n in known.items() if m in self}
+
+    def __reduce__(self) -> tuple[Any, ...]:  # DataLoader workers pickle batches
+        return Presence, (dict(self), self.counts)
+
+    def __setitem__(self, modality: str, mask: Tensor) -> None:
+        super().__setitem__(modality, mask)
+        if mask.device.type == "cpu":
+            self.counts[modality] = int(mask.sum())
+        else:
+            self.counts.pop(modality, None)
+
+    def count(self, modality: str) -> int | None:
+        return self.counts.get(modality)
+
+    def subset(self, modalities: Sequence[str]) -> Presence:
+        return Presence({m: self[m] for m in modalities if m in self}, self.counts)
+
+    def map(self, fn: Any) -> Presence:
+        """The masks through ``fn`` (a device move), the counts kept."""
+        return Presence({m: fn(p) for m, p in self.items()}, self.counts)
+
+
 @dataclass
 class Batch:
     inputs: dict[str, TensorTree]
-    present: dict[str, Tensor]
+    present: Presence
     keys: list[str]
     meta: dict[str, list[Any]] = field(default_factory=dict)
     index: int = 0
     stats: dict[str, int] = field(default_factory=dict)
     faults: list[dict[str, str]] = field(default_factory=list)
     position: dict[str, Any] | None = None
+    host: Batch | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.present, Presence):
+            self.present = Presence(self.present)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -48,6 +94,13 @@ class Batch:
     @property
     def modalities(self) -> list[str]:
         return list(self.inputs)
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor of the batch (inputs, nested ones included, and presence masks)."""
+        out: list[Tensor] = []
+        for value in self.inputs.values():
+            out += list(value.values()) if isinstance(value, Mapping) else [value]
+        return out + list(self.present.values())
 
     def to(self, device: torch.device | str, float_dtype: torch.dtype | None = None,
            non_blocking: bool = False) -> Batch:
@@ -58,22 +111,24 @@ class Batch:
                 return t.to(device=device, dtype=float_dtype, non_blocking=non_blocking)
             return t.to(device=device, non_blocking=non_blocking)
 
+        on_host = all(t.device.type == "cpu" for t in self.tensors())
         return Batch(
             inputs={m: _map_tree(v, move) for m, v in self.inputs.items()},
-            present={m: p.to(device=device, non_blocking=non_blocking) for m, p in self.present.items()},
+            present=self.present.map(lambda p: p.to(device=device, non_blocking=non_blocking)),
             keys=self.keys,
             meta=self.meta,
             index=self.index,
             stats=self.stats,
             faults=self.faults,
             position=self.position,
+            host=self if on_host else self.host,
         )
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader when ``pin_memory=True``."""
         return Batch(
             inputs={m: _map_tree(v, Tensor.pin_memory) for m, v in self.inputs.items()},
-            present={m: p.pin_memory() for m, p in self.present.items()},
+            present=self.present.map(Tensor.pin_memory),
             keys=self.keys,
             meta=self.meta,
             index=self.index,
@@ -86,8 +141,9 @@ class Batch:
         """The same rows restricted to ``modalities``."""
         keep = set(modalities)
         return Batch(inputs={m: v for m, v in self.inputs.items() if m in keep},
-                     present={m: p for m, p in self.present.items() if m in keep}, keys=self.keys, meta=self.meta,
-                     index=self.index, stats=self.stats, faults=self.faults, position=self.position)
+                     present=self.present.subset([m for m in self.present if m in keep]), keys=self.keys,
+                     meta=self.meta, index=self.index, stats=self.stats, faults=self.faults, position=self.position,
+                     host=self.host.only(modalities) if self.host is not None else None)
 
     def rows(self, start: int, stop: int) -> Batch:
         """The sub-batch of rows ``start:stop`` (used to split a global batch across ranks)."""
@@ -100,6 +156,7 @@ class Batch:
             stats=dict(self.stats),
             faults=list(self.faults),
             position=self.position,
+            host=self.host.rows(start, stop) if self.host is not None else None,
         )
 
 
@@ -122,15 +179,19 @@ def cat_batches(batches: Sequence[Batch]) -> Batch:
         for k, n in b.stats.items():
             stats[k] = stats.get(k, 0) + n
     meta_keys = sorted({k for b in batches for k in b.meta})
+    counts = {m: sum(b.present.count(m) or 0 for b in batches) for m in first.present
+              if all(b.present.count(m) is not None for b in batches)}
+    hosts = [b.host for b in batches]
     return Batch(
         inputs=inputs,
-        present={m: torch.cat([b.present[m] for b in batches]) for m in first.present},
+        present=Presence({m: torch.cat([b.present[m] for b in batches]) for m in first.present}, counts),
         keys=[k for b in batches for k in b.keys],
         meta={k: [x for b in batches for x in b.meta.get(k, [None] * len(b))] for k in meta_keys},
         index=first.index,
         stats=stats,
         faults=[f for b in batches for f in b.faults],
         position=batches[-1].position,
+        host=cat_batches(hosts) if all(h is not None for h in hosts) else None,  # type: ignore[arg-type]
     )
 
 

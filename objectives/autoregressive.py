@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
+from objectives.ids import to_device
 from objectives.masking import global_mean, presence, row_generators, upcast
 
 
@@ -191,7 +192,7 @@ class PrefixLMObjective(Objective):
         context_mask = outputs.token_mask.get(c)
         if context_mask is None:
             context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
-        prefix = self.prefix_lengths(batch, ids.shape[0]).to(ids.device)
+        prefix = to_device(self.prefix_lengths(batch, ids.shape[0]), ids.device)
         rows, device = ids.shape[0], ids.device
         valid = presence(outputs, batch, c, rows, device) & presence(outputs, batch, m, rows, device)
         logits = self.decoder(context, context_mask, ids, text_mask, prefix)

@@ -15,7 +15,7 @@ encode it with the tower of ``<modality>``. `base_modality` maps a view name bac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -47,6 +47,15 @@ def check_pairs(kind: str, pairs: Any) -> list[tuple[str, str]]:
     if len(set(checked)) != len(checked):
         raise ObjectiveError(f"{kind} pairs {[list(p) for p in checked]} repeat a pair")
     return checked
+
+
+def subset_presence(present: Mapping[str, Tensor], modalities: Sequence[str]) -> Mapping[str, Tensor]:
+    """``present`` restricted to ``modalities``, keeping what the batch's presence knows on the host (its
+    ``subset``: the row counts that spare a model a device read) where it has it."""
+    subset = getattr(present, "subset", None)
+    if subset is not None:
+        return subset(modalities)
+    return {m: present[m] for m in modalities if m in present}
 
 
 def learned_scale(log_scale: Tensor, max_log: float) -> Tensor:

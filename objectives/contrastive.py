@@ -81,13 +81,11 @@ def contrastive_loss(
     b = F.normalize(b.float(), dim=-1)
     rank, size = world() if gather else (0, 1)
     rows = a.shape[0]
-    all_valid = valid is None or bool(valid.all())
     if valid is None:
         valid = torch.ones(rows, dtype=torch.bool, device=a.device)
     if size > 1:
         a_cols, b_cols = gather_with_grad(a), gather_with_grad(b)
         valid_cols = gather_no_grad(valid)
-        all_valid = bool(valid_cols.all())
     else:
         a_cols, b_cols, valid_cols = a, b, valid
     logits_ab = logit_scale * a @ b_cols.T
@@ -95,20 +93,20 @@ def contrastive_loss(
     labels = torch.arange(rows, device=a.device) + rank * rows
     if positive_ids is not None or duplicate_ids is not None:
         return _grouped_loss(logits_ab, logits_ba, labels, valid, valid_cols, positive_ids, duplicate_ids, size)
-    if not all_valid:
-        dead = ~valid_cols.unsqueeze(0)
-        logits_ab = logits_ab.masked_fill(dead, float("-inf"))
-        logits_ba = logits_ba.masked_fill(dead, float("-inf"))
-        keep = valid.nonzero().squeeze(1)
-        logits_ab, logits_ba, labels = logits_ab[keep], logits_ba[keep], labels[keep]
+    # incomplete pairs are masked, not indexed out (no data-dependent shapes, nothing waits for the device): their
+    # columns get -inf, their rows zeros (a finite row whose loss is weighted 0)
+    keep, dead = valid.unsqueeze(1), ~valid_cols.unsqueeze(0)
+    logits_ab = torch.where(keep, logits_ab.masked_fill(dead, float("-inf")), 0.0)
+    logits_ba = torch.where(keep, logits_ba.masked_fill(dead, float("-inf")), 0.0)
     n_global = valid_cols.sum()
     per_row = F.cross_entropy(logits_ab, labels, reduction="none") + F.cross_entropy(logits_ba, labels,
                                                                                      reduction="none")
-    loss = per_row.sum() / 2 * size / n_global.clamp_min(1)
+    loss = torch.where(valid, per_row, 0.0).sum() / 2 * size / n_global.clamp_min(1)
     with torch.no_grad():
+        n_local = valid.sum().clamp_min(1)
         metrics = {
-            "acc_ab": (logits_ab.argmax(-1) == labels).float().mean() if labels.numel() else a.new_zeros(()),
-            "acc_ba": (logits_ba.argmax(-1) == labels).float().mean() if labels.numel() else a.new_zeros(()),
+            "acc_ab": ((logits_ab.argmax(-1) == labels) & valid).sum() / n_local,
+            "acc_ba": ((logits_ba.argmax(-1) == labels) & valid).sum() / n_local,
         }
     return loss, metrics
 
@@ -137,17 +135,19 @@ def _grouped_loss(
         dup = same_id(duplicate_ids.to(labels.device), _gathered(duplicate_ids.to(labels.device), size))
         denominator = denominator & ~(dup & ~positive)
     numerator = positive & denominator
-    keep = valid.nonzero().squeeze(1)
-    numerator, denominator = numerator[keep], denominator[keep]
-    per_row = logits_ab.new_zeros(keep.numel())
+    own = cols.unsqueeze(0) == labels.unsqueeze(1)  # an incomplete row keeps only its own column: a finite 0 term
+    numerator = torch.where(valid.unsqueeze(1), numerator, own)
+    denominator = torch.where(valid.unsqueeze(1), denominator, own)
+    per_row = logits_ab.new_zeros(labels.shape[0])
     accs = {}
-    for name, logits in (("acc_ab", logits_ab[keep]), ("acc_ba", logits_ba[keep])):
+    n_local = valid.sum().clamp_min(1)
+    for name, logits in (("acc_ab", logits_ab), ("acc_ba", logits_ba)):
         per_row = per_row + torch.logsumexp(logits.masked_fill(~denominator, float("-inf")), dim=-1)
         per_row = per_row - torch.logsumexp(logits.masked_fill(~numerator, float("-inf")), dim=-1)
         with torch.no_grad():
             top = logits.masked_fill(~denominator, float("-inf")).argmax(-1, keepdim=True)
-            accs[name] = numerator.gather(1, top).float().mean() if keep.numel() else logits.new_zeros(())
-    loss = per_row.sum() / 2 * size / valid_cols.sum().clamp_min(1)
+            accs[name] = (numerator.gather(1, top).squeeze(1) & valid).sum() / n_local
+    loss = torch.where(valid, per_row, 0.0).sum() / 2 * size / valid_cols.sum().clamp_min(1)
     return loss, accs
 
 

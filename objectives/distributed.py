@@ -9,6 +9,9 @@ one process had seen the whole global batch. Works on gloo (CPU) and NCCL.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -43,6 +46,24 @@ def gather_with_grad(x: Tensor) -> Tensor:
     if world()[1] == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+_HOST_GROUP: list[Any] = []  # the gloo group for host values under a device backend (created on first use)
+
+
+def host_all_gather(values: Sequence[int]) -> list[list[int]]:
+    """Every rank's ``values`` (a few host integers: sequence lengths, counts), in rank order, exchanged on the
+    host over gloo: the default group when it is gloo, else a gloo group made once beside it (collectively, on
+    first use by every rank), so under NCCL the exchange never waits for the device."""
+    size = world()[1]
+    if size == 1:
+        return [list(values)]
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+    local = torch.tensor(list(values), dtype=torch.long)
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local, group=_HOST_GROUP[0])
+    return [p.tolist() for p in parts]
 
 
 def gather_no_grad(x: Tensor) -> Tensor:

@@ -27,10 +27,20 @@ def stable_id(value: Any) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def to_device(t: Tensor, device: torch.device | str | None) -> Tensor:
+    """Host tensor ``t`` on ``device`` without waiting for the device: on CUDA through pinned memory and a
+    non-blocking copy (a copy from pageable memory first waits for the stream's queued work)."""
+    target = torch.device(device) if device is not None else t.device
+    if target.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(target, non_blocking=True)
+    return t.to(target)
+
+
 def meta_ids(values: Sequence[Any], device: torch.device | str | None = None) -> Tensor:
-    """``int64[B]`` ids of sample keys or of one ``batch.meta`` field; ``None`` and ``""`` get `UNKNOWN_ID`."""
+    """``int64[B]`` ids of sample keys or of one ``batch.meta`` field; ``None`` and ``""`` get `UNKNOWN_ID`.
+    Computed on the host and sent with `to_device`."""
     ids = [UNKNOWN_ID if v is None or v == "" else stable_id(v) for v in values]
-    return torch.tensor(ids, dtype=torch.int64, device=device)
+    return to_device(torch.tensor(ids, dtype=torch.int64), device)
 
 
 def batch_meta_ids(batch: Any, name: str, rows: int, device: torch.device | str | None = None, *,

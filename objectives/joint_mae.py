@@ -29,8 +29,9 @@ from torch import Tensor, nn
 
 from objectives.autoregressive import TransformerBlock
 from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
+from objectives.ids import to_device
 from objectives.masked import _gens, mae_loss, unshuffle
-from objectives.masking import patchify, presence, random_patch_mask, sincos_2d
+from objectives.masking import patchify, presence, random_patch_mask, sincos_2d, visible_patches
 
 
 @dataclass
@@ -147,9 +148,9 @@ class JointMAEObjective(Objective):
         visible, keep, grids, present = {}, {}, {}, {}
         for m in self.modalities:
             x = batch.inputs[m]
-            n_visible = int((~masks[m][0]).sum())  # on the CPU mask: no device sync
-            mask = masks[m] = masks[m].to(x.device)
-            features = model.towers[m](x, mask=mask).features
+            n_visible = visible_patches(masks[m].shape[1], self.cfg.mask_ratio)
+            mask = masks[m] = to_device(masks[m], x.device)
+            features = model.towers[m](x, mask=mask, visible=n_visible).features
             visible[m] = features[:, features.shape[1] - n_visible:]
             present[m] = presence(outputs, batch, m, x.shape[0], x.device)
             keep[m] = present[m][:, None].expand(-1, n_visible)

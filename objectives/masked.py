@@ -51,8 +51,10 @@ from objectives.base import (
     ObjectiveError,
     Requirements,
     fusion_view,
+    subset_presence,
 )
 from objectives.distributed import gather_rows, world
+from objectives.ids import to_device
 from objectives.kmeans import kmeans
 from objectives.masking import (
     TokenMask,
@@ -60,29 +62,35 @@ from objectives.masking import (
     block_mask,
     cluster_targets,
     global_mean,
+    max_selected,
     patchify,
     presence,
     random_patch_mask,
     row_generators,
+    selected_slots,
     sincos_2d,
     time_span_mask,
     upcast,
+    visible_patches,
 )
 
 
-def token_ce(logits: Tensor, targets: Tensor, *, global_norm: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
-    """Cross-entropy summed over the ``[n, V]`` selected logits, divided by the (global) count ``n``."""
+def token_ce(logits: Tensor, targets: Tensor, *, weights: Tensor | None = None,
+             global_norm: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    """Cross-entropy summed over the ``[n, V]`` logits of the tokens ``weights`` (``bool[n]``, default all) keeps,
+    divided by the (global) count of kept tokens. Masked, not indexed: the shapes do not depend on the data."""
     logits = upcast(logits)
-    nll = F.cross_entropy(logits, targets, reduction="sum")
+    keep = torch.ones_like(targets, dtype=torch.bool) if weights is None else weights.bool()
+    nll = torch.where(keep, F.cross_entropy(logits, targets, reduction="none"), 0.0).sum()
+    count = keep.sum().float()
     with torch.no_grad():
-        acc = (logits.argmax(-1) == targets).float().sum() / max(1, targets.numel())
-    tokens = torch.tensor(float(targets.numel()), device=logits.device)
-    return global_mean(nll, targets.numel(), global_norm), {"acc": acc, "tokens": tokens}
+        acc = ((logits.argmax(-1) == targets) & keep).sum() / count.clamp_min(1)
+    return global_mean(nll, count, global_norm), {"acc": acc, "tokens": count.detach()}
 
 
 def mlm_loss(logits: Tensor, targets: Tensor, selected: Tensor, *, global_norm: bool = True) -> Tensor:
     """``[B, L, V]`` logits, ``[B, L]`` original ids, ``bool[B, L]`` selected: the MLM loss of the docstring."""
-    return token_ce(logits[selected], targets[selected], global_norm=global_norm)[0]
+    return token_ce(logits.flatten(0, 1), targets.flatten(), weights=selected.flatten(), global_norm=global_norm)[0]
 
 
 def norm_pix_target(patches: Tensor, eps: float = 1e-6) -> Tensor:
@@ -198,10 +206,13 @@ class MLMObjective(Objective):
     def make_mask(self, batch: Any) -> TokenMask:
         """The `TokenMask` this objective draws for ``batch`` (deterministic per sample key and batch index)."""
         x = batch.inputs[self.cfg.modality]
-        return bert_mask(x["input_ids"], x["attention_mask"], special_ids=self.specials.values(),
+        host = getattr(batch, "host", None)  # the batch before its move to the device: drawn there, nothing read back
+        h = host.inputs[self.cfg.modality] if host is not None else x
+        return bert_mask(h["input_ids"], h["attention_mask"], special_ids=self.specials.values(),
                          mask_id=self.specials["mask"], vocab_size=self.vocab_size,
                          generator=_gens(self.cfg.seed, batch, x["input_ids"].shape[0]), ratio=self.cfg.mask_ratio,
-                         replace_prob=self.cfg.replace_prob, random_prob=self.cfg.random_prob)
+                         replace_prob=self.cfg.replace_prob, random_prob=self.cfg.random_prob,
+                         device=x["input_ids"].device)
 
     def forward(self, outputs: ModelOutputs, batch: Any = None, model: Any = None) -> LossOutput:
         if batch is None or model is None:
@@ -211,7 +222,8 @@ class MLMObjective(Objective):
         tm = self.make_mask(batch)
         valid = presence(outputs, batch, m, x["input_ids"].shape[0], x["input_ids"].device)
         masked_inputs = {"input_ids": tm.input_ids, "attention_mask": x["attention_mask"]}
-        masked_out = model({m: masked_inputs}, {m: valid})
+        given = subset_presence(batch.present, [m]) if m in batch.present else {m: valid}  # keeps host-side counts
+        masked_out = model({m: masked_inputs}, given)
         states = masked_out.tokens[m]
         if self.cross:
             ctx = self.cfg.context  # type: ignore[attr-defined]
@@ -219,7 +231,10 @@ class MLMObjective(Objective):
             (q_states, q_mask), (c_states, c_mask) = fusion_view(masked_out, m), fusion_view(outputs, ctx)
             states = model.fuse({m: q_states, ctx: c_states}, {m: q_mask, ctx: c_mask}, query=m)
         sel = tm.selected & valid[:, None]
-        loss, metrics = token_ce(self.head(states[sel]), x["input_ids"][sel], global_norm=self.cfg.global_norm)
+        index, used = selected_slots(sel, max_selected(self.cfg.mask_ratio, sel.shape[1]))
+        picked = states.gather(1, index.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
+        loss, metrics = token_ce(self.head(picked).flatten(0, 1), x["input_ids"].gather(1, index).flatten(),
+                                 weights=used.flatten(), global_norm=self.cfg.global_norm)
         return LossOutput(loss=loss, terms={"nll": loss.detach()}, metrics=metrics)
 
 
@@ -347,16 +362,15 @@ class MAEObjective(_PatchObjective):
         m = self.cfg.modality
         x = batch.inputs[m]
         grid = self._grid(x)
-        mask = self.make_mask(batch)
-        visible = int((~mask[0]).sum())
-        mask = mask.to(x.device)
-        features = model.towers[m](x, mask=mask).features
+        mask = to_device(self.make_mask(batch), x.device)  # drawn on the host
+        visible = visible_patches(grid[0] * grid[1], self.cfg.mask_ratio)
+        features = model.towers[m](x, mask=mask, visible=visible).features
         pred = self.decoder(features, mask, grid, visible)
         patches = patchify(x, self.patch_shape[1:])
         sel = mask & presence(outputs, batch, m, x.shape[0], x.device)[:, None]
         loss = mae_loss(pred, patches, sel, norm_pix=self.cfg.norm_pix_loss, global_norm=self.cfg.global_norm)
         return LossOutput(loss=loss, terms={"mse": loss.detach()},
-                          metrics={"visible": torch.tensor(float(visible), device=loss.device)})
+                          metrics={"visible": torch.full((), float(visible), device=loss.device)})
 
 
 @dataclass
@@ -461,10 +475,11 @@ class MaskedClusterObjective(_PatchObjective):
             self.fit_codebook(patches[valid].flatten(0, 1))
             self._refit = False
         targets = cluster_targets(patches, self.codebook)
-        mask = self.make_mask(batch).to(x.device)
+        mask = to_device(self.make_mask(batch), x.device)
         features = model.towers[m](x, mask=mask, mask_token=self.mask_token).features
         states = features[:, features.shape[1] - mask.shape[1]:]
         sel = mask & valid[:, None]
-        loss, metrics = token_ce(self.head(states[sel]), targets[sel], global_norm=self.cfg.global_norm)
+        loss, metrics = token_ce(self.head(states).flatten(0, 1), targets.flatten(), weights=sel.flatten(),
+                                 global_norm=self.cfg.global_norm)
         metrics["masked_fraction"] = mask.float().mean()
         return LossOutput(loss=loss, terms={"nll": loss.detach()}, metrics=metrics)

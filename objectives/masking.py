@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from objectives.distributed import sum_over_ranks, world
+from objectives.ids import to_device
 
 Generators = torch.Generator | Sequence[torch.Generator]
 
@@ -69,11 +70,14 @@ class TokenMask(NamedTuple):
 
 def bert_mask(input_ids: Tensor, attention_mask: Tensor, *, special_ids: Iterable[int], mask_id: int, vocab_size: int,
               generator: Generators, ratio: float = 0.15, replace_prob: float = 0.8,
-              random_prob: float = 0.1) -> TokenMask:
-    """BERT's 80/10/10 token masking (module docstring); specials and padding are never selected."""
-    ids = input_ids.detach().cpu()
+              random_prob: float = 0.1, device: torch.device | str | None = None) -> TokenMask:
+    """BERT's 80/10/10 token masking (module docstring); specials and padding are never selected. Drawn on the
+    CPU from ``input_ids`` / ``attention_mask`` (pass the host batch's, so nothing is read back from a device)
+    and returned on ``device`` (default: the ids' device) by `to_device`."""
+    device = input_ids.device if device is None else device
+    ids = on_host(input_ids)
     specials = torch.tensor(sorted({int(s) for s in special_ids} | {int(mask_id)}), dtype=ids.dtype)
-    maskable = attention_mask.detach().cpu().bool() & ~torch.isin(ids, specials)
+    maskable = on_host(attention_mask).bool() & ~torch.isin(ids, specials)
     vocab = torch.arange(vocab_size, dtype=ids.dtype)
     allowed = vocab[~torch.isin(vocab, specials)]
     out, action = ids.clone(), torch.zeros(ids.shape, dtype=torch.int8)
@@ -90,12 +94,36 @@ def bert_mask(input_ids: Tensor, attention_mask: Tensor, *, special_ids: Iterabl
         out[row, chosen[to_mask]] = mask_id
         out[row, chosen[to_random]] = random_ids[to_random]
         action[row, chosen] = torch.where(to_mask, MASKED, torch.where(to_random, RANDOM, KEPT)).to(torch.int8)
-    return TokenMask(out.to(input_ids.device), (action > 0).to(input_ids.device), action.to(input_ids.device))
+    return TokenMask(to_device(out, device), to_device(action > 0, device), to_device(action, device))
+
+
+def max_selected(ratio: float, length: int) -> int:
+    """The most tokens `bert_mask` selects in a row of ``length`` (``k = max(1, ⌊ratio·n + ½⌋)``, ``n <= length``)."""
+    return max(1, math.floor(ratio * length + 0.5))
+
+
+def selected_slots(selected: Tensor, slots: int) -> tuple[Tensor, Tensor]:
+    """``(index long[B, S], used bool[B, S])``: the positions of each row's selected tokens in order, padded to
+    ``S = slots`` (at least the most any row selects): a fixed-shape gather instead of ``x[selected]``, whose
+    shape depends on the data (so that nothing waits for the device)."""
+    slots = min(slots, selected.shape[1])
+    index = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :slots]
+    return index, selected.gather(1, index)
+
+
+def on_host(t: Tensor) -> Tensor:
+    """``t`` detached on the CPU (a copy back from a device only when it is not there already)."""
+    return t.detach() if t.device.type == "cpu" else t.detach().cpu()
+
+
+def visible_patches(num_patches: int, ratio: float) -> int:
+    """Patches `random_patch_mask` leaves visible in each row: ``⌊N·(1-ratio)⌋`` (MAE's ``len_keep``)."""
+    return int(num_patches * (1 - ratio))
 
 
 def random_patch_mask(rows: int, num_patches: int, ratio: float, generator: Generators) -> Tensor:
     """``bool[rows, N]``, True = masked, exactly ``N - ⌊N·(1-ratio)⌋`` per row."""
-    n_mask = num_patches - int(num_patches * (1 - ratio))
+    n_mask = num_patches - visible_patches(num_patches, ratio)
     mask = torch.zeros(rows, num_patches, dtype=torch.bool)
     for row, g in enumerate(_per_row(generator, rows)):
         mask[row, torch.rand(num_patches, generator=g).argsort()[:n_mask]] = True
@@ -186,7 +214,7 @@ def presence(outputs: object, batch: object, modality: str, rows: int, device: t
     """``bool[B]``: ``outputs.present[m]``, else ``batch.present[m]`` (a modality the main forward skipped)."""
     for source in (getattr(outputs, "present", None), getattr(batch, "present", None)):
         if source is not None and modality in source:
-            return source[modality].to(device)
+            return to_device(source[modality], device)
     return torch.ones(rows, dtype=torch.bool, device=device)
 
 
@@ -200,6 +228,7 @@ def global_mean(total: Tensor, count: Tensor | int, enabled: bool = True) -> Ten
     result multiplied by the world size ``W``: ``L_r = W·total_r / Σ_k count_k``, so ``mean_r L_r`` — what
     gradient averaging optimises — is the mean over every rank's tokens, as on one process with the global batch.
     Every rank must call it (an all-reduce of the count)."""
-    count_t = sum_over_ranks(torch.as_tensor(count, dtype=torch.float32, device=total.device), enabled)
+    count_t = count.float() if isinstance(count, Tensor) else torch.full((), float(count), device=total.device)
+    count_t = sum_over_ranks(count_t.to(total.device), enabled)
     size = world()[1] if enabled else 1
     return total * size / count_t.clamp_min(1.0)

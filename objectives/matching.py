@@ -55,8 +55,8 @@ from objectives.base import (
     fused_summary,
     fusion_view,
 )
-from objectives.distributed import gather_no_grad, gather_with_grad, world
-from objectives.ids import batch_meta_ids
+from objectives.distributed import gather_no_grad, gather_with_grad, host_all_gather, world
+from objectives.ids import batch_meta_ids, to_device
 
 FuseFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor], str], Tensor]
 
@@ -113,19 +113,8 @@ def sample_negatives(probs: Tensor, uniforms: Tensor) -> Tensor:
     return torch.where(total > 0, idx, torch.full_like(idx, -1))
 
 
-def _pad_tokens(x: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    extra = length - x.shape[1]
-    if extra <= 0:
-        return x, mask
-    return F.pad(x, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
-
-
 def _atleast_f32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _mean(x: Tensor) -> Tensor:
-    return x.float().mean() if x.numel() else x.new_zeros((), dtype=torch.float32)
 
 
 def matching_loss(
@@ -175,9 +164,9 @@ def matching_loss(
     q_mask = torch.ones(q_tok.shape[:2], dtype=torch.bool, device=device) if q_mask is None else q_mask.bool()
     c_mask = torch.ones(c_tok.shape[:2], dtype=torch.bool, device=device) if c_mask is None else c_mask.bool()
     if size > 1:  # every collective below runs on every rank, in the same order
-        lengths = gather_no_grad(torch.tensor([[q_tok.shape[1], c_tok.shape[1]]], device=device)).amax(0)
-        q_tok, q_mask = _pad_tokens(q_tok, q_mask, int(lengths[0]))
-        c_tok, c_mask = _pad_tokens(c_tok, c_mask, int(lengths[1]))
+        q_len, c_len = (max(col) for col in zip(*host_all_gather([q_tok.shape[1], c_tok.shape[1]]), strict=True))
+        q_tok, q_mask = _pad_tokens(q_tok, q_mask, q_len)
+        c_tok, c_mask = _pad_tokens(c_tok, c_mask, c_len)
         q_all, c_all = gather_with_grad(q_tok), gather_with_grad(c_tok)
         qm_all, cm_all = gather_no_grad(q_mask), gather_no_grad(c_mask)
         valid_all = gather_no_grad(valid)
@@ -199,54 +188,56 @@ def matching_loss(
     elif negatives != "random":
         raise ObjectiveError(f"negatives must be 'hard' or 'random', got {negatives!r}")
     stream = world()[0] if not gather else 0  # local-only negatives: decorrelate the ranks' draws
-    u = negative_uniforms(seed, step, rows * size, stream)[:, offset : offset + rows]
+    u = to_device(negative_uniforms(seed, step, rows * size, stream)[:, offset : offset + rows], device)
     neg_c = sample_negatives(negative_probs(sim_qc, allowed, scale), u[0])
     neg_q = sample_negatives(negative_probs(sim_cq, allowed, scale), u[1])
 
-    pos = valid.nonzero().squeeze(1)
-    a = (neg_c >= 0).nonzero().squeeze(1)  # query row a with context neg_c[a]
-    b = (neg_q >= 0).nonzero().squeeze(1)  # query neg_q[b] with context row b
-    q_parts, c_parts, qm_parts, cm_parts = [q_tok[a], q_all[neg_q[b]]], [c_all[neg_c[a]], c_tok[b]], \
-        [q_mask[a], qm_all[neg_q[b]]], [cm_all[neg_c[a]], c_mask[b]]
+    # every row takes part in every group (fixed shapes: nothing waits for the device); a row without a positive or
+    # a negative is weighted 0, and its masks are opened to all its (zero) tokens so its fused state is finite
+    has_c, has_q = neg_c >= 0, neg_q >= 0
+    nc, nq = neg_c.clamp_min(0), neg_q.clamp_min(0)
+    weights = torch.cat([valid, has_c, has_q]).float()
+    q_parts, c_parts = [q_tok, q_all[nq]], [c_all[nc], c_tok]
+    qm_parts = [q_mask | ~has_c[:, None], qm_all[nq] | ~has_q[:, None]]
+    cm_parts = [cm_all[nc] | ~has_c[:, None], c_mask | ~has_q[:, None]]
     if fused_query is None:  # fuse the positives here too, in the same call
-        q_parts.insert(0, q_tok[pos])
-        c_parts.insert(0, c_tok[pos])
-        qm_parts.insert(0, q_mask[pos])
-        cm_parts.insert(0, c_mask[pos])
+        q_parts.insert(0, q_tok)
+        c_parts.insert(0, c_tok)
+        qm_parts.insert(0, q_mask | ~valid[:, None])
+        cm_parts.insert(0, c_mask | ~valid[:, None])
     if summarize is None:
         def summarize(states: Tensor, mask: Tensor) -> Tensor:
             return states[:, 0]
     cls_parts: list[Tensor] = []
     if fused_query is not None:
-        cls_parts.append(summarize(fused_query[pos], q_mask[pos, : fused_query.shape[1]]))
-    if sum(p.shape[0] for p in q_parts):
-        fused_mask = torch.cat(qm_parts)
-        fused = fuse({query: torch.cat(q_parts), context: torch.cat(c_parts)},
-                     {query: fused_mask, context: torch.cat(cm_parts)}, query)
-        cls_parts.append(summarize(fused, fused_mask[:, : fused.shape[1]]))
-    n_pos, n_neg = pos.numel(), a.numel() + b.numel()
-    labels = torch.cat([torch.ones(n_pos, dtype=torch.long, device=device),
-                        torch.zeros(n_neg, dtype=torch.long, device=device)])
-    logits: Tensor | None = None
-    if cls_parts:
-        logits = head(torch.cat(cls_parts))
-        ce_sum = F.cross_entropy(_atleast_f32(logits), labels, reduction="sum") if logits.shape[0] else logits.sum()
-    else:  # no valid row and nothing to fuse on this rank
-        ce_sum = q_tok[:0].float().sum()
-    n_items = torch.tensor([float(n_pos + n_neg)], device=device)
+        cls_parts.append(summarize(fused_query, q_mask[:, : fused_query.shape[1]]))
+    fused_mask = torch.cat(qm_parts)
+    fused = fuse({query: torch.cat(q_parts), context: torch.cat(c_parts)},
+                 {query: fused_mask, context: torch.cat(cm_parts)}, query)
+    cls_parts.append(summarize(fused, fused_mask[:, : fused.shape[1]]))
+    labels = torch.cat([torch.ones(rows, dtype=torch.long, device=device),
+                        torch.zeros(2 * rows, dtype=torch.long, device=device)])
+    logits = head(torch.cat(cls_parts))
+    ce = F.cross_entropy(_atleast_f32(logits), labels, reduction="none")
+    ce_sum = torch.where(weights > 0, ce, 0.0).sum()
+    n_items = weights.sum().unsqueeze(0)
     n_global = gather_no_grad(n_items).sum() if size > 1 else n_items.sum()
     loss = ce_sum * size / n_global.clamp_min(1)
     if size > 1:  # keep both gathers in this rank's graph even with no negative, so every rank's backward meets
         loss = loss + (q_all[:0].sum() + c_all[:0].sum()).to(loss.dtype)
     with torch.no_grad():
-        if logits is not None and logits.shape[0]:
-            hit = logits.argmax(-1) == labels
-            metrics = {"acc": _mean(hit), "acc_pos": _mean(hit[:n_pos]), "acc_neg": _mean(hit[n_pos:])}
-        else:
-            zero = torch.zeros((), device=device)
-            metrics = {"acc": zero, "acc_pos": zero, "acc_neg": zero}
-        metrics["negatives_per_row"] = torch.tensor(n_neg / max(n_pos, 1), device=device)
+        hit = (logits.argmax(-1) == labels).float() * weights
+        n_pos, n_neg = weights[:rows].sum(), weights[rows:].sum()
+        metrics = {"acc": hit.sum() / n_items.sum().clamp_min(1), "acc_pos": hit[:rows].sum() / n_pos.clamp_min(1),
+                   "acc_neg": hit[rows:].sum() / n_neg.clamp_min(1), "negatives_per_row": n_neg / n_pos.clamp_min(1)}
     return loss, metrics, MatchingNegatives(context=neg_c, query=neg_q)
+
+
+def _pad_tokens(x: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    extra = length - x.shape[1]
+    if extra <= 0:
+        return x, mask
+    return F.pad(x, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
 
 
 @dataclass

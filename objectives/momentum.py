@@ -64,6 +64,7 @@ from objectives.base import (
     Requirements,
     check_pairs,
     learned_scale,
+    subset_presence,
 )
 from objectives.distributed import gather_no_grad, world
 from objectives.ids import UNKNOWN_ID, meta_ids
@@ -81,13 +82,13 @@ class MomentumLoss(NamedTuple):
     valid: Tensor
 
 
-def _distill_ce(logits: Tensor, teacher_logits: Tensor, pos: Tensor, alpha: float) -> Tensor:
+def _distill_ce(logits: Tensor, teacher_logits: Tensor, pos: Tensor, alpha: float | Tensor) -> Tensor:
     """``-Σ_j y_ij log softmax(logits)_ij`` with ``y = (1-α)·onehot(pos) + α·softmax(teacher_logits)``."""
     log_p = F.log_softmax(logits, dim=-1)
     nll = -log_p.gather(1, pos.unsqueeze(1)).squeeze(1)
-    if alpha == 0:
+    if isinstance(alpha, float) and alpha == 0:
         return nll
-    soft = -(F.softmax(teacher_logits, dim=-1) * log_p).sum(-1)
+    soft = -(F.softmax(teacher_logits, dim=-1) * log_p.masked_fill(teacher_logits == float("-inf"), 0.0)).sum(-1)
     return (1 - alpha) * nll + alpha * soft
 
 
@@ -100,7 +101,9 @@ def momentum_contrastive_loss(
     *,
     queue_a: Tensor | None = None,
     queue_b: Tensor | None = None,
-    alpha: float = 0.4,
+    queue_a_live: Tensor | None = None,
+    queue_b_live: Tensor | None = None,
+    alpha: float | Tensor = 0.4,
     valid: Tensor | None = None,
     gather: bool = True,
 ) -> MomentumLoss:
@@ -111,10 +114,14 @@ def momentum_contrastive_loss(
         a_teacher, b_teacher: ``[B, E]`` teacher embeddings of the same rows (normalised here; no gradient).
         logit_scale: ``s = 1/τ`` (already exponentiated); the teacher targets use it detached.
         queue_a, queue_b: ``[Q, E]`` past teacher embeddings appended to the columns of ``b -> a`` and ``a -> b``
-            (every row used as given, after normalisation; the caller drops unwritten or duplicate slots).
-        alpha: weight of the teacher's soft targets.
+            (normalised here), with ``queue_a_live`` / ``queue_b_live`` (``bool[Q]``, default all) marking the
+            slots to use: the caller drops unwritten or duplicate slots.
+        alpha: weight of the teacher's soft targets (a number, or a 0-dim tensor while it ramps up).
         valid: ``bool[B]``, rows whose pair is complete; ``None`` means all.
         gather: take the current-batch columns from every rank; otherwise only from this rank's batch.
+
+    Incomplete rows and unused columns are masked, never indexed out, so the shapes do not depend on the data and
+    nothing waits for the device.
     """
     dtype = torch.promote_types(a.dtype, torch.float32)  # bf16 -> float32; float64 stays (gradcheck)
     a = F.normalize(a.to(dtype), dim=-1)
@@ -131,26 +138,31 @@ def momentum_contrastive_loss(
             a_t_all, b_t_all, valid_all = gather_no_grad(a_t), gather_no_grad(b_t), gather_no_grad(valid)
         else:
             a_t_all, b_t_all, valid_all = a_t, b_t, valid
-        cols = valid_all.nonzero().squeeze(1)
-        col_of = torch.cumsum(valid_all.long(), 0) - 1  # a global row's position among the kept columns
-        keep = valid.nonzero().squeeze(1)
-        pos = col_of[keep + rank * rows]
+        pos = torch.arange(rows, device=a.device) + rank * rows
         empty = a.new_zeros(0, a.shape[1])
-        cols_a = torch.cat([a_t_all[cols], empty if queue_a is None else F.normalize(queue_a.to(dtype), dim=-1)])
-        cols_b = torch.cat([b_t_all[cols], empty if queue_b is None else F.normalize(queue_b.to(dtype), dim=-1)])
-        teacher_ab = s_t * a_t[keep] @ cols_b.T
-        teacher_ba = s_t * b_t[keep] @ cols_a.T
-    logits_ab = logit_scale * a[keep] @ cols_b.T
-    logits_ba = logit_scale * b[keep] @ cols_a.T
+        cols_a = torch.cat([a_t_all, empty if queue_a is None else F.normalize(queue_a.to(dtype), dim=-1)])
+        cols_b = torch.cat([b_t_all, empty if queue_b is None else F.normalize(queue_b.to(dtype), dim=-1)])
+
+        def live(queue: Tensor | None, mask: Tensor | None) -> Tensor:
+            if queue is None:
+                return valid_all
+            return torch.cat([valid_all, mask if mask is not None else valid_all.new_ones(queue.shape[0])])
+
+        dead_a, dead_b = ~live(queue_a, queue_a_live), ~live(queue_b, queue_b_live)
+        keep = valid.unsqueeze(1)  # an incomplete row's logits are zeros (finite; its loss is weighted 0)
+        teacher_ab = torch.where(keep, (s_t * a_t @ cols_b.T).masked_fill(dead_b, float("-inf")), 0.0)
+        teacher_ba = torch.where(keep, (s_t * b_t @ cols_a.T).masked_fill(dead_a, float("-inf")), 0.0)
+    logits_ab = torch.where(keep, (logit_scale * a @ cols_b.T).masked_fill(dead_b, float("-inf")), 0.0)
+    logits_ba = torch.where(keep, (logit_scale * b @ cols_a.T).masked_fill(dead_a, float("-inf")), 0.0)
     per_row = _distill_ce(logits_ab, teacher_ab, pos, alpha) + _distill_ce(logits_ba, teacher_ba, pos, alpha)
     n_global = valid_all.sum()
-    loss = per_row.sum() / 2 * size / n_global.clamp_min(1)
+    loss = torch.where(valid, per_row, 0.0).sum() / 2 * size / n_global.clamp_min(1)
     with torch.no_grad():
-        zero = a.new_zeros(())
+        n_local = valid.sum().clamp_min(1)
         metrics = {
-            "acc_ab": (logits_ab.argmax(-1) == pos).float().mean() if pos.numel() else zero,
-            "acc_ba": (logits_ba.argmax(-1) == pos).float().mean() if pos.numel() else zero,
-            "queue_cols": zero + (cols_b.shape[0] - cols.shape[0]),
+            "acc_ab": ((logits_ab.argmax(-1) == pos) & valid).sum() / n_local,
+            "acc_ba": ((logits_ba.argmax(-1) == pos) & valid).sum() / n_local,
+            "queue_cols": (~dead_b[valid_all.shape[0]:]).sum().to(dtype),
         }
     return MomentumLoss(loss, metrics, a_t_all, b_t_all, valid_all)
 
@@ -253,10 +265,12 @@ class MomentumContrastiveObjective(Objective):
         """``s = exp(clamp(log_s, 0, log max_logit_scale))`` as a 0-dim tensor."""
         return learned_scale(self.log_logit_scale, self.max_log_scale)
 
-    def current_alpha(self) -> float:
+    def current_alpha(self) -> float | Tensor:
+        """``α``, or while it ramps up ``α·min(1, steps / alpha_warmup_steps)`` as a 0-dim tensor (on the device,
+        where the step count is)."""
         if self.alpha_warmup_steps == 0:
             return self.alpha
-        return self.alpha * min(1.0, int(self.steps) / self.alpha_warmup_steps)
+        return self.alpha * (self.steps.float() / self.alpha_warmup_steps).clamp(max=1.0).squeeze(0)
 
     def no_weight_decay(self) -> set[str]:
         return {"log_logit_scale"}
@@ -324,14 +338,15 @@ class MomentumContrastiveObjective(Objective):
             if self.dedup_by not in meta:
                 raise ObjectiveError(f"dedup_by={self.dedup_by!r} is not a batch.meta field (have {sorted(meta)})")
             names = list(meta[self.dedup_by])
-        return meta_ids(names).to(device)
+        return meta_ids(names, device)
 
     @staticmethod
-    def _columns(queue: FeatureQueue, current_ids: Tensor | None) -> Tensor:
+    def _live(queue: FeatureQueue, current_ids: Tensor | None) -> Tensor:
+        """``bool[K]``: the queue slots to use as columns (written, and not a sample of the current batch)."""
         live = queue.mask()
         if current_ids is not None:
             live &= ~(torch.isin(queue.ids, current_ids) & (queue.ids != UNKNOWN_ID))
-        return queue.feats[live]
+        return live
 
     def forward(self, outputs: ModelOutputs, batch: Any = None, model: object = None) -> LossOutput:
         teacher = self._require_teacher()
@@ -343,7 +358,7 @@ class MomentumContrastiveObjective(Objective):
         rows = next((emb[m].shape[0] for m in self.modalities if m in emb), len(batch.keys))
         device = scale.device
         inputs: Mapping[str, Any] = {m: batch.inputs[m] for m in self.modalities if m in batch.inputs}
-        present = {m: batch.present[m] for m in inputs if m in batch.present}
+        present = subset_presence(batch.present, list(inputs))
         with torch.no_grad():
             t_emb = teacher(inputs, present).embeddings if inputs else {}
         ids = self._ids(batch, rows, device)
@@ -357,14 +372,15 @@ class MomentumContrastiveObjective(Objective):
         total = scale.new_zeros(())
         terms: dict[str, Tensor] = {}
         metrics: dict[str, Tensor] = {"logit_scale": scale.detach(), "temperature": 1.0 / scale.detach(),
-                                      "alpha": scale.new_tensor(alpha)}
+                                      "alpha": alpha if isinstance(alpha, Tensor) else scale.new_tensor(alpha)}
         for m1, m2 in self.pairs:
             (a, pa), (b, pb) = get(emb, m1), get(emb, m2)
             (a_t, _), (b_t, _) = get(t_emb, m1), get(t_emb, m2)
             queues = self.queues[self._pair_key(m1, m2)]
             result = momentum_contrastive_loss(
-                a, b, a_t, b_t, scale, queue_a=self._columns(queues[m1], ids_all),
-                queue_b=self._columns(queues[m2], ids_all), alpha=alpha, valid=pa & pb,
+                a, b, a_t, b_t, scale, queue_a=queues[m1].feats, queue_b=queues[m2].feats,
+                queue_a_live=self._live(queues[m1], ids_all), queue_b_live=self._live(queues[m2], ids_all),
+                alpha=alpha, valid=pa & pb,
             )
             if self.training:  # after the loss: the current batch is never its own queue entry
                 queues[m1].enqueue(result.a_teacher, ids_all, result.valid, gather=False)

@@ -79,14 +79,36 @@ class FeatureQueue(nn.Module):
                                                                                              dtype=torch.bool)
         if gather:
             x, ids, valid = gather_no_grad(x.contiguous()), gather_no_grad(ids), gather_no_grad(valid)
-        if not bool(valid.all()):
-            keep = valid.nonzero().squeeze(1)
-            x, ids = x[keep], ids[keep]
+        if x.shape[0] > self.size:
+            self._enqueue_overflowing(x, ids, valid)
+        else:
+            self._enqueue_in_place(x, ids, valid)
+
+    def _enqueue_in_place(self, x: Tensor, ids: Tensor, valid: Tensor) -> None:
+        """``B <= K`` rows, on the device alone: the kept rows, moved to the front in order (stable argsort of
+        ``~valid``), are written to slots ``ptr, ptr+1, ...``; the remaining ``B - n`` of those ``B`` distinct slots
+        get their own current contents back; ``ptr`` and ``filled`` advance by ``n`` as tensors."""
+        n = valid.sum()
+        order = torch.argsort((~valid).to(torch.int8), stable=True)
+        slots = (self.ptr + torch.arange(x.shape[0], device=self.feats.device)) % self.size
+        write = (torch.arange(x.shape[0], device=self.feats.device) < n).unsqueeze(1)
+        feats = torch.where(write, x[order].to(device=self.feats.device, dtype=self.feats.dtype), self.feats[slots])
+        new_ids = torch.where(write.squeeze(1), ids[order].to(self.ids.device), self.ids[slots])
+        self.feats.index_copy_(0, slots, feats)
+        self.ids.index_copy_(0, slots, new_ids)
+        self.ptr.copy_((self.ptr + n) % self.size)
+        self.filled.copy_((self.filled + n).clamp(max=self.size))
+
+    def _enqueue_overflowing(self, x: Tensor, ids: Tensor, valid: Tensor) -> None:
+        """More rows than slots (a queue smaller than the global batch): only the last ``K`` kept rows survive,
+        where sequential writes would have put them. Reads the counts on the host."""
+        keep = valid.nonzero().squeeze(1)
+        x, ids = x[keep], ids[keep]
         n = x.shape[0]
         if n == 0:
             return
         ptr = int(self.ptr)
-        if n > self.size:  # only the last K survive; they land where sequential writes would have put them
+        if n > self.size:
             ptr = (ptr + n - self.size) % self.size
             x, ids = x[-self.size:], ids[-self.size:]
         slots = (ptr + torch.arange(x.shape[0], device=self.feats.device)) % self.size

@@ -93,15 +93,14 @@ def siglip_loss(
     counted = valid.unsqueeze(1) & valid_cols.unsqueeze(0)
     per_pair = -F.logsigmoid(signs * logits)
     loss = per_pair.masked_fill(~counted, 0.0).sum() * size / valid_cols.sum().clamp_min(1)
-    with torch.no_grad():
-        keep = valid.nonzero().squeeze(1)
+    with torch.no_grad():  # masked means, not indexed ones: nothing waits for the device
         prob = torch.sigmoid(logits)
-        top = logits.masked_fill(~valid_cols.unsqueeze(0), float("-inf"))[keep].argmax(-1, keepdim=True)
+        top = logits.masked_fill(~valid_cols.unsqueeze(0), float("-inf")).argmax(-1, keepdim=True)
         pos_pairs, neg_pairs = counted & positive, counted & ~positive
         metrics = {
-            "acc": positive[keep].gather(1, top).float().mean() if keep.numel() else logits.new_zeros(()),
-            "p_pos": prob[pos_pairs].mean() if pos_pairs.any() else logits.new_zeros(()),
-            "p_neg": prob[neg_pairs].mean() if neg_pairs.any() else logits.new_zeros(()),
+            "acc": (positive.gather(1, top).squeeze(1) & valid).sum() / valid.sum().clamp_min(1),
+            "p_pos": (prob * pos_pairs).sum() / pos_pairs.sum().clamp_min(1),
+            "p_neg": (prob * neg_pairs).sum() / neg_pairs.sum().clamp_min(1),
         }
     return loss, metrics
 

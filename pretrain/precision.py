@@ -72,6 +72,26 @@ def deepspeed_precision(train: TrainConfig) -> dict[str, Any]:
     return config
 
 
+def configure_numerics(train: TrainConfig, device: torch.device) -> bool:
+    """Set the process's determinism and matmul precision for the run; returns whether it is deterministic.
+
+    ``train.deterministic`` unset means on for CPU runs (the resume and equivalence guarantees hold bit for bit)
+    and off on CUDA, where determinism costs speed (no cuDNN autotuning, deterministic reductions). When not
+    deterministic on CUDA, fp32 matmuls and convolutions use TF32 (10-bit mantissa products, fp32 accumulation):
+    what bf16 runs do anyway for their fp32 parts, and what open_clip and timm enable by default."""
+    deterministic = train.deterministic if train.deterministic is not None else device.type != "cuda"
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also NaN-fills every torch.empty; nothing here reads uninitialised memory, and
+        # the fill costs a pass over every buffer DeepSpeed allocates.
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = not deterministic
+        torch.backends.cudnn.allow_tf32 = not deterministic
+    return deterministic
+
+
 # ---------------------------------------------------------------------------------------------- batch norm
 class _MixedPrecisionNorm:
     """Mixin for batch-norm classes: low-precision affine parameters are handed to the norm as fp32 for the call

@@ -55,7 +55,7 @@ class TrainConfig:
     ckpt_every: int = 0
     keep_last: int = 2
     resume: str | None = None
-    deterministic: bool = True
+    deterministic: bool | None = None  # None: on for CPU runs (bit-identical resume), off on CUDA (autotune, TF32)
     threads: int = 0
     log_keys: bool = False
     tensorboard: bool = True
@@ -64,6 +64,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     collective_timeout_s: float = 1800.0  # process-group timeout: a collective waiting longer on a dead rank fails
     profile_comms: bool = False  # time DeepSpeed's collectives (its comms logger; each op made blocking): summary.json
+    profile_steps: bool = False  # on CUDA, time each step's phases with CUDA events (the step then waits for the GPU)
 
 
 @dataclass

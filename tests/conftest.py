@@ -44,6 +44,53 @@ def spm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_sentencepiece(sents, tmp_path_factory.mktemp("spm") / "spm.model", vocab_size=100)
 
 
+@pytest.fixture(scope="session")
+def fashion(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """About 200 real Fashion-MNIST images with their templated captions in 10-sample shards, and a sentencepiece
+    model trained on those captions (`mmssl make-shards fashion-mnist` writes none)."""
+    from data_pipelines.reader import ShardReader
+    from data_pipelines.shards import resolve_shards
+    from data_pipelines.sources import fashion_mnist
+    from data_pipelines.tokenizer_training import train_sentencepiece
+
+    out = tmp_path_factory.mktemp("fashion")
+    fashion_mnist.build(out, limit=200, shard_size=10)
+    reader = ShardReader(where="test")
+    captions = [s["txt"].decode() for url in resolve_shards(str(out / "train")) for _, s in reader.samples(url)]
+    return out / "train", train_sentencepiece(captions, out / "spm.model", vocab_size=60)
+
+
+@pytest.fixture(scope="session")
+def ktuberling_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """About 60 KTuberling pictures (English: spoken + written word; about half have no recording) in 4-sample
+    shards, and the sentencepiece model `mmssl make-shards ktuberling` trains on the concept names."""
+    from data_pipelines.shards import DataError
+    from data_pipelines.sources import ktuberling
+    from data_pipelines.tokenizer_training import train_sentencepiece
+
+    try:
+        ktuberling.check_installed()
+    except DataError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path_factory.mktemp("ktuberling")
+    ktuberling.build(out, image_size=32, limit=60, shard_size=4)
+    pictures, _ = ktuberling.read_pictures()
+    spm = train_sentencepiece(sorted({ktuberling.english_label(p.concept) for p in pictures}), out / "spm.model",
+                              vocab_size=256)
+    return out / "train", spm
+
+
+@pytest.fixture(scope="session")
+def frozen_parts(fashion: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Overrides pointing the stitched tiny recipes at the real ImageNet EfficientNet-Lite0 and a seeded random
+    GPT-2 over the Fashion-MNIST captions' vocabulary (what `mmssl weights` writes)."""
+    from architectures.stitching.pretrained import efficientnet_lite0_weights, random_causal_lm
+
+    out = tmp_path_factory.mktemp("weights")
+    lm = random_causal_lm(out / "tiny-causal-lm", fashion[1])
+    return [f"model.image.pretrained={efficientnet_lite0_weights(out)}", f"model.text.pretrained={lm}"]
+
+
 def tiny_recipe_dict(root: Path, **sections: dict) -> dict:
     """A recipe small enough for a few CPU steps in seconds, on the real shards."""
     recipe = {

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from pretrain.recipe import Recipe, list_bundled_recipes, load_recipe
+from tests.helpers.tiny_recipes import METHODS, tiny_overrides
 from tools.recipes_check import (
     build_on_meta,
     count_parameters,
@@ -34,11 +35,6 @@ from tools.recipes_check import (
     placeholder_tokenizer,
     placeholder_weights,
 )
-
-METHODS = ("clip", "siglip", "slip", "albef", "flava", "factorcl", "vatt", "xdc", "cav-mae", "blip2", "limber",
-           "flamingo")
-STITCHED = ("blip2", "limber", "flamingo")
-KTUBERLING = ("vatt", "xdc", "cav-mae")
 
 
 def _linear(d_in: int, d_out: int, bias: bool = True) -> int:
@@ -182,73 +178,6 @@ def test_flamingo_cross_attention_blocks_match_the_published_figure(tmp_path: Pa
 
 
 @pytest.fixture(scope="module")
-def fashion(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """About 200 real Fashion-MNIST images with their templated captions in 10-sample shards, and a sentencepiece
-    model trained on those captions (`mmssl make-shards fashion-mnist` writes none)."""
-    from data_pipelines.reader import ShardReader
-    from data_pipelines.shards import resolve_shards
-    from data_pipelines.sources import fashion_mnist
-    from data_pipelines.tokenizer_training import train_sentencepiece
-
-    out = tmp_path_factory.mktemp("fashion")
-    fashion_mnist.build(out, limit=200, shard_size=10)
-    reader = ShardReader(where="test")
-    captions = [s["txt"].decode() for url in resolve_shards(str(out / "train")) for _, s in reader.samples(url)]
-    return out / "train", train_sentencepiece(captions, out / "spm.model", vocab_size=60)
-
-
-@pytest.fixture(scope="module")
-def ktuberling_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """About 60 KTuberling pictures (English: spoken + written word; about half have no recording) in 4-sample
-    shards, and the sentencepiece model `mmssl make-shards ktuberling` trains on the concept names."""
-    from data_pipelines.shards import DataError
-    from data_pipelines.sources import ktuberling
-    from data_pipelines.tokenizer_training import train_sentencepiece
-
-    try:
-        ktuberling.check_installed()
-    except DataError as exc:
-        pytest.skip(str(exc))
-    out = tmp_path_factory.mktemp("ktuberling")
-    ktuberling.build(out, image_size=32, limit=60, shard_size=4)
-    pictures, _ = ktuberling.read_pictures()
-    spm = train_sentencepiece(sorted({ktuberling.english_label(p.concept) for p in pictures}), out / "spm.model",
-                              vocab_size=256)
-    return out / "train", spm
-
-
-@pytest.fixture(scope="module")
-def frozen_parts(fashion: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """Overrides pointing the stitched tiny recipes at the real ImageNet EfficientNet-Lite0 and a seeded random
-    GPT-2 over the Fashion-MNIST captions' vocabulary (what `mmssl weights` writes)."""
-    from architectures.stitching.pretrained import efficientnet_lite0_weights, random_causal_lm
-
-    out = tmp_path_factory.mktemp("weights")
-    lm = random_causal_lm(out / "tiny-causal-lm", fashion[1])
-    return [f"model.image.pretrained={efficientnet_lite0_weights(out)}", f"model.text.pretrained={lm}"]
-
-
-def _data_overrides(method: str, train: Path) -> list[str]:
-    if method != "flava":
-        return [f"data.train={train}"]
-    recipe = load_recipe(f"{method}-tiny")
-    sources = [{"name": s.name, "train": str(train), "weight": s.weight, "modalities": s.modalities}
-               for s in recipe.data.sources]
-    return [f"data.sources={json.dumps(sources)}"]
-
-
-def _tiny_overrides(method: str, request: pytest.FixtureRequest) -> list[str]:
-    train, spm = request.getfixturevalue("ktuberling_data" if method in KTUBERLING else "fashion")
-    name = f"{method}-tiny"
-    text = [f"model.text.tokenizer={spm}"] if "text" in load_recipe(name).model.towers else []
-    overrides = [*_data_overrides(method, train), *text, "train.steps=3", "train.log_every=1", "train.ckpt_every=0",
-                 "train.tensorboard=false"]
-    if method in STITCHED:
-        overrides += request.getfixturevalue("frozen_parts")
-    return overrides
-
-
-@pytest.fixture(scope="module")
 def tiny_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Every tiny recipe trained 3 steps on the same 2 ranks, one after another (`tests.helpers.train_many`):
     method -> (overrides, run directory, None or why it did not train); methods without their data are absent."""
@@ -258,7 +187,7 @@ def tiny_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     jobs = {}
     for method in METHODS:
         try:
-            overrides = _tiny_overrides(method, request)
+            overrides = tiny_overrides(method, request)
         except pytest.skip.Exception:
             continue
         jobs[method] = Job(f"{method}-tiny", overrides, str(root / method))

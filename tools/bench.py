@@ -208,14 +208,14 @@ class MmsslSide:
         self.float_dtype = torch.bfloat16 if recipe.train.precision == "bf16" else None
 
     def step(self, batch: Any) -> torch.Tensor:
+        """`pretrain.step.optimizer_step` on ``batch``: what `Trainer.step` runs, without the stream accounting."""
+        from pretrain.step import optimizer_step
+
         trainer = self.trainer
-        engine = trainer.engine
-        batch = batch.to(trainer.device, float_dtype=self.float_dtype, non_blocking=True)
-        out = engine(batch)
-        if not trainer._nonfinite_ranks(out.loss):
-            engine.backward(out.loss)
-            engine.step()
-        return out.loss.detach()
+        moved = batch.to(trainer.device, float_dtype=self.float_dtype, non_blocking=True)
+        result = optimizer_step(trainer.engine, lambda: moved, grad_accum=1, cached=True, guard=trainer.guard,
+                                timer=trainer.timer)
+        return result.loss
 
     def run(self, batches: Sequence[Any]) -> float:
         start = time.perf_counter()
