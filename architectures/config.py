@@ -124,15 +124,18 @@ class ModelConfig:
                                     f"(modalities: {sorted(self.towers)})")
 
 
-def build_model(cfg: ModelConfig, *, seed: int | None = None) -> torch.nn.Module:
-    """Build the model (its ``spec`` set); with ``seed``, parameter initialisation is reproducible."""
+def build_model(cfg: ModelConfig, *, seed: int | None = None,
+                frozen_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Build the model (its ``spec`` set); with ``seed``, parameter initialisation is reproducible.
+    ``frozen_dtype``: the dtype frozen parameters are held in (a bf16 run's compute dtype: a frozen LM is loaded
+    in it directly, so no rank's host ever holds its fp32 copy); buffers keep theirs, as under DeepSpeed's cast."""
     cfg.validate()
     if seed is not None:
         torch.manual_seed(seed)
     if cfg.family == "unified":
-        return build_unified(cfg)
+        return _cast_frozen(build_unified(cfg), frozen_dtype)
     if cfg.family == "stitched":
-        return build_stitched(cfg)
+        return _cast_frozen(build_stitched(cfg, frozen_dtype), frozen_dtype)
     towers, heads = {}, {}
     for name, tower_cfg in cfg.towers.items():
         tower = get_modality(name).build_tower(tower_cfg)
@@ -149,6 +152,14 @@ def build_model(cfg: ModelConfig, *, seed: int | None = None) -> torch.nn.Module
     widths = {m: int(t.num_features) for m, t in towers.items()}
     model.spec = model_spec(cfg, widths, fusion_dim=cfg.fusion.width if cfg.family == "late_fusion" else None,
                             towers=towers)
+    return _cast_frozen(model, frozen_dtype)
+
+
+def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    if dtype is not None:
+        for p in model.parameters():
+            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
     return model
 
 
@@ -166,10 +177,10 @@ def build_unified(cfg: ModelConfig) -> UnifiedModel:
     return model
 
 
-def build_stitched(cfg: ModelConfig) -> StitchedModel:
+def build_stitched(cfg: ModelConfig, frozen_dtype: torch.dtype | None = None) -> StitchedModel:
     s, image, text = cfg.stitched, cfg.towers["image"], cfg.towers["text"]
     vision = get_modality("image").build_tower(image)
-    lm = FrozenLM.from_pretrained(str(text.pretrained))
+    lm = FrozenLM.from_pretrained(str(text.pretrained), dtype=frozen_dtype or torch.float32)
     options = dict(s.options)
     if s.bridge == "flamingo":
         options.setdefault("num_lm_layers", len(lm.layers()))

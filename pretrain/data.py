@@ -30,10 +30,20 @@ def modality_fields(recipe: Recipe) -> dict[str, list[str]]:
             for key, m in view_names(recipe).items()}
 
 
-def train_decoders(recipe: Recipe) -> dict[str, object]:
-    """batch key -> training decoder (augmenting); views decode the same bytes with fresh random draws."""
-    decoders = {m: get_modality(m).decoder(cfg, train=True) for m, cfg in recipe.model.towers.items()}
+def train_decoders(recipe: Recipe, *, compact: bool = False) -> dict[str, object]:
+    """batch key -> training decoder (augmenting); views decode the same bytes with fresh random draws.
+    ``compact``: each plug-in's compact form (uint8 pixels), finished on the device by `device_transforms`."""
+    plugins = {m: get_modality(m) for m in recipe.model.towers}
+    decoders = {m: plugins[m].compact_decoder(cfg)[0] if compact else plugins[m].decoder(cfg, train=True)
+                for m, cfg in recipe.model.towers.items()}
     return {key: decoders[m] for key, m in view_names(recipe).items()}
+
+
+def device_transforms(recipe: Recipe) -> dict[str, Any]:
+    """batch key -> what finishes a compact decoder's output on the device (`ModalityPlugin.compact_decoder`);
+    keys whose compact form is already final are left out."""
+    finish = {m: get_modality(m).compact_decoder(cfg)[1] for m, cfg in recipe.model.towers.items()}
+    return {key: finish[m] for key, m in view_names(recipe).items() if finish[m] is not None}
 
 
 def eval_decoders(recipe: Recipe) -> dict[str, object]:
@@ -90,8 +100,9 @@ def train_urls(recipe: Recipe) -> list[str]:
 
 
 def build_stream(recipe: Recipe, *, rank: int, world_size: int, start_batch: int,
-                 positions: Mapping[int, Mapping[str, Any]] | None = None) -> ShardStream:
-    decoders = train_decoders(recipe)
+                 positions: Mapping[int, Mapping[str, Any]] | None = None, compact: bool = False) -> ShardStream:
+    """The training stream of this rank; ``compact``: decoded in the compact form (`train_decoders`)."""
+    decoders = train_decoders(recipe, compact=compact)
     return ShardStream(
         sources=data_sources(recipe),
         sampling=recipe.data.sampling,
@@ -112,8 +123,9 @@ def build_stream(recipe: Recipe, *, rank: int, world_size: int, start_batch: int
 
 
 def build_loader(recipe: Recipe, *, rank: int, world_size: int, start_batch: int, pin_memory: bool = False,
-                 positions: Mapping[int, Mapping[str, Any]] | None = None):
-    stream = build_stream(recipe, rank=rank, world_size=world_size, start_batch=start_batch, positions=positions)
+                 positions: Mapping[int, Mapping[str, Any]] | None = None, compact: bool = False):
+    stream = build_stream(recipe, rank=rank, world_size=world_size, start_batch=start_batch, positions=positions,
+                          compact=compact)
     return make_loader(stream, num_workers=recipe.data.num_workers, prefetch_factor=recipe.data.prefetch_factor,
                        pin_memory=pin_memory)
 

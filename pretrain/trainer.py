@@ -49,7 +49,7 @@ from data_pipelines.shards import atomic_write_text
 from objectives.registry import build_objectives
 from pretrain import checkpoint
 from pretrain.accounting import DataAccount, KeyLog, merge_reports
-from pretrain.data import batches_per_epoch, build_loader, feature_source
+from pretrain.data import batches_per_epoch, build_loader, device_transforms, feature_source
 from pretrain.engine import build_engine
 from pretrain.frozen import frozen_reference, frozen_state_sha256, optimizer_memory
 from pretrain.precision import compute_dtype, configure_numerics, input_dtype
@@ -144,11 +144,12 @@ class Trainer:
         torch.set_num_threads(threads)
         self.deterministic = configure_numerics(cfg, self.device)
         _seed_everything(cfg.seed)
-        self.model = build_model(recipe.model, seed=cfg.seed)
+        self.dtype = compute_dtype(cfg.precision)
+        self.model = build_model(recipe.model, seed=cfg.seed, frozen_dtype=self.dtype)
         objectives, weights = build_objectives(recipe.objectives, self.model.spec)
         task = PretrainTask(self.model, objectives, weights)
-        self.dtype = compute_dtype(cfg.precision)
         self.frozen = frozen_reference(self.model, task, self.dtype)  # before ZeRO-3 partitions the weights
+        self.sizes = model_summary(self.model)  # likewise
         self.engine, _, self.scheduler = build_engine(task, cfg, recipe.data.batch_size, self.world,
                                                       node_local=self.storage.node_local)
         self.objectives = list(self.engine.module.objectives.items())
@@ -161,8 +162,9 @@ class Trainer:
         else:
             source = iter(build_loader(recipe, rank=self.rank, world_size=self.world,
                                        start_batch=self.state.next_batch, pin_memory=self.device.type == "cuda",
-                                       positions=self.positions))
-        self.feed = DeviceFeed(source, self.device, input_dtype(cfg.precision))
+                                       positions=self.positions, compact=True))
+        self.feed = DeviceFeed(source, self.device, input_dtype(cfg.precision),
+                               device_transforms(recipe) if batches is None else None)
         self.keylog = KeyLog(run_dir, self.rank, cfg.log_keys, self.state.step)
         self.account = DataAccount(self.rank, self.state.next_batch, self.positions, self.keylog)
         self.guard = NonFiniteGuard(self.engine, rank=self.rank, world=self.world, device=self.device)
@@ -306,7 +308,7 @@ class Trainer:
         epoch_batches = batches_per_epoch(recipe, world) if self.from_shards else None
         if rank == 0:
             self.log.info("pretraining %s: %d ranks, global batch %d, ZeRO-%d, %s, %s", recipe.name, world,
-                          global_batch, cfg.zero_stage, cfg.precision, model_summary(self.model))
+                          global_batch, cfg.zero_stage, cfg.precision, self.sizes)
             if epoch_batches:
                 self.log.info("exact epochs: %d batches per rank per epoch = %.2f steps (train.steps=%d is %.2f "
                               "epochs)", epoch_batches, epoch_batches / cfg.grad_accum, cfg.steps,
@@ -365,7 +367,7 @@ class Trainer:
             "communication_s_per_step": [r["comm_s"] for r in per_rank] if cfg.profile_comms else None,
             **merge_reports(per_rank),
             "nonfinite_steps": state.nonfinite_steps,
-            **model_summary(self.model),
+            **self.sizes,
             "frozen_parameters": self.frozen["parameters"] if self.frozen else 0,
             "memory_bytes_per_rank": {k: [r[k] for r in per_rank] for k in
                                       ("optimizer_state_bytes", "master_weight_bytes")},

@@ -7,26 +7,19 @@ each at full scale (`recipes/<method>.yaml`) and at CPU scale (`recipes/<method>
   its trainable parameter count — over the modules the paper's figure covers (``prefixes``), corrected by the
   documented, formula-computed gap where this framework cannot express a component exactly — is within 2 % of the
   reference size in `PAPERS` (each also printed in the recipe's description);
-* each tiny recipe trains 3 steps on 2 ranks over real shards (Fashion-MNIST; KTuberling for VATT, XDC, CAV-MAE; the
-  stitched recipes with the real frozen EfficientNet-Lite0 and a seeded random causal LM), all on the same 2 ranks one
-  after another (`tests.helpers.train_many`): every objective term of the recipe is logged and finite, the logged
-  loss is ``Σ_i w_i L_i`` of those terms, and the run summary's parameter count equals the meta-device count of the
-  same recipe.
+* each tiny recipe trains, stops and resumes on 2 ranks over real shards in fp32 and in bf16: `tests.test_precision`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from pretrain.recipe import Recipe, list_bundled_recipes, load_recipe
-from tests.helpers.tiny_recipes import METHODS, tiny_overrides
+from tests.helpers.tiny_recipes import METHODS
 from tools.recipes_check import (
     build_on_meta,
     count_parameters,
@@ -175,47 +168,3 @@ def test_flamingo_cross_attention_blocks_match_the_published_figure(tmp_path: Pa
     assert len(model.bridge.xattn) == 24
     assert 1.15e9 <= xattn < 1.25e9, f"{xattn:,}"
     assert round(count_prefixed(model, ("bridge.",)) / 1e9, 1) == 1.4
-
-
-@pytest.fixture(scope="module")
-def tiny_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Every tiny recipe trained 3 steps on the same 2 ranks, one after another (`tests.helpers.train_many`):
-    method -> (overrides, run directory, None or why it did not train); methods without their data are absent."""
-    from tests.helpers.train_many import Job, run_jobs
-
-    root = tmp_path_factory.mktemp("tiny_runs")
-    jobs = {}
-    for method in METHODS:
-        try:
-            overrides = tiny_overrides(method, request)
-        except pytest.skip.Exception:
-            continue
-        jobs[method] = Job(f"{method}-tiny", overrides, str(root / method))
-    results = run_jobs(list(jobs.values()), timeout=900)
-    return {m: (job.overrides, Path(job.run_dir), results[job.run_dir]) for m, job in jobs.items()}
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("method", METHODS)
-def test_tiny_recipe_trains_every_term(method: str, tiny_runs: dict[str, Any]) -> None:
-    if method not in tiny_runs:
-        pytest.skip(f"{method}-tiny: its data is not installed (see README, Data)")
-    overrides, run, error = tiny_runs[method]
-    name = f"{method}-tiny"
-    assert error is None, error[-3000:]
-    recipe = load_recipe(name, overrides)
-    weights = {term: cfg.weight for term, cfg in recipe.objectives.terms.items()}
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
-    for record in records:
-        terms = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("loss/") and k.count("/") == 1}
-        assert set(terms) == set(weights), f"{name}: logged terms {sorted(terms)} != recipe {sorted(weights)}"
-        assert all(math.isfinite(v) for v in (record["loss"], *terms.values())), record
-        total = sum(weights[t] * v for t, v in terms.items())
-        assert math.isclose(record["loss"], total, rel_tol=1e-4, abs_tol=1e-5), (record["loss"], total)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["parameters"] == count_parameters(recipe).model_total
-    if method == "flava":  # every source of the mix contributed rows
-        rows = summary["rows_per_source"]
-        assert set(rows) == {"pairs", "images", "captions"} and all(n > 0 for n in rows.values()), rows
-        assert sum(rows.values()) == 3 * recipe.data.batch_size * 2

@@ -37,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from argparse import Namespace
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -47,11 +46,13 @@ from typing import Any
 import torch
 import yaml
 
+from tools.bench_device import bench_device, matmul_peak, peak_memory, reset_peak_memory, step_flops, timed
 from tools.probe import ProbeError
 
 ROOT = Path(__file__).resolve().parents[1]
 OPEN_CLIP_NAME = "mmssl-bench-clip"
 PRECISIONS = {"fp32": "fp32", "bf16": "amp_bf16"}  # mmssl train.precision -> open_clip --precision
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class BenchError(ProbeError):
@@ -75,7 +76,7 @@ class ClipSize:
 
 
 # --- data -----------------------------------------------------------------------------------------------------
-def prepare(workdir: Path, size: ClipSize, batch: int, precision: str, limit: int) -> Path:
+def prepare(workdir: Path, size: ClipSize, batch: int, precision: str, limit: int, zero_stage: int = 0) -> Path:
     """Fashion-MNIST shards, a sentencepiece vocabulary of its captions and the mmssl recipe; returns the recipe."""
     from data_pipelines.sources import fashion_mnist
     from data_pipelines.tokenizer_training import train_sentencepiece
@@ -100,7 +101,7 @@ def prepare(workdir: Path, size: ClipSize, batch: int, precision: str, limit: in
                                        "max_logit_scale": 100.0}},
         "train": {"steps": 10**6, "lr": size.lr, "warmup_steps": size.warmup_steps, "min_lr_ratio": 0.0,
                   "weight_decay": size.weight_decay, "betas": [0.9, 0.98], "eps": 1e-6, "grad_clip": 1.0,
-                  "zero_stage": 0, "precision": precision, "seed": 0, "threads": torch.get_num_threads(),
+                  "zero_stage": zero_stage, "precision": precision, "seed": 0, "threads": torch.get_num_threads(),
                   "log_every": 10**6, "ckpt_every": 0, "tensorboard": False},
     }
     path = workdir / f"recipe-{precision}.yaml"
@@ -126,8 +127,9 @@ def open_clip_config(size: ClipSize, vocab: int) -> dict[str, Any]:
                          "heads": size.heads, "layers": size.depth, "mlp_ratio": 4.0}}
 
 
-def build_open_clip(size: ClipSize, vocab: int, workdir: Path) -> torch.nn.Module:
-    """The model from open_clip's factory on our config (registered as ``mmssl-bench-clip``), random init."""
+def build_open_clip(size: ClipSize, vocab: int, workdir: Path, device: torch.device) -> torch.nn.Module:
+    """The model from open_clip's factory on our config (registered as ``mmssl-bench-clip``), random init, on
+    ``device`` (the one mmssl trains on)."""
     import open_clip
 
     path = workdir / "open_clip_configs"
@@ -135,7 +137,7 @@ def build_open_clip(size: ClipSize, vocab: int, workdir: Path) -> torch.nn.Modul
     (path / f"{OPEN_CLIP_NAME}.json").write_text(json.dumps(open_clip_config(size, vocab)))
     open_clip.add_model_config(path)
     torch.manual_seed(0)
-    return open_clip.create_model(OPEN_CLIP_NAME, pretrained=None, device="cpu", precision="fp32",
+    return open_clip.create_model(OPEN_CLIP_NAME, pretrained=None, device=device, precision="fp32",
                                output_dict=True)
 
 
@@ -162,11 +164,13 @@ class OpenClipSide:
 
     name = "open_clip"
 
-    def __init__(self, size: ClipSize, vocab: int, precision: str, batch: int, workdir: Path) -> None:
+    def __init__(self, size: ClipSize, vocab: int, precision: str, batch: int, workdir: Path,
+                 device: torch.device) -> None:
         import open_clip
         from open_clip_train.scheduler import cosine_lr
 
-        self.model = build_open_clip(size, vocab, workdir)
+        self.device = device
+        self.model = build_open_clip(size, vocab, workdir, device)
         exclude = [p for n, p in self.model.named_parameters()
                    if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n]
         ids = {id(p) for p in exclude}
@@ -176,7 +180,7 @@ class OpenClipSide:
                                            lr=size.lr, betas=(0.9, 0.98), eps=1e-6)
         self.scheduler = cosine_lr(self.optimizer, size.lr, size.warmup_steps, 10**6)
         self.loss = open_clip.ClipLoss()
-        self.args = Namespace(device="cpu", precision=PRECISIONS[precision], distill=False, accum_freq=1,
+        self.args = Namespace(device=str(device), precision=PRECISIONS[precision], distill=False, accum_freq=1,
                               skip_scheduler=False, horovod=False, grad_clip_norm=1.0, log_every_n_steps=10**9,
                               batch_size=batch, world_size=1, rank=0, local_rank=0, wandb=False)
         self.epoch = 0
@@ -185,11 +189,14 @@ class OpenClipSide:
         from open_clip_train.train import train_one_epoch
 
         pairs = [(b.inputs["image"], b.inputs["text"]["input_ids"]) for b in batches]
-        start = time.perf_counter()
-        train_one_epoch(self.model, {"train": _DataInfo(_MemoryLoader(pairs))}, self.loss, self.epoch,
-                        self.optimizer, None, self.scheduler, None, self.args)
+
+        def epoch() -> None:  # its loop moves each batch to the device itself
+            train_one_epoch(self.model, {"train": _DataInfo(_MemoryLoader(pairs))}, self.loss, self.epoch,
+                            self.optimizer, None, self.scheduler, None, self.args)
+
+        seconds = timed(epoch, self.device)
         self.epoch += 1
-        return time.perf_counter() - start
+        return seconds
 
 
 # --- mmssl ----------------------------------------------------------------------------------------------------
@@ -205,6 +212,7 @@ class MmsslSide:
         recipe = load_recipe(str(recipe_path))
         self.trainer = Trainer(recipe, run_dir, batches=lambda rank, world, start: iter(()))
         self.model = self.trainer.engine.module
+        self.device = self.trainer.device
         self.float_dtype = torch.bfloat16 if recipe.train.precision == "bf16" else None
 
     def step(self, batch: Any) -> torch.Tensor:
@@ -218,10 +226,7 @@ class MmsslSide:
         return result.loss
 
     def run(self, batches: Sequence[Any]) -> float:
-        start = time.perf_counter()
-        for batch in batches:
-            self.step(batch)
-        return time.perf_counter() - start
+        return timed(lambda: [self.step(batch) for batch in batches], self.device)
 
 
 def mmssl_fit(recipe_path: Path, run_dir: Path, steps: int) -> dict[str, Any]:
@@ -262,23 +267,25 @@ def memory_child(framework: str, recipe_path: Path, size: ClipSize, vocab: int, 
 
     import pretrain.trainer  # noqa: F401
 
+    device = bench_device()
     batches = decoded_batches(recipe_path, steps)
     base = _status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    side = (OpenClipSide(size, vocab, precision, batch, workdir) if framework == "open_clip"
+    reset_peak_memory(device)
+    side = (OpenClipSide(size, vocab, precision, batch, workdir, device) if framework == "open_clip"
             else MmsslSide(recipe_path, workdir / f"mem-{precision}"))
     side.run(batches)
     peak = _status_mb("VmHWM")
     return {"rss_after_imports_mb": round(base, 1), "peak_rss_mb": round(peak, 1),
-            "growth_mb": round(peak - base, 1)}
+            "growth_mb": round(peak - base, 1), "peak_device_mb": peak_memory(device)["peak_device_mb"]}
 
 
 def measure_memory(framework: str, precision: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     cmd = [sys.executable, "-m", "tools.bench", "--memory-child", framework, "--precision", precision,
            "--workdir", str(workdir), *_size_argv(args)]
     env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # the parent's process group holds it
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**env, "DS_ACCELERATOR": "cpu"})
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise BenchError(f"memory measurement of {framework} ({precision}) failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -298,7 +305,7 @@ def _size_argv(args: argparse.Namespace) -> list[str]:
     return ["--steps", str(args.steps), "--batch", str(args.batch), "--image-size", str(args.image_size),
             "--patch-size", str(args.patch_size), "--width", str(args.width), "--depth", str(args.depth),
             "--heads", str(args.heads), "--context", str(args.context), "--embed-dim", str(args.embed_dim),
-            "--limit", str(args.limit)]
+            "--limit", str(args.limit), "--zero-stage", str(args.zero_stage)]
 
 
 def vocab_size(recipe_path: Path) -> int:
@@ -310,15 +317,15 @@ def vocab_size(recipe_path: Path) -> int:
 
 # --- report ---------------------------------------------------------------------------------------------------
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| precision | framework | data | samples/s (median) | ratio mmssl/open_clip | peak RSS MB "
-             "| RSS growth MB | memory ratio |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| precision | framework | data | samples/s (median) | ratio mmssl/open_clip | MFU | peak RSS MB "
+             "| RSS growth MB | peak device MB | memory ratio |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         def fmt(key: str, spec: str = ".1f", r: dict[str, Any] = r) -> str:
             return format(r[key], spec) if r.get(key) is not None else "-"
 
         lines.append(f"| {r['precision']} | {r['framework']} | {r['data']} | {fmt('samples_per_s')} | "
-                     f"{fmt('ratio', '.2f')} | {fmt('peak_rss_mb', '.0f')} | {fmt('growth_mb', '.0f')} | "
-                     f"{fmt('memory_ratio', '.2f')} |")
+                     f"{fmt('ratio', '.2f')} | {fmt('mfu', '.1%')} | {fmt('peak_rss_mb', '.0f')} | "
+                     f"{fmt('growth_mb', '.0f')} | {fmt('peak_device_mb', '.0f')} | {fmt('memory_ratio', '.2f')} |")
     return "\n".join(lines)
 
 
@@ -330,6 +337,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3], help="mmssl's ZeRO stage (1 rank)")
     p.add_argument("--limit", type=int, default=1024, help="Fashion-MNIST images per split to shard")
     p.add_argument("--json", default=None)
     p.add_argument("--profile", action="store_true", help="print torch.profiler top ops of both steps (fp32)")
@@ -360,16 +368,21 @@ def _size(args: argparse.Namespace) -> ClipSize:
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     size = _size(args)
+    device = bench_device()
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {"config": {**asdict(size), "batch": args.batch, "steps": args.steps,
-                                         "trials": args.trials, "threads": args.threads}, "rows": rows}
+                                         "trials": args.trials, "threads": args.threads, "device": device.type},
+                              "rows": rows, "matmul_peak_flops": {}}
     pool = None
     for precision in args.precisions:
-        recipe = prepare(workdir, size, args.batch, precision, args.limit)
+        recipe = prepare(workdir, size, args.batch, precision, args.limit, args.zero_stage)
         vocab = vocab_size(recipe)
         pool = pool or decoded_batches(recipe, min(16, args.steps * args.trials))
-        sides = [OpenClipSide(size, vocab, precision, args.batch, workdir), MmsslSide(recipe, workdir / precision)]
+        sides = [OpenClipSide(size, vocab, precision, args.batch, workdir, device),
+                 MmsslSide(recipe, workdir / precision)]
         result["parameters"] = parameter_counts(sides[0].model, sides[1].model)
+        flops = {s.name: step_flops(lambda s=s, first=pool[:1]: s.run(first)) / len(pool[0]) for s in sides}
+        peak = result["matmul_peak_flops"][precision] = matmul_peak(device, DTYPES[precision])
         rates = alternate(sides, pool, args.steps, args.trials)
         median = {name: statistics.median(r[1:]) for name, r in rates.items()}
         memory = {name: measure_memory(name, precision, args, workdir) for name in rates} if not args.no_memory \
@@ -378,7 +391,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             mem = memory.get(name, {})
             rows.append({"precision": precision, "framework": name, "data": "pre-decoded, in memory",
                          "samples_per_s": median[name], "trials": rates[name][1:],
-                         "ratio": median[name] / median["open_clip"], **mem,
+                         "ratio": median[name] / median["open_clip"], "flops_per_sample": flops[name],
+                         "mfu": median[name] * flops[name] / peak, **mem,
                          "memory_ratio": (mem["growth_mb"] / memory["open_clip"]["growth_mb"]) if mem else None})
         if args.profile and precision == "fp32":
             result["profile"] = {s.name: profile_steps(s, pool[: args.steps]) for s in sides}
@@ -398,7 +412,9 @@ def report(result: dict[str, Any]) -> str:
     head = (f"### mmssl vs open_clip: CLIP ViT {cfg['width']}w x {cfg['depth']}L patch {cfg['patch_size']} at "
             f"{cfg['image_size']} px + text {cfg['width']}w x {cfg['depth']}L ctx {cfg['context']}; batch "
             f"{cfg['batch']}, {cfg['steps']} steps x {cfg['trials'] - 1} timed trials, {cfg['threads']} threads, "
-            "CPU\n\n"
+            f"{cfg.get('device', 'cpu')}\n\n"
+            + "".join(f"matmul peak ({p}, measured now): {v / 1e9:.1f} GFLOP/s\n"
+                      for p, v in result.get("matmul_peak_flops", {}).items()) +
             f"parameters: open_clip {params['open_clip']:,}, mmssl {params['mmssl']:,} "
             f"({100 * (params['mmssl'] / params['open_clip'] - 1):+.2f} %)\n")
     out = [head, table(result["rows"])]
@@ -410,10 +426,10 @@ def report(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    bench_device()  # sets DeepSpeed's CPU accelerator when there is no GPU
     if args.memory_child:
         workdir = Path(args.workdir)
-        recipe = prepare(workdir, _size(args), args.batch, args.precision, args.limit)
+        recipe = prepare(workdir, _size(args), args.batch, args.precision, args.limit, args.zero_stage)
         print(json.dumps(memory_child(args.memory_child, recipe, _size(args), vocab_size(recipe), args.precision,
                                       args.batch, args.steps, workdir)))
         return 0
@@ -431,7 +447,7 @@ def run_and_report(args: argparse.Namespace, run: Callable[[argparse.Namespace, 
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         result = run(args, workdir)
-    hardware = result["hardware"] = hardware_summary("cuda" if torch.cuda.is_available() else "cpu")
+    hardware = result["hardware"] = hardware_summary(bench_device().type)
     print(f"machine: {hardware['gpu'] or hardware['cpu']}, {hardware['cpu_count']} CPUs, kernels "
           f"{hardware['cpu_capability']}, torch {hardware['torch']}")
     print(render(result))

@@ -14,10 +14,8 @@ part FLIP shortens.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import torch
 import yaml
 
 from tools.bench import ClipSize, MmsslSide, decoded_batches, prepare, run_and_report
+from tools.bench_device import bench_device, timed
 from tools.probe import ProbeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,13 +41,12 @@ def with_patch_dropout(recipe: Path, rate: float) -> Path:
 def image_tower_seconds(side: MmsslSide, batch: Any, repeat: int) -> float:
     """Median seconds of the image tower's forward + backward on ``batch`` (training mode)."""
     tower = side.model.model.towers["image"]
-    x = batch.inputs["image"]
-    times = []
-    for _ in range(repeat + 1):
-        t0 = time.perf_counter()
-        out = tower(x)
-        out.features.float().square().mean().backward()
-        times.append(time.perf_counter() - t0)
+    x = batch.inputs["image"].to(side.device)
+
+    def once() -> None:
+        tower(x).features.float().square().mean().backward()
+
+    times = [timed(once, x.device) for _ in range(repeat + 1)]
     tower.zero_grad(set_to_none=True)
     return statistics.median(times[1:])
 
@@ -116,7 +114,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    bench_device()  # DeepSpeed's CPU accelerator only when there is no GPU
     return run_and_report(args, run, table)
 
 

@@ -38,6 +38,7 @@ import torch
 import yaml
 
 from tools.bench import run_and_report
+from tools.bench_device import bench_device
 from tools.bench_pretrain import train_run
 from tools.probe import ProbeError
 
@@ -268,7 +269,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    bench_device()  # DeepSpeed's CPU accelerator only when there is no GPU
     return run_and_report(args, run, lambda result: table(result["rows"], result["matmul_peak_flops_per_rank"]))
 
 

@@ -12,6 +12,7 @@
     mmssl recipes                                         list bundled recipes
     mmssl bench --compare open_clip                       mmssl vs open_clip training the same CLIP (table + JSON)
     mmssl bench matrix | scaling | flip                   family x objective x ZeRO; batch / ranks; FLIP speed-up
+    mmssl bench gpu                                       the GPU check: every family in bf16, ViT-B/16 vs open_clip
     mmssl pretrain RECIPE [key=value ...] --nproc 2       pretrain on N local ranks (or as one rank of a launcher)
     mmssl export RUN_DIR --out DIR                        one directory per encoder
     mmssl probe ENCODER_DIR --shards TRAIN --test-shards TEST --label FIELD
@@ -312,8 +313,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """``mmssl bench matrix|scaling`` (tools.bench_matrix), ``mmssl bench flip`` (tools.bench_flip), otherwise
-    ``mmssl bench --compare open_clip`` (tools.bench)."""
+    """``mmssl bench matrix|scaling`` (tools.bench_matrix), ``mmssl bench flip`` (tools.bench_flip), ``mmssl bench
+    gpu`` (tools.bench_gpu), otherwise ``mmssl bench --compare open_clip`` (tools.bench)."""
     suite = args.bench_args[0] if args.bench_args else ""
     if suite in ("matrix", "scaling"):
         from tools.bench_matrix import main as matrix_main
@@ -323,6 +324,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from tools.bench_flip import main as flip_main
 
         return flip_main(args.bench_args[1:])
+    if suite == "gpu":
+        from tools.bench_gpu import main as gpu_main
+
+        return gpu_main(args.bench_args[1:])
     from tools.bench import main as bench_main
 
     return bench_main(args.bench_args)
@@ -385,8 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("recipes", help="list the bundled recipes")
     s.set_defaults(fn=cmd_recipes)
 
-    s = sub.add_parser("bench", help="benchmarks: --compare open_clip | matrix | scaling | flip (`mmssl bench -h`)",
-                       add_help=False)
+    s = sub.add_parser("bench", add_help=False,
+                       help="benchmarks: --compare open_clip | matrix | scaling | flip | gpu (`mmssl bench -h`)")
     s.set_defaults(fn=cmd_bench, bench_args=[])  # its own options: tools.bench parses them
 
     s = sub.add_parser("pretrain", help="pretrain from a recipe")

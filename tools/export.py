@@ -51,7 +51,7 @@ def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     if model_file.is_file() and not any((root / tag).glob("*optim_states.pt")):  # ZeRO-0 writes no partitions
         return _stage0_state_dict(torch.load(model_file, map_location="cpu", weights_only=True), model_file)
     bf16_partitions = sorted((root / tag).glob(f"{BF16_PARTITION_PREFIX}*_optim_states.pt"))
-    if model_file.is_file() and bf16_partitions:
+    if model_file.is_file() and bf16_partitions and _is_bf16_optimizer(bf16_partitions[0]):
         return _bf16_optimizer_state_dict(model_file, bf16_partitions)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
@@ -80,14 +80,29 @@ def _stage0_state_dict(states: dict[str, Any], source: Path) -> dict[str, torch.
 BF16_PARTITION_PREFIX = "bf16_zero_pp_rank_"
 
 
+def _deepspeed_globals() -> list[Any]:
+    """The DeepSpeed classes its optimizer-state files pickle (loaded with ``weights_only=True`` all the same)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [fragment_address, LossScaler, ZeroStageEnum]
+
+
+def _is_bf16_optimizer(partition: Path) -> bool:
+    """A partition of DeepSpeed's ``BF16_Optimizer`` (ZeRO-1 with fp32 accumulation), not of its ZeRO optimizer:
+    both name their files ``bf16_zero_pp_rank_*``; only the ZeRO optimizer records its ``zero_stage``."""
+    with torch.serialization.safe_globals(_deepspeed_globals()):
+        state = torch.load(partition, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+    return "zero_stage" not in state and "param_slice_mappings" in state
+
+
 def _bf16_optimizer_state_dict(model_file: Path, partitions: list[Path]) -> dict[str, torch.Tensor]:
     """ZeRO-1 in bf16 with fp32 gradient accumulation (DeepSpeed's ``BF16_Optimizer``, which ``zero_to_fp32`` does
     not read): each rank's file holds its slice of every flat fp32 master group and, per parameter, the
     ``(start, numel)`` of its fragment in that slice (``param_slice_mappings``); a parameter is its fragments
     concatenated in rank order, shaped as the model-states file records."""
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    with torch.serialization.safe_globals([fragment_address]):
+    with torch.serialization.safe_globals(_deepspeed_globals()):
         states = torch.load(model_file, map_location="cpu", weights_only=True)
         ranks = [torch.load(p, map_location="cpu", weights_only=True)["optimizer_state_dict"] for p in
                  sorted(partitions, key=lambda p: int(p.name[len(BF16_PARTITION_PREFIX):].split("_", 1)[0]))]
@@ -167,5 +182,5 @@ def _matching_head(recipe: Recipe, state: dict[str, torch.Tensor]
 
 
 def _is_frozen(model: torch.nn.Module, key: str) -> bool:
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under each of its names
     return key in params and not params[key].requires_grad

@@ -90,6 +90,9 @@ def timm_tower(cfg: TowerConfig, *, in_chans: int, img_size: list[int], patch_si
     return TimmTower(cfg.arch, args, pretrained=cfg.pretrained, input_size=(in_chans, *img_size))
 
 
+DeviceTransform = Callable[[Tensor], Tensor]
+
+
 class ModalityPlugin(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type[TowerConfig]]
@@ -101,6 +104,12 @@ class ModalityPlugin(ABC):
 
     @abstractmethod
     def build_tower(self, cfg: Any) -> Tower: ...
+
+    def compact_decoder(self, cfg: Any) -> tuple[DecoderFn, DeviceTransform | None]:
+        """The training decoder in its compact form for the trip to the device, and the transform that finishes
+        it there (None: the decoder's output is final). Image plug-ins send uint8 pixels (a quarter of float32's
+        bytes) and normalise them on the device; the default is ``decoder(cfg, train=True)`` as it is."""
+        return self.decoder(cfg, train=True), None
 
     def export_assets(self, cfg: Any, out_dir: Path) -> dict[str, Any]:
         """Copy what the exported encoder needs besides weights into ``out_dir``; return config overrides

@@ -52,12 +52,17 @@ BLUR_SIGMA_PER_SIDE = 0.1  # blur std at level 1, as a fraction of the image sid
 
 class ImageDecoder:
     """Bytes -> ``[C, H, W]`` normalised pixels; ``corrupt`` (evaluation corruptions) acts on the resized ``[0, 1]``
-    pixels before normalisation."""
+    pixels before normalisation. ``compact``: the resized (and augmented) pixels as uint8 instead, for
+    `PixelNormalizer` to finish on the device."""
 
-    def __init__(self, cfg: ImageConfig, train: bool, corrupt: PixelCorruption | None = None) -> None:
+    def __init__(self, cfg: ImageConfig, train: bool, corrupt: PixelCorruption | None = None, *,
+                 compact: bool = False) -> None:
         self.cfg = cfg
         self.train = train
         self.corrupt = corrupt
+        self.compact = compact
+        if compact and corrupt is not None:
+            raise ValueError("corruptions act on float pixels: a compact (uint8) decoder takes none")
         channels = cfg.in_chans
         self.mean = torch.tensor((cfg.mean * channels)[:channels]).view(-1, 1, 1)
         self.std = torch.tensor((cfg.std * channels)[:channels]).view(-1, 1, 1)
@@ -66,7 +71,8 @@ class ImageDecoder:
         cfg = self.cfg
         with Image.open(io.BytesIO(data)) as img:
             img = img.convert("L" if cfg.in_chans == 1 else "RGB")
-            x = TF.pil_to_tensor(img).float() / 255.0
+            x = TF.pil_to_tensor(img)
+        x = x if self.compact else x.float() / 255.0
         size = [cfg.image_size, cfg.image_size]
         if self.train and cfg.random_resized_crop:
             top, left, h, w = _crop_box(x.shape[-2], x.shape[-1], cfg.crop_scale, rng)
@@ -75,9 +81,26 @@ class ImageDecoder:
             x = TF.resize(x, size, antialias=True)
         if self.train and cfg.hflip and rng.random() < 0.5:
             x = x.flip(-1)
+        if self.compact:
+            return x.contiguous()
         if self.corrupt is not None:
             x = self.corrupt(x, rng)
         return ((x - self.mean) / self.std).contiguous()
+
+
+class PixelNormalizer:
+    """uint8 ``[..., C, H, W]`` pixels -> ``(x/255 - mean) / std`` in float32, on the pixels' device (the device
+    copies of ``mean`` / ``std`` are made once per device)."""
+
+    def __init__(self, mean: Tensor, std: Tensor) -> None:
+        self.mean, self.std = mean.float(), std.float()
+        self.on: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.device not in self.on:
+            self.on[x.device] = (self.mean.to(x.device), self.std.to(x.device))
+        mean, std = self.on[x.device]
+        return (x.float() / 255.0 - mean) / std
 
 
 def pixel_corruption(kind: str, level: float, image_size: int, mean: Tensor) -> PixelCorruption:
@@ -112,6 +135,10 @@ class ImagePlugin(ModalityPlugin):
 
     def decoder(self, cfg: ImageConfig, *, train: bool) -> DecoderFn:
         return ImageDecoder(cfg, train)
+
+    def compact_decoder(self, cfg: ImageConfig) -> tuple[DecoderFn, PixelNormalizer]:
+        decoder = ImageDecoder(cfg, train=True, compact=True)
+        return decoder, PixelNormalizer(decoder.mean, decoder.std)
 
     def build_corrupted_decoder(self, cfg: ImageConfig, kind: str, level: float) -> ImageDecoder:
         """The evaluation decoder with ``kind`` at ``level`` applied to the resized pixels (module docstring)."""

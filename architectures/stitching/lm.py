@@ -66,9 +66,11 @@ class FrozenLM(nn.Module):
         self.model.eval()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, causal: bool | None = None) -> FrozenLM:
+    def from_pretrained(cls, path: str | Path, *, causal: bool | None = None,
+                        dtype: torch.dtype = torch.float32) -> FrozenLM:
         """Load from a local directory holding ``config.json`` and ``model.safetensors`` (only safetensors is
-        read). ``causal=None`` infers it from the config's ``architectures`` (``*ForCausalLM`` / ``*LMHeadModel``)."""
+        read), in ``dtype`` (a bf16 run's frozen LM is read straight into bf16). ``causal=None`` infers it from
+        the config's ``architectures`` (``*ForCausalLM`` / ``*LMHeadModel``)."""
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
         p = Path(path)
@@ -85,7 +87,7 @@ class FrozenLM(nn.Module):
             model = _build(factory.from_config, config, causal)
         else:
             model = _build(factory.from_pretrained, str(p), causal, config=config, local_files_only=True,
-                           use_safetensors=True).float()  # fp32 masters; engines cast for bf16 themselves
+                           use_safetensors=True, dtype=dtype)
         return cls(model, causal=causal, weights_file=str(weights.resolve()))
 
     @classmethod
