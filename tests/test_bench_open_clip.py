@@ -86,6 +86,14 @@ def test_mmssl_bench_prints_the_side_by_side_table(workdir: Path) -> None:
     assert "ratio mmssl/open_clip" in lines[header]
     assert sum(line.startswith("| fp32 |") for line in lines[header:]) == 2
     assert abs(result["parameters"]["mmssl"] / result["parameters"]["open_clip"] - 1) < 0.01
+    # MFU: counted FLOPs per sample over the matmul peak measured in the same process (the same model, so within
+    # 5 % on both sides), a fraction of the peak
+    peak = result["matmul_peak_flops"]["fp32"]
+    assert peak > 1e8 and "MFU" in lines[header] and result["config"]["device"] == "cpu"
+    assert oc["flops_per_sample"] == pytest.approx(mm["flops_per_sample"], rel=0.05)
+    for row in (oc, mm):
+        assert row["mfu"] == pytest.approx(row["samples_per_s"] * row["flops_per_sample"] / peak)
+        assert 0 < row["mfu"] < 1
 
 
 def test_bad_options_name_the_option() -> None:

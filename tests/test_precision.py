@@ -7,6 +7,8 @@ All runs share one set of 2 gloo ranks (`tests.helpers.train_many`), one job aft
   stops, and resumes to step 3, in fp32 and in bf16 (ZeRO-2): each logged term is finite, the logged loss is
   ``Σ w_i L_i``, steps 1-3 are each logged once, the summary's parameter count equals the meta-device count;
 * one tiny recipe per family (`FAMILIES`) does the same at ZeRO-3 in bf16, and its last checkpoint exports;
+  ``clip-tiny`` also at ZeRO-0 and ZeRO-1 in bf16 (DeepSpeed's other two bf16 optimizers), its export reading the
+  fp32 master weights;
 * the tiny CLAP-style recipe with a frozen text tower in bf16: 6 steps straight, and 3 + resume to 6 — the
   consolidated weights and the whole saved module state (frozen weights included) are bit-identical;
 * ``clip-tiny`` 50 steps in fp32 and in bf16 from the same seed: the mean loss of each 10-step window of the bf16
@@ -57,6 +59,12 @@ def runs(request: pytest.FixtureRequest, asterisk_data: Path, tmp_path_factory: 
         for precision in PRECISIONS:
             jobs[method, precision, 2] = _stop_and_resume(f"{method}-tiny", [*base, f"train.precision={precision}"],
                                                           root / f"{method}-{precision}")
+    if ("clip", "bf16", 2) in jobs:  # the other stages in bf16: ZeRO-0 (FP16_Optimizer), ZeRO-1 (BF16_Optimizer)
+        for stage in (0, 1):
+            jobs["clip", "bf16", stage] = _stop_and_resume("clip-tiny", [*tiny_overrides("clip", request),
+                                                                         "train.precision=bf16",
+                                                                         f"train.zero_stage={stage}"],
+                                                           root / f"clip-bf16-z{stage}")
     for family, method in FAMILIES.items():
         if (method, "bf16", 2) in jobs:
             base = tiny_overrides(method, request)
@@ -128,6 +136,25 @@ def test_each_family_trains_resumes_and_exports_at_zero3_in_bf16(family: str, ru
     assert index["family"] == family and Path(index["model"]).is_dir()
     state = consolidated_state_dict(run / "checkpoints", "step_00000003")
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())  # the fp32 masters
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [0, 1])
+def test_bf16_trains_resumes_and_exports_its_fp32_masters_at_zero_stage(stage: int, runs: dict[Any, Any],
+                                                                        tmp_path: Path) -> None:
+    if ("clip", "bf16", stage) not in runs:
+        pytest.skip("clip-tiny: Fashion-MNIST is not installed")
+    source, overrides, run, error = runs["clip", "bf16", stage]
+    assert error is None, error[-3000:]
+    _check_resumed_run(source, overrides, run, "bf16", stage)
+    state = consolidated_state_dict(run / "checkpoints", "step_00000003")
+    module = torch.load(run / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=True)["module"]
+    trained = [k for k, v in module.items() if v.dtype == torch.bfloat16]
+    assert trained and all(state[k].dtype == torch.float32 for k in trained)
+    assert all(torch.equal(state[k].to(torch.bfloat16), module[k]) for k in trained)  # masters round to the weights
+    assert any(not torch.equal(state[k], module[k].float()) for k in trained)  # and hold more than bf16 does
+    assert export_run(run, tmp_path / "export")["family"] == "fusion_free"
 
 
 @pytest.mark.distributed

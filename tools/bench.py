@@ -165,11 +165,11 @@ class OpenClipSide:
     name = "open_clip"
 
     def __init__(self, size: ClipSize, vocab: int, precision: str, batch: int, workdir: Path,
-                 device: torch.device) -> None:
+                 device: torch.device | None = None) -> None:
         import open_clip
         from open_clip_train.scheduler import cosine_lr
 
-        self.device = device
+        device = self.device = device or bench_device()
         self.model = build_open_clip(size, vocab, workdir, device)
         exclude = [p for n, p in self.model.named_parameters()
                    if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -46,8 +47,8 @@ FAMILIES = {
     "masked (MAE + MLM + matching)": ("flava-tiny", []),
     "autoregressive (stitched captioning)": ("limber-tiny", []),
     "clustering (XDC pseudo-labels)": ("clip-tiny", ['objectives={"clustering": {"variant": "xdc", "modalities": '
-                                                     '["image", "text"], "num_clusters": 8, "refresh_every": 2, '
-                                                     '"samples_per_refresh": 128, "kmeans_iters": 5}}']),
+                                                     '["image", "text"], "num_clusters": 8, "refresh_every": 100, '
+                                                     '"samples_per_refresh": 4096, "kmeans_iters": 5}}']),
 }
 PARTS = ("families", "clip-b16", "pretrain")
 CLIP_B16 = ["--image-size", "224", "--patch-size", "16", "--width", "768", "--depth", "12", "--heads", "12",
@@ -55,6 +56,13 @@ CLIP_B16 = ["--image-size", "224", "--patch-size", "16", "--width", "768", "--de
             "--trials", "4", "--zero-stage", "2", "--no-real-loader", "--no-memory"]
 CPU_SIZE = ["--width", "64", "--depth", "2", "--heads", "2", "--batch", "16", "--precisions", "bf16", "--steps", "2",
             "--trials", "2", "--zero-stage", "2", "--no-real-loader", "--no-memory", "--limit", "256"]
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without the process-group variables its own trainer set, so a child command
+    starts its own world instead of joining (and colliding with) this one."""
+    own = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items() if k not in own}
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
@@ -131,7 +139,7 @@ def clip_b16(data: Path, workdir: Path, size: list[str]) -> dict[str, Any]:
         (workdir / "b16" / "fashion-mnist").symlink_to(shards.resolve())
     cmd = [sys.executable, "-m", "tools.cli", "bench", "--compare", "open_clip", *size, "--workdir",
            str(workdir / "b16"), "--json", str(out_json)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=clean_env())
     if proc.returncode != 0:
         return {"error": proc.stderr[-3000:]}
     result = json.loads(out_json.read_text())
@@ -149,11 +157,11 @@ def pretrain_run(data: Path, workdir: Path) -> dict[str, Any]:
     steps = []
     for extra in (["--overwrite", "train.stop_at=10"], ["train.resume=latest"]):
         t0 = time.perf_counter()
-        proc = subprocess.run([*base, *extra], cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run([*base, *extra], cwd=ROOT, capture_output=True, text=True, env=clean_env())
         steps.append({"rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
                       "stderr_tail": proc.stderr[-1500:] if proc.returncode else None})
     export = subprocess.run([sys.executable, "-m", "tools.cli", "export", str(run_dir), "--out",
-                             str(run_dir / "export")], cwd=ROOT, capture_output=True, text=True)
+                             str(run_dir / "export")], cwd=ROOT, capture_output=True, text=True, env=clean_env())
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     loads = None
     if export.returncode == 0:
