@@ -193,3 +193,30 @@ def test_bf16_tracks_the_fp32_loss_curve(runs: dict[Any, Any]) -> None:
           f"{[round(v, 4) for v in windows['fp32']]} / {[round(v, 4) for v in windows['bf16']]}")
     assert max(relative) <= WINDOW_RTOL, relative
     assert worst <= STEP_ATOL, worst
+
+
+def _accumulation_dtypes(rank: int, world: int, data: str, run_dir: str) -> dict[int, list[str]]:
+    from pretrain.recipe import Recipe, _Origin, from_dict
+    from pretrain.trainer import Trainer
+
+    out = {}
+    for stage in (1, 2, 3):
+        raw = tiny_recipe_dict(Path(data), train={"precision": "bf16", "zero_stage": stage, "grad_accum": 2})
+        engine = Trainer(from_dict(Recipe, raw, path=(), origin=_Origin("test", {})), Path(run_dir) / str(stage)).engine
+        optimizer = engine.optimizer
+        accumulate = getattr(optimizer, "grad_acc_dtype", None) or optimizer.gradient_accumulation_dtype
+        out[stage] = [str(engine.get_data_types()[0]), str(accumulate), str(engine.communication_data_type),
+                      type(optimizer).__name__]
+    return out
+
+
+@pytest.mark.distributed
+def test_bf16_gradients_accumulate_and_reduce_in_fp32(asterisk_data: Path, tmp_path: Path) -> None:
+    """The engines a bf16 recipe builds at ZeRO 1-3 (ZeRO-1: DeepSpeed's BF16_Optimizer; 2-3: its ZeRO optimizers)
+    hold bf16 weights but accumulate gradients, and reduce them across ranks, in fp32."""
+    from tests.helpers.spawn import spawn_ranks
+
+    for stages in spawn_ranks(_accumulation_dtypes, str(asterisk_data), str(tmp_path)):
+        assert stages[1][3] == "BF16_Optimizer" and stages[2][3] == "DeepSpeedZeroOptimizer"
+        for stage, (model, accumulate, communicate, _) in stages.items():
+            assert (model, accumulate, communicate) == ("torch.bfloat16", "torch.float32", "torch.float32"), stage
