@@ -62,8 +62,13 @@ quickstart: $(STAMP) data-deps shards
 test: $(STAMP) data-deps
 	$(BIN)/pytest -q
 
+# import-linter reads a package from one directory: the rooms are copied into build/lint/mmssl, laid out as installed
+LINT_TREE := build/lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	rm -rf $(LINT_TREE) && mkdir -p $(LINT_TREE)/mmssl
+	cp api/*.py $(LINT_TREE)/mmssl/ && cp -r pretrain objectives architectures data_pipelines tools recipes $(LINT_TREE)/mmssl/
+	cd $(LINT_TREE) && $(abspath $(BIN))/lint-imports $(abspath pyproject.toml)
 
 clean-quickstart:
 	rm -rf $(RUN) $(DATA)

@@ -11,17 +11,17 @@ from typing import Any, ClassVar
 
 import torch
 
-from architectures.fusion_free import FusionFreeModel
-from architectures.fusion_ops import build_fusion, fusion_options
-from architectures.heads import HEAD_KINDS, ProjectionHead
-from architectures.late_fusion import LateFusionModel
-from architectures.modalities import MODALITIES, TowerConfig, get_modality
-from architectures.outputs import ModelSpec
-from architectures.stitching.bridges import build_bridge
-from architectures.stitching.lm import FrozenLM
-from architectures.stitching.model import StitchedModel
-from architectures.towers import ArchitectureError, TimmTower
-from architectures.unified import UnifiedModel
+from mmssl.architectures.fusion_free import FusionFreeModel
+from mmssl.architectures.fusion_ops import build_fusion, fusion_options
+from mmssl.architectures.heads import HEAD_KINDS, ProjectionHead
+from mmssl.architectures.late_fusion import LateFusionModel
+from mmssl.architectures.modalities import MODALITIES, TowerConfig, get_modality
+from mmssl.architectures.outputs import ModelSpec
+from mmssl.architectures.stitching.bridges import build_bridge
+from mmssl.architectures.stitching.lm import FrozenLM
+from mmssl.architectures.stitching.model import StitchedModel
+from mmssl.architectures.towers import ArchitectureError, TimmTower
+from mmssl.architectures.unified import UnifiedModel
 
 FAMILIES = ("fusion_free", "late_fusion", "unified", "stitched")
 

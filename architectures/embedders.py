@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from architectures.errors import ArchitectureError
+from mmssl.architectures.errors import ArchitectureError
 
 
 class EmbeddedTokens(NamedTuple):

@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from architectures.heads import ProjectionHead
-from architectures.modalities import get_modality
-from architectures.modalities.base import DecoderFn, TowerConfig
-from architectures.towers import ArchitectureError, Tower
+from mmssl.architectures.heads import ProjectionHead
+from mmssl.architectures.modalities import get_modality
+from mmssl.architectures.modalities.base import DecoderFn, TowerConfig
+from mmssl.architectures.towers import ArchitectureError, Tower
 
 FORMAT_VERSION = 1
 HEAD_FILE = "head.safetensors"

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from architectures.errors import ArchitectureError
-from architectures.outputs import tower_name
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.outputs import tower_name
 
 
 class FusionLayer(nn.Module):

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from architectures.outputs import ModelOutput, ModelSpec, tower_name
-from architectures.towers import ArchitectureError, Tower
+from mmssl.architectures.outputs import ModelOutput, ModelSpec, tower_name
+from mmssl.architectures.towers import ArchitectureError, Tower
 
 
 def as_tokens(features: Tensor) -> Tensor:

@@ -27,11 +27,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from architectures.errors import ArchitectureError
-from architectures.fusion import CrossAttentionFusion
-from architectures.merged import MergedAttentionFusion
-from architectures.mult import MulT, check_positive, collect_fusion_inputs
-from architectures.outputs import tower_name
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.fusion import CrossAttentionFusion
+from mmssl.architectures.merged import MergedAttentionFusion
+from mmssl.architectures.mult import MulT, check_positive, collect_fusion_inputs
+from mmssl.architectures.outputs import tower_name
 
 
 def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from architectures.towers import ArchitectureError
+from mmssl.architectures.towers import ArchitectureError
 
 HEAD_KINDS = ("linear", "mlp")
 

@@ -17,10 +17,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from architectures.errors import ArchitectureError
-from architectures.fusion_free import FusionFreeModel
-from architectures.outputs import ModelOutput, tower_name
-from architectures.towers import Tower
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.fusion_free import FusionFreeModel
+from mmssl.architectures.outputs import ModelOutput, tower_name
+from mmssl.architectures.towers import Tower
 
 
 class LateFusionModel(FusionFreeModel):

@@ -23,9 +23,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from architectures.errors import ArchitectureError
-from architectures.mome import SHARED_EXPERT, MomeBlock, init_vit_weights
-from architectures.outputs import tower_name
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.mome import SHARED_EXPERT, MomeBlock, init_vit_weights
+from mmssl.architectures.outputs import tower_name
 
 
 class MergedAttentionFusion(nn.Module):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
-from architectures.errors import ArchitectureError
+from mmssl.architectures.errors import ArchitectureError
 
 SHARED_EXPERT = "shared"  # the one FFN of a block without modality experts
 FUSION_EXPERT = "fusion"  # the FFN of a fusion block in the experts variant (VLMo's "VL" expert)

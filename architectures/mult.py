@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from architectures.errors import ArchitectureError
-from architectures.outputs import tower_name
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.outputs import tower_name
 
 FusionInputs = dict[str, tuple[Tensor, Tensor]]  # tower name -> (tokens [B, T, D], real-token mask bool[B, T])
 

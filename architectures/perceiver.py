@@ -19,8 +19,8 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from architectures.errors import ArchitectureError
-from architectures.mome import MaskedAttention, init_vit_weights
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.mome import MaskedAttention, init_vit_weights
 
 
 class CrossAttentionLayer(nn.Module):

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from architectures.errors import ArchitectureError
+from mmssl.architectures.errors import ArchitectureError
 
 
 class TowerOutput(NamedTuple):

@@ -63,12 +63,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from architectures.embedders import TokenEmbedder
-from architectures.errors import ArchitectureError
-from architectures.heads import ProjectionHead
-from architectures.mome import FUSION_EXPERT, MomeBlock, Route, init_vit_weights
-from architectures.outputs import ModelOutput, ModelSpec, tower_name
-from architectures.perceiver import PerceiverEncoder
+from mmssl.architectures.embedders import TokenEmbedder
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.heads import ProjectionHead
+from mmssl.architectures.mome import FUSION_EXPERT, MomeBlock, Route, init_vit_weights
+from mmssl.architectures.outputs import ModelOutput, ModelSpec, tower_name
+from mmssl.architectures.perceiver import PerceiverEncoder
 
 
 class _Encoded(NamedTuple):

@@ -17,9 +17,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from data_pipelines.epochs import Segment, reader_segments
-from data_pipelines.reader import RawSample, ShardReader
-from data_pipelines.shards import DataError
+from mmssl.data_pipelines.epochs import Segment, reader_segments
+from mmssl.data_pipelines.reader import RawSample, ShardReader
+from mmssl.data_pipelines.shards import DataError
 
 
 @dataclass(frozen=True)

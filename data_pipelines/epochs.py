@@ -24,7 +24,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from data_pipelines.shards import DataError
+from mmssl.data_pipelines.shards import DataError
 
 SAMPLINGS = ("continuous", "exact", "resampled")
 

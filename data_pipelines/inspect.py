@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines.shard_plan import END_OF_ARCHIVE, split_member_name
-from data_pipelines.shards import INDEX_NAME, DataError, DatasetIndex, is_remote, resolve_shards
+from mmssl.data_pipelines.shard_plan import END_OF_ARCHIVE, split_member_name
+from mmssl.data_pipelines.shards import INDEX_NAME, DataError, DatasetIndex, is_remote, resolve_shards
 
 MemberDecoder = Callable[[bytes, np.random.Generator], Any]
 TEXT_EXTENSIONS = ("txt", "text", "caption")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_pipelines.shard_plan import (
+from mmssl.data_pipelines.shard_plan import (
     Member,
     PlannedSample,
     SkipLog,
@@ -39,7 +39,7 @@ from data_pipelines.shard_plan import (
     split_member_name,
     write_planned,
 )
-from data_pipelines.shards import DataError, DatasetIndex
+from mmssl.data_pipelines.shards import DataError, DatasetIndex
 
 META_EXTENSION = "json"
 TEXT_EXTENSION = "txt"

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from data_pipelines.batch import TensorTree
-from data_pipelines.shards import DataError, is_remote
+from mmssl.data_pipelines.batch import TensorTree
+from mmssl.data_pipelines.shards import DataError, is_remote
 
 log = logging.getLogger("mmssl.data")
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipelines.shards import INDEX_NAME, DataError, DatasetIndex, ShardInfo
+from mmssl.data_pipelines.shards import INDEX_NAME, DataError, DatasetIndex, ShardInfo
 
 log = logging.getLogger("mmssl.data")
 

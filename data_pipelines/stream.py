@@ -39,11 +39,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.batch import Batch, TensorTree, collate, zeros_like_tree
-from data_pipelines.cursors import Source, VirtualStream
-from data_pipelines.epochs import SAMPLINGS, exact_batches_per_epoch, shard_order
-from data_pipelines.reader import Decoder, FaultLog, RawSample, SampleDecoder, ShardReader
-from data_pipelines.shards import DataError, shard_sizes
+from mmssl.data_pipelines.batch import Batch, TensorTree, collate, zeros_like_tree
+from mmssl.data_pipelines.cursors import Source, VirtualStream
+from mmssl.data_pipelines.epochs import SAMPLINGS, exact_batches_per_epoch, shard_order
+from mmssl.data_pipelines.reader import Decoder, FaultLog, RawSample, SampleDecoder, ShardReader
+from mmssl.data_pipelines.shards import DataError, shard_sizes
 
 log = logging.getLogger("mmssl.data")
 

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
-from objectives.ids import to_device
-from objectives.masking import global_mean, presence, row_generators, upcast
+from mmssl.objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
+from mmssl.objectives.ids import to_device
+from mmssl.objectives.masking import global_mean, presence, row_generators, upcast
 
 
 class TransformerBlock(nn.Module):

@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import (
+from mmssl.objectives.base import (
     FeatureSource,
     LossOutput,
     ModelOutputs,
@@ -58,9 +58,9 @@ from objectives.base import (
     Requirements,
     base_modality,
 )
-from objectives.distributed import gather_keyed_rows, sum_over_ranks, world
-from objectives.kmeans import kmeans, normalized_mutual_info
-from objectives.sinkhorn import swav_loss
+from mmssl.objectives.distributed import gather_keyed_rows, sum_over_ranks, world
+from mmssl.objectives.kmeans import kmeans, normalized_mutual_info
+from mmssl.objectives.sinkhorn import swav_loss
 
 VARIANTS = ("deepcluster", "xdc", "mdc", "cdc")
 FEATURES = ("pooled", "embeddings")

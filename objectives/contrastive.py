@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import (
+from mmssl.objectives.base import (
     LossOutput,
     ModelOutputs,
     ModelSpec,
@@ -49,8 +49,8 @@ from objectives.base import (
     check_pairs,
     learned_scale,
 )
-from objectives.distributed import gather_no_grad, gather_with_grad, world
-from objectives.ids import batch_meta_ids, check_meta_field, same_id
+from mmssl.objectives.distributed import gather_no_grad, gather_with_grad, world
+from mmssl.objectives.ids import batch_meta_ids, check_meta_field, same_id
 
 
 def contrastive_loss(

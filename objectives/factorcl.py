@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
+from mmssl.objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
 
 NCE_BOUNDS = ("nce_x1x2", "nce_x1y", "nce_x2y", "nce_x1x2_cond")
 CLUB_BOUNDS = ("club_x1x2", "club_x1x2_cond")

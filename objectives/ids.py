@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from objectives.base import ObjectiveError
+from mmssl.objectives.base import ObjectiveError
 
 UNKNOWN_ID = -1  # a missing value (None or ""): nobody's positive or duplicate
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import (
+from mmssl.objectives.base import (
     VIEW_SEP,
     LossOutput,
     ModelOutputs,
@@ -42,7 +42,7 @@ from objectives.base import (
     Requirements,
     learned_scale,
 )
-from objectives.distributed import gather_no_grad, gather_with_grad, world
+from mmssl.objectives.distributed import gather_no_grad, gather_with_grad, world
 
 PROJECTORS = ("none", "mlp")
 

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from objectives.autoregressive import TransformerBlock
-from objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
-from objectives.ids import to_device
-from objectives.masked import _gens, mae_loss, unshuffle
-from objectives.masking import patchify, presence, random_patch_mask, sincos_2d, visible_patches
+from mmssl.objectives.autoregressive import TransformerBlock
+from mmssl.objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
+from mmssl.objectives.ids import to_device
+from mmssl.objectives.masked import _gens, mae_loss, unshuffle
+from mmssl.objectives.masking import patchify, presence, random_patch_mask, sincos_2d, visible_patches
 
 
 @dataclass

@@ -42,8 +42,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.autoregressive import TransformerBlock
-from objectives.base import (
+from mmssl.objectives.autoregressive import TransformerBlock
+from mmssl.objectives.base import (
     LossOutput,
     ModelOutputs,
     ModelSpec,
@@ -53,10 +53,10 @@ from objectives.base import (
     fusion_view,
     subset_presence,
 )
-from objectives.distributed import gather_rows, world
-from objectives.ids import to_device
-from objectives.kmeans import kmeans
-from objectives.masking import (
+from mmssl.objectives.distributed import gather_rows, world
+from mmssl.objectives.ids import to_device
+from mmssl.objectives.kmeans import kmeans
+from mmssl.objectives.masking import (
     TokenMask,
     bert_mask,
     block_mask,

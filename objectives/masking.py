@@ -34,8 +34,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from objectives.distributed import sum_over_ranks, world
-from objectives.ids import to_device
+from mmssl.objectives.distributed import sum_over_ranks, world
+from mmssl.objectives.ids import to_device
 
 Generators = torch.Generator | Sequence[torch.Generator]
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import (
+from mmssl.objectives.base import (
     LossOutput,
     ModelOutputs,
     ModelSpec,
@@ -55,8 +55,8 @@ from objectives.base import (
     fused_summary,
     fusion_view,
 )
-from objectives.distributed import gather_no_grad, gather_with_grad, host_all_gather, world
-from objectives.ids import batch_meta_ids, to_device
+from mmssl.objectives.distributed import gather_no_grad, gather_with_grad, host_all_gather, world
+from mmssl.objectives.ids import batch_meta_ids, to_device
 
 FuseFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor], str], Tensor]
 

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.base import (
+from mmssl.objectives.base import (
     LossOutput,
     ModelOutputs,
     ModelSpec,
@@ -66,9 +66,9 @@ from objectives.base import (
     learned_scale,
     subset_presence,
 )
-from objectives.distributed import gather_no_grad, world
-from objectives.ids import UNKNOWN_ID, meta_ids
-from objectives.queue import FeatureQueue
+from mmssl.objectives.distributed import gather_no_grad, world
+from mmssl.objectives.ids import UNKNOWN_ID, meta_ids
+from mmssl.objectives.queue import FeatureQueue
 
 
 class MomentumLoss(NamedTuple):

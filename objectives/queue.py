@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from objectives.distributed import gather_no_grad
-from objectives.ids import UNKNOWN_ID
+from mmssl.objectives.distributed import gather_no_grad
+from mmssl.objectives.ids import UNKNOWN_ID
 
 
 class FeatureQueue(nn.Module):

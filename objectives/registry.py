@@ -11,15 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from objectives.autoregressive import PrefixLMConfig, PrefixLMObjective
-from objectives.base import ModelSpec, Objective, ObjectiveError
-from objectives.captioning import CaptioningConfig, CaptioningObjective
-from objectives.clustering import ClusteringConfig, ClusteringObjective, SwapClusteringObjective, SwAVConfig
-from objectives.contrastive import ContrastiveConfig, ContrastiveObjective
-from objectives.factorcl import FactorCLConfig, FactorCLObjective
-from objectives.intramodal import IntraModalConfig, IntraModalObjective
-from objectives.joint_mae import JointMAEConfig, JointMAEObjective
-from objectives.masked import (
+from mmssl.objectives.autoregressive import PrefixLMConfig, PrefixLMObjective
+from mmssl.objectives.base import ModelSpec, Objective, ObjectiveError
+from mmssl.objectives.captioning import CaptioningConfig, CaptioningObjective
+from mmssl.objectives.clustering import ClusteringConfig, ClusteringObjective, SwapClusteringObjective, SwAVConfig
+from mmssl.objectives.contrastive import ContrastiveConfig, ContrastiveObjective
+from mmssl.objectives.factorcl import FactorCLConfig, FactorCLObjective
+from mmssl.objectives.intramodal import IntraModalConfig, IntraModalObjective
+from mmssl.objectives.joint_mae import JointMAEConfig, JointMAEObjective
+from mmssl.objectives.masked import (
     CrossMLMConfig,
     CrossModalMLMObjective,
     MAEConfig,
@@ -29,9 +29,9 @@ from objectives.masked import (
     MLMConfig,
     MLMObjective,
 )
-from objectives.matching import MatchingConfig, MatchingObjective
-from objectives.momentum import MomentumContrastiveConfig, MomentumContrastiveObjective
-from objectives.siglip import SigLIPConfig, SigLIPObjective
+from mmssl.objectives.matching import MatchingConfig, MatchingObjective
+from mmssl.objectives.momentum import MomentumContrastiveConfig, MomentumContrastiveObjective
+from mmssl.objectives.siglip import SigLIPConfig, SigLIPObjective
 
 # kind -> (config dataclass, factory(config, model spec) -> objective)
 OBJECTIVES: dict[str, tuple[type, Callable[[Any, ModelSpec], Objective]]] = {

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from objectives.distributed import sum_over_ranks, world
+from mmssl.objectives.distributed import sum_over_ranks, world
 
 
 def _all_reduce(x: Tensor, op: dist.ReduceOp.RedOpType) -> Tensor:

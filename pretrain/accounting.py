@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from data_pipelines.batch import Batch
+from mmssl.data_pipelines.batch import Batch
 
 MAX_LISTED_FAULTS = 10000
 

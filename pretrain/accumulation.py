@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from data_pipelines.batch import Batch, cat_batches
-from objectives.base import LossOutput
+from mmssl.data_pipelines.batch import Batch, cat_batches
+from mmssl.objectives.base import LossOutput
 
 OUTPUT_FIELDS = ("embeddings", "pooled", "tokens", "fused")
 

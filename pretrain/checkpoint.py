@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipelines.shards import atomic_write_text
-from pretrain.frozen import check_reference, write_reference
-from pretrain.storage import RunStorage
+from mmssl.data_pipelines.shards import atomic_write_text
+from mmssl.pretrain.frozen import check_reference, write_reference
+from mmssl.pretrain.storage import RunStorage
 
 CHECKPOINTS = "checkpoints"
 MASTER_PARAM_NAMES = "mmssl_master_params"

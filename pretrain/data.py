@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 
-from architectures.modalities import get_modality
-from data_pipelines.epochs import exact_batches_per_epoch
-from data_pipelines.shards import resolve_shards, shard_sizes
-from data_pipelines.stream import ShardStream, Source, make_loader, read_once
-from objectives.base import VIEW_SEP, base_modality
-from pretrain.precision import input_dtype
-from pretrain.recipe import Recipe, RecipeError
+from mmssl.architectures.modalities import get_modality
+from mmssl.data_pipelines.epochs import exact_batches_per_epoch
+from mmssl.data_pipelines.shards import resolve_shards, shard_sizes
+from mmssl.data_pipelines.stream import ShardStream, Source, make_loader, read_once
+from mmssl.objectives.base import VIEW_SEP, base_modality
+from mmssl.pretrain.precision import input_dtype
+from mmssl.pretrain.recipe import Recipe, RecipeError
 
 
 def view_names(recipe: Recipe) -> dict[str, str]:

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.precision import check_precision, deepspeed_precision, prepare_for_precision
-from pretrain.recipe import RecipeError, TrainConfig
+from mmssl.pretrain.precision import check_precision, deepspeed_precision, prepare_for_precision
+from mmssl.pretrain.recipe import RecipeError, TrainConfig
 
 
 def lr_factor(step: int, train: TrainConfig) -> float:

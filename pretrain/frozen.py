@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from architectures.stitching.pretrained import sha256_file
-from data_pipelines.shards import atomic_write_text
+from mmssl.architectures.stitching.pretrained import sha256_file
+from mmssl.data_pipelines.shards import atomic_write_text
 
 FROZEN_FILE = "frozen.json"
 

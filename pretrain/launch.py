@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from pretrain.recipe import Recipe, RecipeError, dump_recipe, load_recipe
-from pretrain.validate import validate_recipe
-from pretrain.worker import LOGS, exit_record_path, read_exit_record
+from mmssl.pretrain.recipe import Recipe, RecipeError, dump_recipe, load_recipe
+from mmssl.pretrain.validate import validate_recipe
+from mmssl.pretrain.worker import LOGS, exit_record_path, read_exit_record
 
 RECIPE_FILE = "recipe.yaml"
 MAX_QUOTED = 300  # characters of a rank's error quoted in the launcher's line
@@ -89,13 +89,13 @@ def launch(source: str, overrides: Sequence[str], *, nproc: int, run_dir: str | 
     validate_recipe(recipe, world_size=world)
     directory = Path(run_dir) if run_dir else default_run_dir(recipe)
     if under_launcher():
-        from pretrain.worker import run_rank
+        from mmssl.pretrain.worker import run_rank
 
         return run_rank(source, overrides, directory, overwrite=overwrite)
     prepare_run_dir(directory, recipe, overwrite=overwrite)
     for rank in range(nproc):  # records of an earlier run in this directory must not speak for this one
         exit_record_path(directory, rank).unlink(missing_ok=True)
-    args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "pretrain.worker", "--prepared", "--run-dir",
+    args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "mmssl.pretrain.worker", "--prepared", "--run-dir",
             str(directory), str(source), *overrides]
     print(f"mmssl: pretraining {recipe.name} on {nproc} rank(s) -> {directory}", file=sys.stderr, flush=True)
     failures = run_torchrun(args, child_env(nproc))

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.recipe import RecipeError, TrainConfig
+from mmssl.pretrain.recipe import RecipeError, TrainConfig
 
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

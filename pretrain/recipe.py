@@ -23,10 +23,10 @@ from typing import Any, Union
 
 import yaml
 
-import recipes as bundled_recipes
-from architectures.config import ModelConfig
-from data_pipelines.config import DataConfig
-from objectives.registry import ObjectivesConfig
+import mmssl.recipes as bundled_recipes
+from mmssl.architectures.config import ModelConfig
+from mmssl.data_pipelines.config import DataConfig
+from mmssl.objectives.registry import ObjectivesConfig
 
 
 class RecipeError(ValueError):

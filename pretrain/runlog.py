@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_pipelines.shards import atomic_write_text
+from mmssl.data_pipelines.shards import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"

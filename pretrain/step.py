@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from data_pipelines.batch import Batch
-from pretrain.accumulation import cached_accumulation_step
+from mmssl.data_pipelines.batch import Batch
+from mmssl.pretrain.accumulation import cached_accumulation_step
 
 PHASES = ("data_wait", "forward", "backward", "optimizer")
 

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from data_pipelines.batch import Batch
-from objectives.base import LossOutput, ModelOutputs, Objective
+from mmssl.data_pipelines.batch import Batch
+from mmssl.objectives.base import LossOutput, ModelOutputs, Objective
 
 
 class PretrainTask(nn.Module):

@@ -43,22 +43,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from architectures.config import build_model, model_summary
-from data_pipelines.batch import Batch
-from data_pipelines.shards import atomic_write_text
-from objectives.registry import build_objectives
-from pretrain import checkpoint
-from pretrain.accounting import DataAccount, KeyLog, merge_reports
-from pretrain.data import batches_per_epoch, build_loader, device_transforms, feature_source
-from pretrain.engine import build_engine
-from pretrain.frozen import frozen_reference, frozen_state_sha256, optimizer_memory
-from pretrain.precision import compute_dtype, configure_numerics, input_dtype
-from pretrain.recipe import Recipe, RecipeError
-from pretrain.runlog import MetricsWriter, hardware_summary, plot_loss_curve, setup_text_logs
-from pretrain.step import PHASES, NonFiniteGuard, PhaseTimer, StepResult, optimizer_step
-from pretrain.storage import RunStorage, probe_storage
-from pretrain.task import PretrainTask
-from pretrain.transfer import DeviceFeed
+from mmssl.architectures.config import build_model, model_summary
+from mmssl.data_pipelines.batch import Batch
+from mmssl.data_pipelines.shards import atomic_write_text
+from mmssl.objectives.registry import build_objectives
+from mmssl.pretrain import checkpoint
+from mmssl.pretrain.accounting import DataAccount, KeyLog, merge_reports
+from mmssl.pretrain.data import batches_per_epoch, build_loader, device_transforms, feature_source
+from mmssl.pretrain.engine import build_engine
+from mmssl.pretrain.frozen import frozen_reference, frozen_state_sha256, optimizer_memory
+from mmssl.pretrain.precision import compute_dtype, configure_numerics, input_dtype
+from mmssl.pretrain.recipe import Recipe, RecipeError
+from mmssl.pretrain.runlog import MetricsWriter, hardware_summary, plot_loss_curve, setup_text_logs
+from mmssl.pretrain.step import PHASES, NonFiniteGuard, PhaseTimer, StepResult, optimizer_step
+from mmssl.pretrain.storage import RunStorage, probe_storage
+from mmssl.pretrain.task import PretrainTask
+from mmssl.pretrain.transfer import DeviceFeed
 
 SUMMARY = "summary.json"
 

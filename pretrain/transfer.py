@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from data_pipelines.batch import Batch
+from mmssl.data_pipelines.batch import Batch
 
 
 class DeviceFeed:

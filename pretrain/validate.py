@@ -7,16 +7,16 @@ from pathlib import Path
 
 import torch
 
-from architectures.config import build_model
-from architectures.fusion_ops import SINGLE_TOKEN_FUSIONS
-from architectures.modalities import get_modality
-from data_pipelines.epochs import SAMPLINGS
-from data_pipelines.shards import resolve_shards
-from objectives.base import VIEW_SEP, base_modality
-from objectives.registry import build_objectives, kind_of
-from pretrain.data import build_stream, view_names
-from pretrain.engine import check_train_config
-from pretrain.recipe import Recipe, RecipeError
+from mmssl.architectures.config import build_model
+from mmssl.architectures.fusion_ops import SINGLE_TOKEN_FUSIONS
+from mmssl.architectures.modalities import get_modality
+from mmssl.data_pipelines.epochs import SAMPLINGS
+from mmssl.data_pipelines.shards import resolve_shards
+from mmssl.objectives.base import VIEW_SEP, base_modality
+from mmssl.objectives.registry import build_objectives, kind_of
+from mmssl.pretrain.data import build_stream, view_names
+from mmssl.pretrain.engine import check_train_config
+from mmssl.pretrain.recipe import Recipe, RecipeError
 
 
 def validate_recipe(recipe: Recipe, *, world_size: int) -> None:

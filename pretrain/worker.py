@@ -1,4 +1,4 @@
-"""One training rank: ``python -m pretrain.worker --run-dir DIR RECIPE [overrides...]`` under any launcher.
+"""One training rank: ``python -m mmssl.pretrain.worker --run-dir DIR RECIPE [overrides...]`` under any launcher.
 
 When a rank's work ends (trained, or failed with a user error or an exception) it writes its **exit record**
 ``<run>/logs/rank<N>.exit`` atomically: ``{"rank": N, "exit_code": 0|1|2, "error": null|"one line"}``. A rank that
@@ -44,13 +44,13 @@ def read_exit_record(path: Path) -> dict[str, Any] | None:
 def user_errors() -> tuple[type[Exception], ...]:
     """The errors that mean bad input (a recipe, data, weights or a checkpoint that cannot be used as given): a rank
     reports them as one ``mmssl: error:`` line and exit code 2. The CLI adds its tools' own."""
-    from architectures.towers import ArchitectureError
-    from data_pipelines.shards import DataError
-    from objectives.base import ObjectiveError
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.frozen import FrozenWeightsError
-    from pretrain.recipe import RecipeError
-    from pretrain.storage import StorageError
+    from mmssl.architectures.towers import ArchitectureError
+    from mmssl.data_pipelines.shards import DataError
+    from mmssl.objectives.base import ObjectiveError
+    from mmssl.pretrain.checkpoint import CheckpointError
+    from mmssl.pretrain.frozen import FrozenWeightsError
+    from mmssl.pretrain.recipe import RecipeError
+    from mmssl.pretrain.storage import StorageError
 
     return (RecipeError, DataError, ArchitectureError, ObjectiveError, CheckpointError, FrozenWeightsError,
             StorageError)
@@ -64,11 +64,11 @@ def train_job(source: str, overrides: Sequence[str], run_dir: Path, *, prepare: 
     each copy, so node-local run directories get their recipe too); then train on every rank."""
     import torch.distributed as dist
 
-    from pretrain.launch import prepare_run_dir
-    from pretrain.recipe import load_recipe
-    from pretrain.storage import probe_storage
-    from pretrain.trainer import init_distributed, train
-    from pretrain.validate import validate_recipe
+    from mmssl.pretrain.launch import prepare_run_dir
+    from mmssl.pretrain.recipe import load_recipe
+    from mmssl.pretrain.storage import probe_storage
+    from mmssl.pretrain.trainer import init_distributed, train
+    from mmssl.pretrain.validate import validate_recipe
 
     recipe = load_recipe(source, overrides)
     rank, world, _ = init_distributed(recipe.train.collective_timeout_s)
@@ -130,7 +130,7 @@ def run_and_teardown(work: Callable[[], None], expected: tuple[type[Exception], 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.worker")
+    parser = argparse.ArgumentParser(prog="python -m mmssl.pretrain.worker")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--prepared", action="store_true", help="the launcher already prepared --run-dir")

@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def asterisk_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 200 real prompts in 8-sample shards (train ~170 in ~21 shards, test ~30), plus spm.model."""
-    from data_pipelines.sources import asterisk
+    from mmssl.data_pipelines.sources import asterisk
 
     asterisk.check_installed()
     out = tmp_path_factory.mktemp("asterisk")
@@ -37,7 +37,7 @@ def spm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for unit tests that need a real tokenizer but not the shards."""
     import random
 
-    from data_pipelines.tokenizer_training import train_sentencepiece
+    from mmssl.data_pipelines.tokenizer_training import train_sentencepiece
 
     rng = random.Random(0)
     sents = [" ".join(rng.choice(PROMPT_WORDS) for _ in range(rng.randint(3, 10))) for _ in range(60)]
@@ -48,10 +48,10 @@ def spm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fashion(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """About 200 real Fashion-MNIST images with their templated captions in 10-sample shards, and a sentencepiece
     model trained on those captions (`mmssl make-shards fashion-mnist` writes none)."""
-    from data_pipelines.reader import ShardReader
-    from data_pipelines.shards import resolve_shards
-    from data_pipelines.sources import fashion_mnist
-    from data_pipelines.tokenizer_training import train_sentencepiece
+    from mmssl.data_pipelines.reader import ShardReader
+    from mmssl.data_pipelines.shards import resolve_shards
+    from mmssl.data_pipelines.sources import fashion_mnist
+    from mmssl.data_pipelines.tokenizer_training import train_sentencepiece
 
     out = tmp_path_factory.mktemp("fashion")
     fashion_mnist.build(out, limit=200, shard_size=10)
@@ -64,9 +64,9 @@ def fashion(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def ktuberling_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """About 60 KTuberling pictures (English: spoken + written word; about half have no recording) in 4-sample
     shards, and the sentencepiece model `mmssl make-shards ktuberling` trains on the concept names."""
-    from data_pipelines.shards import DataError
-    from data_pipelines.sources import ktuberling
-    from data_pipelines.tokenizer_training import train_sentencepiece
+    from mmssl.data_pipelines.shards import DataError
+    from mmssl.data_pipelines.sources import ktuberling
+    from mmssl.data_pipelines.tokenizer_training import train_sentencepiece
 
     try:
         ktuberling.check_installed()
@@ -84,7 +84,7 @@ def ktuberling_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 def frozen_parts(fashion: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Overrides pointing the stitched tiny recipes at the real ImageNet EfficientNet-Lite0 and a seeded random
     GPT-2 over the Fashion-MNIST captions' vocabulary (what `mmssl weights` writes)."""
-    from architectures.stitching.pretrained import efficientnet_lite0_weights, random_causal_lm
+    from mmssl.architectures.stitching.pretrained import efficientnet_lite0_weights, random_causal_lm
 
     out = tmp_path_factory.mktemp("weights")
     lm = random_causal_lm(out / "tiny-causal-lm", fashion[1])
@@ -132,7 +132,7 @@ def mmssl_in_process(*args: str) -> subprocess.CompletedProcess:
     import contextlib
     import io
 
-    from tools.cli import main
+    from mmssl.tools.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -146,5 +146,5 @@ def mmssl_in_process(*args: str) -> subprocess.CompletedProcess:
 
 def mmssl(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    return subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mmssl", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)

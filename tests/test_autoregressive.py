@@ -13,18 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from architectures.config import ModelConfig, build_model
-from architectures.modalities import AudioConfig, TextConfig
-from architectures.modalities.tokenizers import load_tokenizer
-from data_pipelines.batch import Batch
-from objectives.autoregressive import (
+from mmssl.architectures.config import ModelConfig, build_model
+from mmssl.architectures.modalities import AudioConfig, TextConfig
+from mmssl.architectures.modalities.tokenizers import load_tokenizer
+from mmssl.data_pipelines.batch import Batch
+from mmssl.objectives.autoregressive import (
     PrefixLMConfig,
     PrefixLMDecoder,
     PrefixLMObjective,
     prefix_lm_attention,
     prefix_lm_loss,
 )
-from objectives.base import ObjectiveError
+from mmssl.objectives.base import ObjectiveError
 from tests.conftest import PROMPT_WORDS
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from architectures.config import build_model
-from tools.bench_architectures import CASES, REFERENCE, BenchAssets, architecture_rows, step_loss
+from mmssl.architectures.config import build_model
+from mmssl.tools.bench_architectures import CASES, REFERENCE, BenchAssets, architecture_rows, step_loss
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_rows_are_positive_and_parameter_counts_consistent(rows: list[dict]) -> 
 
 
 def test_step_loss_reaches_every_trainable_parameter(tmp_path) -> None:
-    from architectures.modalities import get_modality
+    from mmssl.architectures.modalities import get_modality
 
     cfg = CASES["late_gated"](BenchAssets(tmp_path))
     model = build_model(cfg, seed=0)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from mmssl.tools.bench_matrix import parse_args
+from mmssl.tools.probe import ProbeError
 from tests.conftest import mmssl, mmssl_in_process
-from tools.bench_matrix import parse_args
-from tools.probe import ProbeError
 
 
 @pytest.mark.distributed

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmssl.tools import bench
 from tests.conftest import mmssl
-from tools import bench
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 TINY = ["--steps", "1", "--trials", "2", "--batch", "8", "--width", "32", "--depth", "1", "--heads", "2",
@@ -21,7 +21,7 @@ TINY = ["--steps", "1", "--trials", "2", "--batch", "8", "--width", "32", "--dep
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from data_pipelines.sources import fashion_mnist
+    from mmssl.data_pipelines.sources import fashion_mnist
 
     if not fashion_mnist.ROOT.is_dir():
         pytest.skip("Fashion-MNIST (dataset-fashion-mnist) is not installed")
@@ -31,7 +31,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_clip_loss_equals_mmssl_contrastive_loss() -> None:
     import open_clip
 
-    from objectives.contrastive import contrastive_loss
+    from mmssl.objectives.contrastive import contrastive_loss
 
     torch.manual_seed(0)
     a, b = torch.randn(12, 16, dtype=torch.float64), torch.randn(12, 16, dtype=torch.float64)
@@ -48,8 +48,8 @@ def test_clip_loss_equals_mmssl_contrastive_loss() -> None:
 def test_same_model_sizes(workdir: Path) -> None:
     """Both builds have the same towers and (within the text tower's bidirectional-vs-causal differences, 1 %) the
     same parameter count; one open_clip step on mmssl's decoded batch changes open_clip's weights."""
-    from pretrain.recipe import load_recipe
-    from tools.recipes_check import count_parameters
+    from mmssl.pretrain.recipe import load_recipe
+    from mmssl.tools.recipes_check import count_parameters
 
     args = bench.parse_args([*TINY, "--workdir", str(workdir)])
     size = bench._size(args)

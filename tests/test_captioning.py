@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from architectures.outputs import ModelSpec
-from architectures.stitching import FrozenLM, LinearBridge, StitchedModel
-from architectures.towers import TimmTower
-from data_pipelines.batch import Batch
-from objectives.base import ObjectiveError
-from objectives.captioning import CaptioningConfig, CaptioningObjective, captioning_loss
+from mmssl.architectures.outputs import ModelSpec
+from mmssl.architectures.stitching import FrozenLM, LinearBridge, StitchedModel
+from mmssl.architectures.towers import TimmTower
+from mmssl.data_pipelines.batch import Batch
+from mmssl.objectives.base import ObjectiveError
+from mmssl.objectives.captioning import CaptioningConfig, CaptioningObjective, captioning_loss
 
 VOCAB, WIDTH, K = 50, 32, 3  # LM vocabulary and width, soft prompts
 PAD = 0

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from architectures.config import ModelConfig, build_model
-from architectures.encoder import save_encoder
-from architectures.modalities import AudioConfig
+from mmssl.architectures.config import ModelConfig, build_model
+from mmssl.architectures.encoder import save_encoder
+from mmssl.architectures.modalities import AudioConfig
 from tests.conftest import mmssl, mmssl_in_process, tiny_recipe_dict, write_recipe
 
 

@@ -15,16 +15,16 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score
 from torch import Tensor
 
-from objectives.base import ObjectiveError
-from objectives.clustering import (
+from mmssl.objectives.base import ObjectiveError
+from mmssl.objectives.clustering import (
     ClusteringConfig,
     ClusteringObjective,
     SwapClusteringObjective,
     SwAVConfig,
     pseudo_label_loss,
 )
-from objectives.kmeans import kmeans, normalized_mutual_info
-from objectives.sinkhorn import sinkhorn, swav_loss
+from mmssl.objectives.kmeans import kmeans, normalized_mutual_info
+from mmssl.objectives.sinkhorn import sinkhorn, swav_loss
 from tests.helpers.spawn import spawn_ranks
 
 SPEC = SimpleNamespace(embed_dim=6, feature_dims={"audio": 5, "text": 7})

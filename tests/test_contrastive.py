@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from objectives.contrastive import ContrastiveObjective, contrastive_loss
+from mmssl.objectives.contrastive import ContrastiveObjective, contrastive_loss
 from tests.helpers.spawn import spawn_ranks
 
 
@@ -161,7 +161,7 @@ def test_grouped_path_with_singleton_groups_equals_the_plain_loss() -> None:
 def test_meta_ids_are_a_stable_hash() -> None:
     import hashlib
 
-    from objectives.ids import meta_ids
+    from mmssl.objectives.ids import meta_ids
 
     expected = int.from_bytes(hashlib.blake2b(b"press one", digest_size=8).digest(), "little") & (2**63 - 1)
     ids = meta_ids(["press one", "goodbye", "press one", None, 3])
@@ -171,10 +171,10 @@ def test_meta_ids_are_a_stable_hash() -> None:
 
 
 def test_objective_reads_meta_fields() -> None:
-    from architectures.outputs import ModelOutput
-    from data_pipelines.batch import Batch
-    from objectives.base import ObjectiveError
-    from objectives.ids import meta_ids
+    from mmssl.architectures.outputs import ModelOutput
+    from mmssl.data_pipelines.batch import Batch
+    from mmssl.objectives.base import ObjectiveError
+    from mmssl.objectives.ids import meta_ids
 
     a, b, valid, _, _ = _grouped_case()
     texts = ["hi", "bye", "hi", "x", None, "bye", "y", "hi", None, "z", "x", "y"]

@@ -18,13 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-from architectures.errors import ArchitectureError
-from architectures.modalities import MODALITIES, AudioConfig, ImageConfig, TextConfig, get_modality
-from architectures.modalities import corruptions as C
-from architectures.modalities.audio import LogMel, noise_snr_db, read_waveform
-from architectures.modalities.sequence import SequenceConfig
-from architectures.modalities.video import VideoConfig
-from data_pipelines.stream import read_once
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.modalities import MODALITIES, AudioConfig, ImageConfig, TextConfig, get_modality
+from mmssl.architectures.modalities import corruptions as C
+from mmssl.architectures.modalities.audio import LogMel, noise_snr_db, read_waveform
+from mmssl.architectures.modalities.sequence import SequenceConfig
+from mmssl.architectures.modalities.video import VideoConfig
+from mmssl.data_pipelines.stream import read_once
 
 SENTENCE = "please enter your password followed by the pound key thank you for calling"
 RATE = 8000

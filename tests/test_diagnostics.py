@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tools.diagnostics import alignment, effective_rank, embedding_diagnostics, modality_gap, uniformity
-from tools.probe import ProbeError
+from mmssl.tools.diagnostics import alignment, effective_rank, embedding_diagnostics, modality_gap, uniformity
+from mmssl.tools.probe import ProbeError
 
 
 def _normalise_rows(a: np.ndarray) -> np.ndarray:

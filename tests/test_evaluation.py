@@ -12,13 +12,13 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from architectures.config import ModelConfig, build_model
-from architectures.modalities import AudioConfig, TextConfig
+from mmssl.architectures.config import ModelConfig, build_model
+from mmssl.architectures.modalities import AudioConfig, TextConfig
+from mmssl.tools.eval_report import compare, format_evaluation
+from mmssl.tools.evaluation import evaluate
+from mmssl.tools.exported_model import load_model, save_model
+from mmssl.tools.model_features import Corruption, extract_model_features
 from tests.conftest import mmssl_in_process
-from tools.eval_report import compare, format_evaluation
-from tools.evaluation import evaluate
-from tools.exported_model import load_model, save_model
-from tools.model_features import Corruption, extract_model_features
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -132,9 +132,9 @@ def test_bad_inputs_fail_by_name(model_dir: Path, asterisk_data: Path, tmp_path:
 def test_unified_model_fused_feature_is_the_query_fusion_state(asterisk_data: Path, tmp_path: Path) -> None:
     """Any family evaluates: a unified encoder's fused feature is its joint pass's state of the query's first
     token, and the fused probe and retrieval run on it."""
-    from architectures.config import UnifiedConfig
-    from data_pipelines.shards import resolve_shards
-    from data_pipelines.stream import read_once
+    from mmssl.architectures.config import UnifiedConfig
+    from mmssl.data_pipelines.shards import resolve_shards
+    from mmssl.data_pipelines.stream import read_once
 
     cfg = ModelConfig(family="unified", embed_dim=16,
                       unified=UnifiedConfig(width=32, depth=1, heads=2, fusion_depth=1, query="text"),

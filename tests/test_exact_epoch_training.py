@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipelines.shards import DatasetIndex
+from mmssl.data_pipelines.shards import DatasetIndex
 from tests.conftest import mmssl, tiny_recipe_dict, write_recipe
 
 

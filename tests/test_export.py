@@ -13,15 +13,15 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from architectures.config import build_model
-from data_pipelines.shards import resolve_shards
-from data_pipelines.stream import read_once
-from pretrain.data import eval_decoders, modality_fields
-from pretrain.recipe import load_recipe
+from mmssl.architectures.config import build_model
+from mmssl.data_pipelines.shards import resolve_shards
+from mmssl.data_pipelines.stream import read_once
+from mmssl.pretrain.data import eval_decoders, modality_fields
+from mmssl.pretrain.recipe import load_recipe
+from mmssl.tools.export import consolidated_state_dict
+from mmssl.tools.exported_model import load_model
+from mmssl.tools.probe import ProbeError
 from tests.conftest import mmssl, tiny_recipe_dict, write_recipe
-from tools.export import consolidated_state_dict
-from tools.exported_model import load_model
-from tools.probe import ProbeError
 
 pytestmark = pytest.mark.distributed
 

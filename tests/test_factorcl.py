@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from architectures.outputs import ModelSpec
-from objectives.base import ObjectiveError
-from objectives.factorcl import (
+from mmssl.architectures.outputs import ModelSpec
+from mmssl.objectives.base import ObjectiveError
+from mmssl.objectives.factorcl import (
     CLUB_BOUNDS,
     NCE_BOUNDS,
     FactorCLConfig,

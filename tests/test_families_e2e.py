@@ -41,13 +41,13 @@ def _assert_export_reloads(run: Path, tmp_path: Path) -> Path:
     of the model rebuilt from the consolidated checkpoint (<= 1e-6) on a real batch; returns the model directory."""
     import torch
 
-    from architectures.config import build_model
-    from data_pipelines.shards import resolve_shards
-    from data_pipelines.stream import read_once
-    from pretrain.data import eval_decoders, modality_fields
-    from pretrain.recipe import load_recipe
-    from tools.export import consolidated_state_dict, export_run
-    from tools.exported_model import load_model
+    from mmssl.architectures.config import build_model
+    from mmssl.data_pipelines.shards import resolve_shards
+    from mmssl.data_pipelines.stream import read_once
+    from mmssl.pretrain.data import eval_decoders, modality_fields
+    from mmssl.pretrain.recipe import load_recipe
+    from mmssl.tools.export import consolidated_state_dict, export_run
+    from mmssl.tools.exported_model import load_model
 
     export_run(run, tmp_path / "export")  # what `mmssl export RUN --out DIR` runs
     recipe = load_recipe(run / "recipe.yaml")
@@ -83,7 +83,7 @@ def _assert_terms_go_down(run: Path, objectives: dict[str, Any], label: str) -> 
 @pytest.fixture(scope="module")
 def fashion_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 400 real Fashion-MNIST images with their templated captions, in 16 shards of 25."""
-    from data_pipelines.sources import fashion_mnist
+    from mmssl.data_pipelines.sources import fashion_mnist
 
     out = tmp_path_factory.mktemp("fashion")
     fashion_mnist.build(out, limit=400, shard_size=25)
@@ -93,7 +93,7 @@ def fashion_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _stitched_recipe(fashion_data: Path, weights_dir: Path) -> dict[str, Any]:
     """BLIP-2 stage 1 on real pretrained parts: the ImageNet EfficientNet-Lite0 (frozen, timm) and
     all-MiniLM-L6-v2 (frozen, transformers) joined by a Q-Former; image-text contrastive on Fashion-MNIST captions."""
-    from architectures.stitching.pretrained import efficientnet_lite0_weights, minilm_dir
+    from mmssl.architectures.stitching.pretrained import efficientnet_lite0_weights, minilm_dir
 
     minilm = minilm_dir()
     return {
@@ -150,10 +150,10 @@ def test_stitched_frozen_models_train_only_the_bridge(family_runs: dict[str, tup
                                                       fashion_data: Path, tmp_path: Path) -> None:
     """The stitched recipe (`_stitched_recipe`): the loss goes down, the checkpoint holds only bridge and head
     weights, and the frozen weights at the end hash exactly as built from their files."""
-    from architectures.config import build_model
-    from pretrain.frozen import FROZEN_FILE, frozen_state_sha256
-    from pretrain.recipe import load_recipe
-    from tools.export import consolidated_state_dict
+    from mmssl.architectures.config import build_model
+    from mmssl.pretrain.frozen import FROZEN_FILE, frozen_state_sha256
+    from mmssl.pretrain.recipe import load_recipe
+    from mmssl.tools.export import consolidated_state_dict
 
     path, run, error = family_runs["stitched"]
     assert error is None, error[-4000:]
@@ -183,9 +183,9 @@ def test_stitched_frozen_models_train_only_the_bridge(family_runs: dict[str, tup
     assert set(frozen) == {"vision", "lm"}
     vision_file = Path(frozen["vision"]["path"])
     # evaluated (before the weights file changes): zero-shot from class-name prompts through the frozen LM works
-    from tools.evaluation import evaluate
-    from tools.exported_model import load_model
-    from tools.probe import ProbeError
+    from mmssl.tools.evaluation import evaluate
+    from mmssl.tools.exported_model import load_model
+    from mmssl.tools.probe import ProbeError
 
     results = evaluate(model_dir, shards=str(fashion_data / "train"), test_shards=str(fashion_data / "test"),
                        label="label", out_dir=tmp_path / "eval", robustness=False)

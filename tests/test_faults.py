@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 import torch
 
-from data_pipelines.batch import Batch
-from data_pipelines.epochs import reader_segments
-from data_pipelines.reader import FaultLog, ShardReader
-from data_pipelines.shards import resolve_shards, shard_sizes
-from data_pipelines.stream import ShardStream, read_once
-from pretrain.data import eval_decoders, modality_fields, train_decoders
-from pretrain.engine import check_train_config
-from pretrain.recipe import Recipe, RecipeError, TrainConfig, _Origin, from_dict
+from mmssl.data_pipelines.batch import Batch
+from mmssl.data_pipelines.epochs import reader_segments
+from mmssl.data_pipelines.reader import FaultLog, ShardReader
+from mmssl.data_pipelines.shards import resolve_shards, shard_sizes
+from mmssl.data_pipelines.stream import ShardStream, read_once
+from mmssl.pretrain.data import eval_decoders, modality_fields, train_decoders
+from mmssl.pretrain.engine import check_train_config
+from mmssl.pretrain.recipe import Recipe, RecipeError, TrainConfig, _Origin, from_dict
 from tests.conftest import ROOT, run_ranks, tiny_recipe_dict, write_recipe
 from tests.helpers.spawn import spawn_ranks
 
@@ -71,7 +71,7 @@ def _fixed_source(recipe: Recipe, global_batch: int, skip: list[int], poison: li
 
 def _train_ranks(rank: int, world: int, data: str, run_dir: str, train: dict[str, Any], skip: list[int],
                  poison: list[int]) -> dict[str, Any]:
-    from pretrain.trainer import Trainer, TrainingDivergedError
+    from mmssl.pretrain.trainer import Trainer, TrainingDivergedError
 
     recipe = _recipe(Path(data), **train)
     recipe.data.batch_size = 16 // world
@@ -129,7 +129,7 @@ def test_one_ranks_nan_skips_the_update_on_every_rank(nan_runs: dict[tuple[int, 
             assert torch.isfinite(got["weights"][name]).all(), name
             torch.testing.assert_close(got["weights"][name], value, rtol=0, atol=1e-6, msg=name)
     initial = _recipe(asterisk_data)
-    from architectures.config import build_model
+    from mmssl.architectures.config import build_model
 
     start = build_model(initial.model, seed=initial.train.seed).state_dict()
     assert start.keys() == poisoned[0]["weights"].keys()
@@ -197,7 +197,7 @@ def _read_all(urls: list[str], recipe: Recipe, *, retries: int, backoff: float) 
 
 
 def _train_with_bad_urls(rank: int, world: int, data: str, run_dir: str, steps: int) -> dict[str, Any]:
-    from pretrain.trainer import Trainer
+    from mmssl.pretrain.trainer import Trainer
 
     recipe = _recipe(Path(data), steps=steps)
     recipe.data.shuffle_buffer, recipe.data.streams_per_rank = 0, 1
@@ -273,7 +273,7 @@ def test_killed_rank_ends_the_job_with_a_clear_error(asterisk_data: Path, tmp_pa
         asterisk_data, train={"steps": 100000, "collective_timeout_s": timeout_s, "ckpt_every": 0}))
     run = tmp_path / "run"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "pretrain", str(recipe), "--nproc", "2", "--run-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "mmssl", "pretrain", str(recipe), "--nproc", "2", "--run-dir",
                              str(run)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -307,9 +307,8 @@ def test_killed_rank_ends_the_job_with_a_clear_error(asterisk_data: Path, tmp_pa
 
 HUNG_RANK = """
 import os, sys, time
-sys.path.insert(0, {root!r})
 import torch, torch.distributed as dist
-from pretrain.trainer import init_distributed
+from mmssl.pretrain.trainer import init_distributed
 rank, _, _ = init_distributed({timeout})
 if rank == 1:
     time.sleep(120)  # alive but hung: only the collective timeout can end rank 0's wait

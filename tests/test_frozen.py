@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from architectures.config import build_model
-from architectures.stitching.pretrained import sha256_file
-from pretrain.frozen import FROZEN_FILE, FrozenWeightsError, check_reference, frozen_reference
-from pretrain.recipe import load_recipe
+from mmssl.architectures.config import build_model
+from mmssl.architectures.stitching.pretrained import sha256_file
+from mmssl.pretrain.frozen import FROZEN_FILE, FrozenWeightsError, check_reference, frozen_reference
+from mmssl.pretrain.recipe import load_recipe
+from mmssl.tools.export import consolidated_state_dict
 from tests.conftest import mmssl, tiny_recipe_dict, write_recipe
-from tools.export import consolidated_state_dict
 
 pytestmark = pytest.mark.distributed
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from architectures.errors import ArchitectureError
-from architectures.fusion_ops import (
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.fusion_ops import (
     OPERATOR_FUSIONS,
     ConcatFusion,
     GatedFusion,
@@ -25,7 +25,7 @@ from architectures.fusion_ops import (
     masked_mean,
     tensor_fusion,
 )
-from architectures.mult import MulT
+from mmssl.architectures.mult import MulT
 
 DIMS = {"audio": 3, "image": 2, "text": 4}  # sorted order: audio, image, text
 LENGTHS = {"audio": 5, "image": 3, "text": 6}
@@ -81,7 +81,7 @@ def linear(x: Tensor, layer: nn.Linear) -> Tensor:
 
 
 def test_registry_holds_every_kind() -> None:
-    from architectures.merged import MergedAttentionFusion
+    from mmssl.architectures.merged import MergedAttentionFusion
 
     assert set(OPERATOR_FUSIONS) == {"cross_attention", "concat", "tensor", "low_rank", "gated", "multiplicative",
                                      "mult", "merged"}

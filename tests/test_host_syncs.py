@@ -65,8 +65,8 @@ class _Reads(TorchDispatchMode):
 
 
 def _count_steps(rank: int, world: int, recipe: str, overrides: list[str], run_dir: str) -> dict[str, Any]:
-    from pretrain.recipe import load_recipe
-    from pretrain.trainer import Trainer
+    from mmssl.pretrain.recipe import load_recipe
+    from mmssl.pretrain.trainer import Trainer
 
     cfg = load_recipe(recipe, [*overrides, "train.steps=100", "train.log_every=100", "train.ckpt_every=0",
                                "train.tensorboard=false", "data.num_workers=1"])

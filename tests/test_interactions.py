@@ -10,8 +10,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from tools.interactions import PID, joint_distribution, optimal_coupling, pid, pid_from_predictions
-from tools.probe import ProbeError
+from mmssl.tools.interactions import PID, joint_distribution, optimal_coupling, pid, pid_from_predictions
+from mmssl.tools.probe import ProbeError
 
 EXACT_TOL = 1e-7  # bits, for the closed-form cases (the barrier stops at a duality gap of about #vars·1e-10 nats)
 

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from architectures.outputs import ModelOutput, ModelSpec
-from objectives.base import ObjectiveError
-from objectives.intramodal import IntraModalConfig, IntraModalObjective, nt_xent_loss
+from mmssl.architectures.outputs import ModelOutput, ModelSpec
+from mmssl.objectives.base import ObjectiveError
+from mmssl.objectives.intramodal import IntraModalConfig, IntraModalObjective, nt_xent_loss
 from tests.helpers.spawn import spawn_ranks
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -181,7 +181,7 @@ def test_slip_projector_has_three_layers_with_batch_norm() -> None:
     its parameter count written out."""
     from torch import nn
 
-    from objectives.intramodal import mlp_projector
+    from mmssl.objectives.intramodal import mlp_projector
 
     head = mlp_projector(768, 4096, 256, layers=3, batch_norm=True)
     kinds = [type(m) for m in head]

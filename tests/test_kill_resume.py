@@ -34,10 +34,10 @@ import pytest
 import torch
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-from pretrain.launch import describe_failures, failure_exit_code
-from pretrain.worker import exit_record_path, read_exit_record, run_and_teardown, write_exit_record
+from mmssl.pretrain.launch import describe_failures, failure_exit_code
+from mmssl.pretrain.worker import exit_record_path, read_exit_record, run_and_teardown, write_exit_record
+from mmssl.tools.export import consolidated_state_dict
 from tests.conftest import ROOT, mmssl, run_ranks, tiny_recipe_dict, write_recipe
-from tools.export import consolidated_state_dict
 
 STEPS = 10
 KILL_SEED = 20240602  # draws step 5: resumed from step 4, between two pseudo-label refreshes (3, 6)
@@ -46,7 +46,6 @@ CKPT = "checkpoints"
 # The test process's own child: wraps one function so that rank 0 SIGKILLs itself at a precise point of a save.
 KILLING_WORKER = """
 import os, signal, sys
-sys.path.insert(0, {root!r})
 point, step = sys.argv[1].split(":")
 tmp_tag = ".tmp-step_%08d" % int(step)
 if point == "writing" and os.environ.get("RANK") == "0":
@@ -68,7 +67,7 @@ elif point == "renaming" and os.environ.get("RANK") == "0":
         return real_replace(src, dst, *args, **kwargs)
 
     os.replace = replace
-from pretrain.worker import main
+from mmssl.pretrain.worker import main
 main(sys.argv[2:])
 """
 
@@ -210,7 +209,7 @@ def killed(recipe: Path) -> dict[str, Any]:
     run = recipe.parent / "killed"
     kill_step = random.Random(KILL_SEED).randint(3, 8)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "pretrain", str(recipe), "--nproc", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "mmssl", "pretrain", str(recipe), "--nproc", "2",
                              "--run-dir", str(run)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines.shards import DataError, DatasetIndex
-from data_pipelines.sources import ktuberling
+from mmssl.data_pipelines.shards import DataError, DatasetIndex
+from mmssl.data_pipelines.sources import ktuberling
 
 soundfile = pytest.importorskip("soundfile")
 
@@ -152,7 +152,7 @@ def test_wav_is_the_recording_resampled_to_16k(samples: dict) -> None:
 
 
 def test_the_framework_audio_decoder_reads_the_wav(samples: dict) -> None:
-    from architectures.modalities.audio import read_waveform
+    from mmssl.architectures.modalities.audio import read_waveform
 
     members = next(m for split in samples.values() for m in split.values() if "wav" in m)
     x, rate = read_waveform(members["wav"])

@@ -14,14 +14,14 @@ import pytest
 import timm
 import torch
 
-from architectures.config import FusionConfig, ModelConfig, build_model
-from architectures.modalities import AudioConfig, TextConfig
-from architectures.modalities.tokenizers import load_tokenizer
-from architectures.outputs import ModelSpec
-from data_pipelines.batch import Batch
-from objectives.base import ObjectiveError
-from objectives.kmeans import kmeans
-from objectives.masked import (
+from mmssl.architectures.config import FusionConfig, ModelConfig, build_model
+from mmssl.architectures.modalities import AudioConfig, TextConfig
+from mmssl.architectures.modalities.tokenizers import load_tokenizer
+from mmssl.architectures.outputs import ModelSpec
+from mmssl.data_pipelines.batch import Batch
+from mmssl.objectives.base import ObjectiveError
+from mmssl.objectives.kmeans import kmeans
+from mmssl.objectives.masked import (
     CrossMLMConfig,
     CrossModalMLMObjective,
     MAEConfig,
@@ -37,7 +37,7 @@ from objectives.masked import (
     norm_pix_target,
     token_ce,
 )
-from objectives.masking import (
+from mmssl.objectives.masking import (
     KEPT,
     MASKED,
     RANDOM,
@@ -418,7 +418,7 @@ def test_tied_mlm_decoder_shares_the_embedding_table_and_sums_both_gradients(spm
     """``tie_embeddings`` (BERT / ALBEF): the decoder weight *is* the text tower's input embedding table, counted once
     in the task's parameters, and its gradient is the sum of the gradients an untied copy gives to the embedding
     table and to the decoder, on the same batch and masks."""
-    from pretrain.task import PretrainTask
+    from mmssl.pretrain.task import PretrainTask
 
     cfg = ModelConfig(family="late_fusion", embed_dim=16, fusion=FusionConfig(width=32, depth=1, heads=2), towers={
         "audio": AudioConfig(width=32, depth=1, heads=2, frames=32, n_mels=32, patch_size=[8, 8]),

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from architectures.fusion import CrossAttentionFusion
-from architectures.outputs import ModelOutput, ModelSpec
-from data_pipelines.batch import Batch
-from objectives.base import ObjectiveError
-from objectives.ids import meta_ids
-from objectives.matching import (
+from mmssl.architectures.fusion import CrossAttentionFusion
+from mmssl.architectures.outputs import ModelOutput, ModelSpec
+from mmssl.data_pipelines.batch import Batch
+from mmssl.objectives.base import ObjectiveError
+from mmssl.objectives.ids import meta_ids
+from mmssl.objectives.matching import (
     MatchingConfig,
     MatchingObjective,
     negative_candidates,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from architectures.merged import MergedAttentionFusion
+from mmssl.architectures.merged import MergedAttentionFusion
 
 DIMS = {"audio": 12, "image": 10}
 
@@ -73,8 +73,8 @@ def test_rows_are_independent_and_an_absent_modality_is_as_if_not_given() -> Non
 
 def _build(model: dict, directory: Path) -> torch.nn.Module:
     """The model of a recipe whose ``model:`` section is ``model`` (parsed and checked as a user's recipe is)."""
-    from architectures.config import build_model
-    from pretrain.recipe import load_recipe
+    from mmssl.architectures.config import build_model
+    from mmssl.pretrain.recipe import load_recipe
     from tests.conftest import write_recipe
 
     recipe = {"name": "merged", "data": {"train": str(directory)}, "model": model,
@@ -95,9 +95,9 @@ def cav_mae_model(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
 
 
 def test_joint_mae_loss_is_the_masked_mse_of_present_rows(cav_mae_model: torch.nn.Module) -> None:
-    from data_pipelines.batch import Batch
-    from objectives.joint_mae import JointMAEConfig, JointMAEObjective
-    from objectives.masking import patchify
+    from mmssl.data_pipelines.batch import Batch
+    from mmssl.objectives.joint_mae import JointMAEConfig, JointMAEObjective
+    from mmssl.objectives.masking import patchify
 
     model = cav_mae_model
     objective = JointMAEObjective(JointMAEConfig(modalities=["audio", "image"], mask_ratio=0.5, decoder_width=16,
@@ -138,9 +138,9 @@ def test_joint_mae_loss_is_the_masked_mse_of_present_rows(cav_mae_model: torch.n
 
 
 def test_joint_mae_needs_a_merged_fusion(tmp_path: Path) -> None:
-    from architectures.errors import ArchitectureError
-    from data_pipelines.batch import Batch
-    from objectives.joint_mae import JointMAEConfig, JointMAEObjective
+    from mmssl.architectures.errors import ArchitectureError
+    from mmssl.data_pipelines.batch import Batch
+    from mmssl.objectives.joint_mae import JointMAEConfig, JointMAEObjective
 
     model = _build({
         "family": "late_fusion", "embed_dim": 8, "fusion": {"kind": "cross_attention", "query": "audio", "width": 16,

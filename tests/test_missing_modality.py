@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from architectures.config import FusionConfig, ModelConfig, UnifiedConfig, build_model
-from architectures.modalities import AudioConfig, TextConfig
-from data_pipelines.batch import Batch
-from objectives.contrastive import ContrastiveConfig, ContrastiveObjective
+from mmssl.architectures.config import FusionConfig, ModelConfig, UnifiedConfig, build_model
+from mmssl.architectures.modalities import AudioConfig, TextConfig
+from mmssl.data_pipelines.batch import Batch
+from mmssl.objectives.contrastive import ContrastiveConfig, ContrastiveObjective
 from tests.conftest import PROMPT_WORDS
 
 B = 6
@@ -43,7 +43,7 @@ CASES = {
 
 
 def _inputs(spm: Path) -> dict:
-    from architectures.modalities.tokenizers import load_tokenizer
+    from mmssl.architectures.modalities.tokenizers import load_tokenizer
 
     tok = load_tokenizer(spm, 12)
     gen = torch.Generator().manual_seed(0)

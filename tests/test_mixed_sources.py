@@ -19,13 +19,13 @@ import pytest
 import torch
 import yaml
 
-from architectures.config import build_model
-from data_pipelines.batch import Batch
-from data_pipelines.shards import resolve_shards
-from data_pipelines.tokenizer_training import train_sentencepiece
-from objectives.registry import build_objectives
-from pretrain.data import build_stream
-from pretrain.recipe import load_recipe
+from mmssl.architectures.config import build_model
+from mmssl.data_pipelines.batch import Batch
+from mmssl.data_pipelines.shards import resolve_shards
+from mmssl.data_pipelines.tokenizer_training import train_sentencepiece
+from mmssl.objectives.registry import build_objectives
+from mmssl.pretrain.data import build_stream
+from mmssl.pretrain.recipe import load_recipe
 from tests.conftest import mmssl
 
 WEIGHTS = {"pairs": 0.5, "images": 0.25, "captions": 0.25}
@@ -33,7 +33,7 @@ WEIGHTS = {"pairs": 0.5, "images": 0.25, "captions": 0.25}
 
 @pytest.fixture(scope="module")
 def mixed_recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from data_pipelines.sources import fashion_mnist
+    from mmssl.data_pipelines.sources import fashion_mnist
 
     out = tmp_path_factory.mktemp("mixed")
     fashion_mnist.build(out, limit=240, shard_size=10)
@@ -74,7 +74,7 @@ def _brace(urls: list[str]) -> str:
 
 
 def _captions(urls: list[str]) -> list[str]:
-    from data_pipelines.reader import ShardReader
+    from mmssl.data_pipelines.reader import ShardReader
 
     reader = ShardReader(where="test")
     return [s["txt"].decode() for u in urls for _, s in reader.samples(u)]

@@ -19,16 +19,23 @@ from PIL import Image
 from timm.models._manipulate import group_with_matcher
 from transformers import AutoModel
 
-import architectures.modalities as modalities_pkg
-from architectures.config import FusionConfig, ModelConfig, build_model
-from architectures.embedders import PatchEmbedder
-from architectures.encoder import Encoder, save_encoder
-from architectures.errors import ArchitectureError
-from architectures.heads import ProjectionHead
-from architectures.modalities import MODALITIES, AudioConfig, ImageConfig, TextConfig, discover_plugins, get_modality
-from architectures.modalities.audio import read_waveform
-from architectures.modalities.sequence import SequenceConfig
-from architectures.modalities.video import VideoConfig
+import mmssl.architectures.modalities as modalities_pkg
+from mmssl.architectures.config import FusionConfig, ModelConfig, build_model
+from mmssl.architectures.embedders import PatchEmbedder
+from mmssl.architectures.encoder import Encoder, save_encoder
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.heads import ProjectionHead
+from mmssl.architectures.modalities import (
+    MODALITIES,
+    AudioConfig,
+    ImageConfig,
+    TextConfig,
+    discover_plugins,
+    get_modality,
+)
+from mmssl.architectures.modalities.audio import read_waveform
+from mmssl.architectures.modalities.sequence import SequenceConfig
+from mmssl.architectures.modalities.video import VideoConfig
 
 WAV = Path("/usr/share/asterisk/sounds/en_US_f_Allison/digits/1.wav")
 SHIFT = 3  # pixels the Fashion-MNIST image moves per GIF frame
@@ -36,7 +43,7 @@ SHIFT = 3  # pixels the Fashion-MNIST image moves per GIF frame
 
 @pytest.fixture(scope="module")
 def garment() -> np.ndarray:
-    from data_pipelines.sources.fashion_mnist import load_split
+    from mmssl.data_pipelines.sources.fashion_mnist import load_split
 
     images, _ = load_split("test")
     return images[0]  # uint8 [28, 28], a real ankle boot
@@ -360,7 +367,7 @@ def test_video_cnn_towers_match_torchvision_and_the_factorisation_formula(tmp_pa
     per convolution (Tran et al. 2018), 33,165,639 parameters without the classifier; `save_native` reloads."""
     import torchvision
 
-    from architectures.modalities.video_cnn import VideoCNNTower, build_video_resnet, factorised_mid_channels
+    from mmssl.architectures.modalities.video_cnn import VideoCNNTower, build_video_resnet, factorised_mid_channels
 
     torch.manual_seed(0)
     ours = VideoCNNTower("r3d_18").eval()

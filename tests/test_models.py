@@ -9,11 +9,11 @@ import timm
 import torch
 from transformers import AutoModel
 
-from architectures.config import ModelConfig, build_model
-from architectures.encoder import Encoder, save_encoder
-from architectures.modalities import AudioConfig, TextConfig, get_modality
-from architectures.modalities.audio import mel_filterbank, resample
-from architectures.towers import ArchitectureError
+from mmssl.architectures.config import ModelConfig, build_model
+from mmssl.architectures.encoder import Encoder, save_encoder
+from mmssl.architectures.modalities import AudioConfig, TextConfig, get_modality
+from mmssl.architectures.modalities.audio import mel_filterbank, resample
+from mmssl.architectures.towers import ArchitectureError
 
 
 @pytest.fixture
@@ -130,8 +130,8 @@ def test_real_wordpiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
 def test_patch_dropout_keeps_a_share_of_patches_in_training_only() -> None:
     """FLIP patch dropout on a ViT tower: in training ``int(N·(1-p))`` of the N patch tokens (plus the class token)
     reach the blocks, each sample its own subset; evaluation keeps all; a CNN tower refuses the option."""
-    from architectures.errors import ArchitectureError
-    from architectures.modalities import ImageConfig, get_modality
+    from mmssl.architectures.errors import ArchitectureError
+    from mmssl.architectures.modalities import ImageConfig, get_modality
 
     plugin = get_modality("image")
     tower = plugin.build_tower(ImageConfig(width=32, depth=1, heads=2, image_size=32, patch_size=4,

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipelines.batch import Batch
-from objectives.base import ObjectiveError
-from objectives.contrastive import contrastive_loss
-from objectives.ids import UNKNOWN_ID, meta_ids
-from objectives.momentum import MomentumContrastiveConfig, MomentumContrastiveObjective, momentum_contrastive_loss
-from objectives.queue import FeatureQueue
+from mmssl.data_pipelines.batch import Batch
+from mmssl.objectives.base import ObjectiveError
+from mmssl.objectives.contrastive import contrastive_loss
+from mmssl.objectives.ids import UNKNOWN_ID, meta_ids
+from mmssl.objectives.momentum import MomentumContrastiveConfig, MomentumContrastiveObjective, momentum_contrastive_loss
+from mmssl.objectives.queue import FeatureQueue
 from tests.helpers.spawn import spawn_ranks
 
 E = 8

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmssl.tools.export import consolidated_state_dict
 from tests.conftest import ROOT, tiny_recipe_dict, write_recipe
-from tools.export import consolidated_state_dict
 
 STEPS, STOP, EVERY, KEEP = 10, 6, 2, 2
 KILL_TAG = ".tmp-step_00000006"
@@ -36,7 +36,6 @@ KILL_TAG = ".tmp-step_00000006"
 # first file of KILL_TAG is on disk (a node dying in the middle of a save)
 NODE = """
 import os, signal, sys
-sys.path.insert(0, {root!r})
 kill = os.environ.get("MMSSL_TEST_KILL")
 if kill and os.environ.get("RANK") == "1":
     import torch
@@ -48,7 +47,7 @@ if kill and os.environ.get("RANK") == "1":
             os.kill(os.getpid(), signal.SIGKILL)
 
     torch.save = save
-from tools.cli import main
+from mmssl.tools.cli import main
 main(sys.argv[1:])
 """
 

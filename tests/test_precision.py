@@ -26,12 +26,12 @@ from typing import Any
 import pytest
 import torch
 
-from pretrain.recipe import load_recipe
+from mmssl.pretrain.recipe import load_recipe
+from mmssl.tools.export import consolidated_state_dict, export_run
+from mmssl.tools.recipes_check import count_parameters
 from tests.conftest import tiny_recipe_dict, write_recipe
 from tests.helpers.tiny_recipes import FAMILIES, METHODS, tiny_overrides
 from tests.helpers.train_many import Job, run_jobs
-from tools.export import consolidated_state_dict, export_run
-from tools.recipes_check import count_parameters
 
 PRECISIONS = ("fp32", "bf16")
 CURVE_STEPS, WINDOW = 50, 10
@@ -196,8 +196,8 @@ def test_bf16_tracks_the_fp32_loss_curve(runs: dict[Any, Any]) -> None:
 
 
 def _accumulation_dtypes(rank: int, world: int, data: str, run_dir: str) -> dict[int, list[str]]:
-    from pretrain.recipe import Recipe, _Origin, from_dict
-    from pretrain.trainer import Trainer
+    from mmssl.pretrain.recipe import Recipe, _Origin, from_dict
+    from mmssl.pretrain.trainer import Trainer
 
     out = {}
     for stage in (1, 2, 3):

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from architectures.towers import ArchitectureError
-from data_pipelines.shards import DataError
-from objectives.base import ObjectiveError
-from pretrain.recipe import RecipeError, dump_recipe, list_bundled_recipes, load_recipe
-from pretrain.validate import validate_recipe
+from mmssl.architectures.towers import ArchitectureError
+from mmssl.data_pipelines.shards import DataError
+from mmssl.objectives.base import ObjectiveError
+from mmssl.pretrain.recipe import RecipeError, dump_recipe, list_bundled_recipes, load_recipe
+from mmssl.pretrain.validate import validate_recipe
 from tests.conftest import tiny_recipe_dict, write_recipe
 
 

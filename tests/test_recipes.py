@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.recipe import Recipe, list_bundled_recipes, load_recipe
-from tests.helpers.tiny_recipes import METHODS
-from tools.recipes_check import (
+from mmssl.pretrain.recipe import Recipe, list_bundled_recipes, load_recipe
+from mmssl.tools.recipes_check import (
     build_on_meta,
     count_parameters,
     count_prefixed,
@@ -28,6 +27,7 @@ from tools.recipes_check import (
     placeholder_tokenizer,
     placeholder_weights,
 )
+from tests.helpers.tiny_recipes import METHODS
 
 
 def _linear(d_in: int, d_out: int, bias: bool = True) -> int:
@@ -109,7 +109,7 @@ PAPERS: dict[str, Paper] = {
 
 
 def test_every_method_has_a_tiny_and_a_full_recipe_listed_by_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    from tools.cli import main
+    from mmssl.tools.cli import main
 
     bundled = list_bundled_recipes()
     with pytest.raises(SystemExit) as exited:

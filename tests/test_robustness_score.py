@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from tools.probe import ProbeError
-from tools.robustness import (
+from mmssl.tools.probe import ProbeError
+from mmssl.tools.robustness import (
     DEFAULT_LEVELS,
     effective_robustness,
     modality_removal_drop,

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines.inspect import inspect_shards
-from data_pipelines.manifest import build_from_folder, build_from_iterator, build_from_manifest
-from data_pipelines.shards import DataError, DatasetIndex, resolve_shards
-from data_pipelines.stream import read_once
-from tools.cli import main as cli_main
+from mmssl.data_pipelines.inspect import inspect_shards
+from mmssl.data_pipelines.manifest import build_from_folder, build_from_iterator, build_from_manifest
+from mmssl.data_pipelines.shards import DataError, DatasetIndex, resolve_shards
+from mmssl.data_pipelines.stream import read_once
+from mmssl.tools.cli import main as cli_main
 
 FIELDS = {"blob": ["bin"], "caption": ["txt", "caption"]}
 

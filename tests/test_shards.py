@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from architectures.modalities import get_modality
-from data_pipelines.shards import DataError, DatasetIndex, resolve_shards, write_shards
-from data_pipelines.sources import asterisk
-from data_pipelines.stream import read_once
+from mmssl.architectures.modalities import get_modality
+from mmssl.data_pipelines.shards import DataError, DatasetIndex, resolve_shards, write_shards
+from mmssl.data_pipelines.sources import asterisk
+from mmssl.data_pipelines.stream import read_once
 
 TEXT_ONLY = {"text": ["txt"]}
 
@@ -145,7 +145,7 @@ def test_corrupt_member_marks_modality_absent_and_counts(asterisk_data: Path, tm
 
 
 def test_fashion_mnist_shards_keep_the_original_pixels(tmp_path: Path) -> None:
-    from data_pipelines.sources import fashion_mnist
+    from mmssl.data_pipelines.sources import fashion_mnist
 
     indexes = fashion_mnist.build(tmp_path, limit=60, shard_size=25)
     assert indexes["train"].total_samples == 60 and len(indexes["train"].shards) == 3

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
 
-from objectives.base import ObjectiveError
-from objectives.siglip import SigLIPConfig, SigLIPObjective, siglip_loss
+from mmssl.objectives.base import ObjectiveError
+from mmssl.objectives.siglip import SigLIPConfig, SigLIPObjective, siglip_loss
 from tests.helpers.spawn import spawn_ranks
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -105,7 +105,7 @@ def test_gradcheck_float64() -> None:
 
 
 def test_objective_parameters_config_and_present_mask() -> None:
-    from architectures.outputs import ModelOutput
+    from mmssl.architectures.outputs import ModelOutput
 
     obj = SigLIPObjective.from_config(SigLIPConfig(pairs=[["audio", "text"]]))
     assert obj.log_logit_scale.shape == (1,) and obj.logit_bias.shape == (1,)

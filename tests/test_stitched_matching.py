@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 from transformers import GPT2Config
 
-from architectures.stitching import FrozenLM, StitchedModel, build_bridge
-from architectures.stitching.pretrained import efficientnet_lite0_weights, frozen_efficientnet_lite0, minilm_dir
-from data_pipelines.batch import Batch
-from objectives.base import fused_summary, fusion_view
-from objectives.matching import MatchingObjective
+from mmssl.architectures.stitching import FrozenLM, StitchedModel, build_bridge
+from mmssl.architectures.stitching.pretrained import efficientnet_lite0_weights, frozen_efficientnet_lite0, minilm_dir
+from mmssl.data_pipelines.batch import Batch
+from mmssl.objectives.base import fused_summary, fusion_view
+from mmssl.objectives.matching import MatchingObjective
 
 VISION_DIM, N = 1280, 6
 BRIDGES = {"linear-tokens": ("linear", {"source": "tokens", "num_prompts": 3}),
@@ -169,7 +169,7 @@ def test_itm_loss_and_gradients_match_a_float64_loop_of_pairs_encoded_alone(reus
 def test_exported_itm_scores_read_the_fusion_view_and_the_summary(vision, tmp_path) -> None:
     """`LoadedModel.itm_scores` (ITM re-ranking at evaluation) on the tokens `model_features` keeps (the fusion view)
     equals the head on each re-paired (text, image) encoded alone."""
-    from tools.exported_model import LoadedModel
+    from mmssl.tools.exported_model import LoadedModel
 
     model = build(vision, *BRIDGES["qformer"])
     head = torch.nn.Linear(model.lm.hidden_size, 2)

@@ -22,16 +22,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModel, GPT2Config
 
-from architectures.errors import ArchitectureError
-from architectures.modalities.tokenizers import load_tokenizer
-from architectures.stitching import (
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.modalities.tokenizers import load_tokenizer
+from mmssl.architectures.stitching import (
     FlamingoBridge,
     FrozenLM,
     LinearBridge,
     StitchedModel,
     build_bridge,
 )
-from architectures.stitching.pretrained import (
+from mmssl.architectures.stitching.pretrained import (
     convert_by_order,
     efficientnet_lite0_source,
     efficientnet_lite0_weights,
@@ -345,7 +345,7 @@ def test_model_facts_and_errors(vision, effnet_file: Path, minilm: FrozenLM) -> 
 
 # --- ZeRO-3: the hooked blocks gather their own parameters --------------------------------------------------------
 def _zero3_task() -> torch.nn.Module:
-    from architectures.towers import TimmTower
+    from mmssl.architectures.towers import TimmTower
 
     torch.manual_seed(0)
     vision = TimmTower("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 1,
@@ -415,7 +415,7 @@ def test_flamingo_trains_under_zero3_as_on_one_process() -> None:
 def test_inner_attention_equals_the_formula_in_float64() -> None:
     """Flamingo's attention with key/value size independent of the width (``head_dim``): against the formula
     ``W_o concat_h softmax(q_h k_hᵀ/√d) v_h`` written out per head, in float64."""
-    from architectures.stitching.flamingo import InnerAttention
+    from mmssl.architectures.stitching.flamingo import InnerAttention
 
     torch.manual_seed(0)
     attn = InnerAttention(12, 20, heads=3, head_dim=5).double()

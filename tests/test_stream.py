@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from architectures.modalities import get_modality
-from data_pipelines.cursors import SourceCursor
-from data_pipelines.shards import DataError, DatasetIndex, resolve_shards
-from data_pipelines.stream import ShardStream, make_loader
+from mmssl.architectures.modalities import get_modality
+from mmssl.data_pipelines.cursors import SourceCursor
+from mmssl.data_pipelines.shards import DataError, DatasetIndex, resolve_shards
+from mmssl.data_pipelines.stream import ShardStream, make_loader
 
 
 def _stream(data: Path, **kw) -> ShardStream:

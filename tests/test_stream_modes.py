@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import torch
 
-from architectures.modalities import get_modality
-from data_pipelines.reader import ShardReader
-from data_pipelines.shards import DataError, DatasetIndex, resolve_shards
-from data_pipelines.stream import PAD_KEY, ShardStream, Source, make_loader
+from mmssl.architectures.modalities import get_modality
+from mmssl.data_pipelines.reader import ShardReader
+from mmssl.data_pipelines.shards import DataError, DatasetIndex, resolve_shards
+from mmssl.data_pipelines.stream import PAD_KEY, ShardStream, Source, make_loader
 
 FIELDS = {"text": ["txt"], "audio": ["wav"]}
 
@@ -185,8 +185,8 @@ def test_a_modality_no_row_carries_is_still_in_the_batch(asterisk_data: Path) ->
      r"data\.sources\.0\.train: 1 shard\(s\) cannot feed 2 rank\(s\)"),
 ])
 def test_bad_data_settings_name_their_key(asterisk_data: Path, data: dict, message: str) -> None:
-    from pretrain.recipe import Recipe, RecipeError, _Origin, from_dict
-    from pretrain.validate import validate_recipe
+    from mmssl.pretrain.recipe import Recipe, RecipeError, _Origin, from_dict
+    from mmssl.pretrain.validate import validate_recipe
     from tests.conftest import tiny_recipe_dict
 
     raw = tiny_recipe_dict(asterisk_data)

@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from architectures.config import build_model
-from architectures.encoder import Encoder
-from data_pipelines.shards import resolve_shards
-from data_pipelines.stream import read_once
-from pretrain.data import eval_decoders, modality_fields
-from pretrain.recipe import load_recipe
+from mmssl.architectures.config import build_model
+from mmssl.architectures.encoder import Encoder
+from mmssl.data_pipelines.shards import resolve_shards
+from mmssl.data_pipelines.stream import read_once
+from mmssl.pretrain.data import eval_decoders, modality_fields
+from mmssl.pretrain.recipe import load_recipe
+from mmssl.tools.export import consolidated_state_dict, export_run
 from tests.conftest import mmssl, run_ranks, tiny_recipe_dict, write_recipe
-from tools.export import consolidated_state_dict, export_run
 
 pytestmark = pytest.mark.distributed
 
@@ -197,7 +197,7 @@ def test_mmssl_pretrain_runs_as_the_ranks_of_an_external_launcher(asterisk_data:
     """The multi-node path of the README on one node: torchrun starts `mmssl pretrain` as every rank."""
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(asterisk_data, train={"steps": 2}))
     run = tmp_path / "run"
-    _check(run_ranks(2, ["-m", "tools.cli", "pretrain", str(recipe), "--run-dir", str(run)]))
+    _check(run_ranks(2, ["-m", "mmssl", "pretrain", str(recipe), "--run-dir", str(run)]))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
     assert load_recipe(run / "recipe.yaml").train.steps == 2

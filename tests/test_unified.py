@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from timm.models import group_parameters
 
-from architectures.embedders import PatchEmbedder, TokenIdEmbedder
-from architectures.errors import ArchitectureError
-from architectures.mome import FUSION_EXPERT, SHARED_EXPERT
-from architectures.perceiver import PerceiverEncoder
-from architectures.unified import UnifiedModel
+from mmssl.architectures.embedders import PatchEmbedder, TokenIdEmbedder
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.mome import FUSION_EXPERT, SHARED_EXPERT
+from mmssl.architectures.perceiver import PerceiverEncoder
+from mmssl.architectures.unified import UnifiedModel
 
 WIDTH, VOCAB, MAX_LEN = 32, 50, 16
 # (experts, fusion_depth, latents): plain early fusion, MoME early fusion, fusion blocks, MoME + fusion expert,

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import torch
 
-from architectures.config import build_model
-from objectives.registry import build_objectives
-from pretrain.recipe import load_recipe
+from mmssl.architectures.config import build_model
+from mmssl.objectives.registry import build_objectives
+from mmssl.pretrain.recipe import load_recipe
+from mmssl.tools.export import consolidated_state_dict
 from tests.conftest import run_ranks, tiny_recipe_dict, write_recipe
-from tools.export import consolidated_state_dict
 
 pytestmark = pytest.mark.distributed
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from architectures.encoder import Encoder, save_encoder
-from architectures.heads import ProjectionHead
-from architectures.modalities import TextConfig, get_modality
-from architectures.modalities.base import DecoderFn
-from data_pipelines.batch import collate
-from tools.probe import ProbeError
-from tools.zero_shot import (
+from mmssl.architectures.encoder import Encoder, save_encoder
+from mmssl.architectures.heads import ProjectionHead
+from mmssl.architectures.modalities import TextConfig, get_modality
+from mmssl.architectures.modalities.base import DecoderFn
+from mmssl.data_pipelines.batch import collate
+from mmssl.tools.probe import ProbeError
+from mmssl.tools.zero_shot import (
     DEFAULT_TEMPLATES,
     class_embeddings,
     encode_texts,

@@ -25,7 +25,7 @@ its growth over the RSS at that point, i.e. what the model, optimizer and steps 
 ``Trainer.fit`` end to end on the shards (mmssl's real loader, ``data.num_workers=1``) against the same open_clip
 median (pre-decoded).
 
-    python -m tools.bench --compare open_clip [--steps 5] [--trials 6] [--batch 64] [--json out.json] [--profile]
+    python -m mmssl.tools.bench --compare open_clip [--steps 5] [--trials 6] [--batch 64] [--json out.json] [--profile]
 """
 
 from __future__ import annotations
@@ -46,10 +46,9 @@ from typing import Any
 import torch
 import yaml
 
-from tools.bench_device import bench_device, matmul_peak, peak_memory, reset_peak_memory, step_flops, timed
-from tools.probe import ProbeError
+from mmssl.tools.bench_device import bench_device, matmul_peak, peak_memory, reset_peak_memory, step_flops, timed
+from mmssl.tools.probe import ProbeError
 
-ROOT = Path(__file__).resolve().parents[1]
 OPEN_CLIP_NAME = "mmssl-bench-clip"
 PRECISIONS = {"fp32": "fp32", "bf16": "amp_bf16"}  # mmssl train.precision -> open_clip --precision
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -78,8 +77,8 @@ class ClipSize:
 # --- data -----------------------------------------------------------------------------------------------------
 def prepare(workdir: Path, size: ClipSize, batch: int, precision: str, limit: int, zero_stage: int = 0) -> Path:
     """Fashion-MNIST shards, a sentencepiece vocabulary of its captions and the mmssl recipe; returns the recipe."""
-    from data_pipelines.sources import fashion_mnist
-    from data_pipelines.tokenizer_training import train_sentencepiece
+    from mmssl.data_pipelines.sources import fashion_mnist
+    from mmssl.data_pipelines.tokenizer_training import train_sentencepiece
 
     data = workdir / "fashion-mnist"
     if not (data / "train").is_dir():
@@ -111,8 +110,8 @@ def prepare(workdir: Path, size: ClipSize, batch: int, precision: str, limit: in
 
 def decoded_batches(recipe_path: Path, count: int) -> list[Any]:
     """``count`` batches decoded by mmssl's shard stream (rank 0 of 1), kept in memory for both frameworks."""
-    from pretrain.data import build_stream
-    from pretrain.recipe import load_recipe
+    from mmssl.pretrain.data import build_stream
+    from mmssl.pretrain.recipe import load_recipe
 
     stream = iter(build_stream(load_recipe(str(recipe_path)), rank=0, world_size=1, start_batch=0))
     return [next(stream) for _ in range(count)]
@@ -206,8 +205,8 @@ class MmsslSide:
     name = "mmssl"
 
     def __init__(self, recipe_path: Path, run_dir: Path) -> None:
-        from pretrain.recipe import load_recipe
-        from pretrain.trainer import Trainer
+        from mmssl.pretrain.recipe import load_recipe
+        from mmssl.pretrain.trainer import Trainer
 
         recipe = load_recipe(str(recipe_path))
         self.trainer = Trainer(recipe, run_dir, batches=lambda rank, world, start: iter(()))
@@ -217,7 +216,7 @@ class MmsslSide:
 
     def step(self, batch: Any) -> torch.Tensor:
         """`pretrain.step.optimizer_step` on ``batch``: what `Trainer.step` runs, without the stream accounting."""
-        from pretrain.step import optimizer_step
+        from mmssl.pretrain.step import optimizer_step
 
         trainer = self.trainer
         moved = batch.to(trainer.device, float_dtype=self.float_dtype, non_blocking=True)
@@ -231,8 +230,8 @@ class MmsslSide:
 
 def mmssl_fit(recipe_path: Path, run_dir: Path, steps: int) -> dict[str, Any]:
     """``Trainer.fit`` on the shards (real loader), ``steps`` steps; its summary (first step excluded)."""
-    from pretrain.recipe import load_recipe
-    from pretrain.trainer import train
+    from mmssl.pretrain.recipe import load_recipe
+    from mmssl.pretrain.trainer import train
 
     return train(load_recipe(str(recipe_path), [f"train.steps={steps}"]), run_dir)
 
@@ -265,7 +264,7 @@ def memory_child(framework: str, recipe_path: Path, size: ClipSize, vocab: int, 
     ``/proc/self/clear_refs`` so decoding's transient peak does not count) over build + ``steps`` steps."""
     import open_clip_train.train  # noqa: F401  (both sides pay the same imports)
 
-    import pretrain.trainer  # noqa: F401
+    import mmssl.pretrain.trainer  # noqa: F401
 
     device = bench_device()
     batches = decoded_batches(recipe_path, steps)
@@ -282,10 +281,10 @@ def memory_child(framework: str, recipe_path: Path, size: ClipSize, vocab: int, 
 
 
 def measure_memory(framework: str, precision: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "tools.bench", "--memory-child", framework, "--precision", precision,
+    cmd = [sys.executable, "-m", "mmssl.tools.bench", "--memory-child", framework, "--precision", precision,
            "--workdir", str(workdir), *_size_argv(args)]
     env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # the parent's process group holds it
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise BenchError(f"memory measurement of {framework} ({precision}) failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -309,8 +308,8 @@ def _size_argv(args: argparse.Namespace) -> list[str]:
 
 
 def vocab_size(recipe_path: Path) -> int:
-    from architectures.modalities.tokenizers import load_tokenizer
-    from pretrain.recipe import load_recipe
+    from mmssl.architectures.modalities.tokenizers import load_tokenizer
+    from mmssl.pretrain.recipe import load_recipe
 
     return load_tokenizer(load_recipe(str(recipe_path)).model.towers["text"].tokenizer, 8).vocab_size
 
@@ -366,7 +365,17 @@ def _size(args: argparse.Namespace) -> ClipSize:
     return ClipSize(**{k: getattr(args, k) for k in asdict(ClipSize()) if hasattr(args, k)})
 
 
+def require_open_clip() -> None:
+    """The comparison's other side; not a dependency of mmssl itself."""
+    try:
+        import open_clip  # noqa: F401
+        import open_clip_train  # noqa: F401
+    except ImportError:
+        raise BenchError("mmssl bench --compare open_clip needs open_clip_torch: pip install 'mmssl[bench]'") from None
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    require_open_clip()
     size = _size(args)
     device = bench_device()
     rows: list[dict[str, Any]] = []
@@ -441,7 +450,7 @@ def run_and_report(args: argparse.Namespace, run: Callable[[argparse.Namespace, 
     """A benchmark's common tail: ``run(args, workdir)`` in ``--workdir`` (default: a temporary directory), print
     the machine (`hardware_summary`: the figures depend on it) and ``render(result)``, write the result with its
     ``hardware`` to ``--json`` when given."""
-    from pretrain.runlog import hardware_summary
+    from mmssl.pretrain.runlog import hardware_summary
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
@@ -457,5 +466,4 @@ def run_and_report(args: argparse.Namespace, run: Callable[[argparse.Namespace, 
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     raise SystemExit(main(sys.argv[1:]))

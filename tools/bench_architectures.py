@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -37,14 +36,10 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from architectures.config import FusionConfig, ModelConfig, StitchConfig, UnifiedConfig, build_model  # noqa: E402
-from architectures.modalities import AudioConfig, ImageConfig, TextConfig, get_modality  # noqa: E402
-from architectures.outputs import ModelOutput  # noqa: E402
-from tools.memory import PeakMemory  # noqa: E402
+from mmssl.architectures.config import FusionConfig, ModelConfig, StitchConfig, UnifiedConfig, build_model
+from mmssl.architectures.modalities import AudioConfig, ImageConfig, TextConfig, get_modality
+from mmssl.architectures.outputs import ModelOutput
+from mmssl.tools.memory import PeakMemory
 
 REFERENCE = "fusion_free"
 WIDTH, DEPTH, HEADS = 64, 2, 2
@@ -67,14 +62,14 @@ class BenchAssets:
 
     def spm(self) -> Path:
         if self._spm is None:
-            from data_pipelines.tokenizer_training import train_sentencepiece
+            from mmssl.data_pipelines.tokenizer_training import train_sentencepiece
 
             self._spm = train_sentencepiece(SENTENCES * 6, self.root / "spm.model", vocab_size=100)
         return self._spm
 
     def effnet(self) -> Path:
         if self._effnet is None:
-            from architectures.stitching.pretrained import efficientnet_lite0_weights
+            from mmssl.architectures.stitching.pretrained import efficientnet_lite0_weights
 
             self._effnet = efficientnet_lite0_weights(self.root)
         return self._effnet
@@ -106,7 +101,7 @@ def _unified(**fields: Any) -> Callable[[BenchAssets], ModelConfig]:
 
 def _stitched(bridge: str, **options: Any) -> Callable[[BenchAssets], ModelConfig]:
     def make(assets: BenchAssets) -> ModelConfig:
-        from architectures.stitching.pretrained import minilm_dir
+        from mmssl.architectures.stitching.pretrained import minilm_dir
 
         minilm = minilm_dir()
         image = ImageConfig(arch="efficientnet_lite0", pretrained=str(assets.effnet()), image_size=64, in_chans=3)

@@ -8,7 +8,7 @@ is the median of the others. Two speed-ups are reported against rate 0: the whol
 loss, optimizer), and the image tower alone (its forward + backward on the same batch, timed in isolation), the
 part FLIP shortens.
 
-    python -m tools.bench_flip [--rates 0 0.5 0.75] [--steps 5] [--trials 6] [--batch 64] [--json out.json]
+    python -m mmssl.tools.bench_flip [--rates 0 0.5 0.75] [--steps 5] [--trials 6] [--batch 64] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ from typing import Any
 import torch
 import yaml
 
-from tools.bench import ClipSize, MmsslSide, decoded_batches, prepare, run_and_report
-from tools.bench_device import bench_device, timed
-from tools.probe import ProbeError
-
-ROOT = Path(__file__).resolve().parents[1]
+from mmssl.tools.bench import ClipSize, MmsslSide, decoded_batches, prepare, run_and_report
+from mmssl.tools.bench_device import bench_device, timed
+from mmssl.tools.probe import ProbeError
 
 
 def with_patch_dropout(recipe: Path, rate: float) -> Path:
@@ -119,5 +117,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     raise SystemExit(main(sys.argv[1:]))

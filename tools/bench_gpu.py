@@ -37,10 +37,9 @@ from typing import Any
 
 import torch
 
-from tools.bench_device import matmul_peak
-from tools.probe import ProbeError
+from mmssl.tools.bench_device import matmul_peak
+from mmssl.tools.probe import ProbeError
 
-ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = {
     "contrastive": ("clip-tiny", []),
     "hybrid (contrastive + momentum + matching + MLM)": ("albef-tiny", []),
@@ -93,7 +92,7 @@ def _tf32_peak(device: torch.device) -> float:
 
 def data_overrides(data: Path, recipe: str) -> list[str]:
     """``recipe`` pointed at the Fashion-MNIST shards under ``data`` (frozen parts for stitched recipes)."""
-    from pretrain.recipe import load_recipe
+    from mmssl.pretrain.recipe import load_recipe
 
     shards, spm = data / "fashion-mnist", data / "fashion-mnist" / "spm.model"
     loaded = load_recipe(recipe)
@@ -112,8 +111,8 @@ def data_overrides(data: Path, recipe: str) -> list[str]:
 
 def families(data: Path, workdir: Path) -> dict[str, Any]:
     """3 bf16 steps of each objective family through the trainer (1 rank, ZeRO-2)."""
-    from pretrain.recipe import load_recipe
-    from pretrain.trainer import Trainer
+    from mmssl.pretrain.recipe import load_recipe
+    from mmssl.pretrain.trainer import Trainer
 
     out = {}
     for family, (recipe, extra) in FAMILIES.items():
@@ -137,9 +136,9 @@ def clip_b16(data: Path, workdir: Path, size: list[str]) -> dict[str, Any]:
     shards = data / "fashion-mnist"
     if (shards / "train").is_dir() and not (workdir / "b16" / "fashion-mnist").exists():
         (workdir / "b16" / "fashion-mnist").symlink_to(shards.resolve())
-    cmd = [sys.executable, "-m", "tools.cli", "bench", "--compare", "open_clip", *size, "--workdir",
+    cmd = [sys.executable, "-m", "mmssl", "bench", "--compare", "open_clip", *size, "--workdir",
            str(workdir / "b16"), "--json", str(out_json)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=clean_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env())
     if proc.returncode != 0:
         return {"error": proc.stderr[-3000:]}
     result = json.loads(out_json.read_text())
@@ -151,17 +150,17 @@ def clip_b16(data: Path, workdir: Path, size: list[str]) -> dict[str, Any]:
 def pretrain_run(data: Path, workdir: Path) -> dict[str, Any]:
     """``mmssl pretrain clip-tiny`` (real loader, bf16): stop at 10 with a checkpoint, resume to 20, export."""
     run_dir = workdir / "pretrain"
-    base = [sys.executable, "-m", "tools.cli", "pretrain", "clip-tiny", "--nproc", "1", "--run-dir", str(run_dir),
+    base = [sys.executable, "-m", "mmssl", "pretrain", "clip-tiny", "--nproc", "1", "--run-dir", str(run_dir),
             *data_overrides(data, "clip-tiny"), "train.precision=bf16", "train.steps=20", "train.ckpt_every=10",
             "train.log_every=5", "train.tensorboard=false"]
     steps = []
     for extra in (["--overwrite", "train.stop_at=10"], ["train.resume=latest"]):
         t0 = time.perf_counter()
-        proc = subprocess.run([*base, *extra], cwd=ROOT, capture_output=True, text=True, env=clean_env())
+        proc = subprocess.run([*base, *extra], capture_output=True, text=True, env=clean_env())
         steps.append({"rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
                       "stderr_tail": proc.stderr[-1500:] if proc.returncode else None})
-    export = subprocess.run([sys.executable, "-m", "tools.cli", "export", str(run_dir), "--out",
-                             str(run_dir / "export")], cwd=ROOT, capture_output=True, text=True, env=clean_env())
+    export = subprocess.run([sys.executable, "-m", "mmssl", "export", str(run_dir), "--out",
+                             str(run_dir / "export")], capture_output=True, text=True, env=clean_env())
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     loads = None
     if export.returncode == 0:
@@ -191,14 +190,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def prepare_data(data: Path) -> None:
     """Build what is missing under ``data`` from the installed packages (not possible on the GPU machines)."""
-    from architectures.stitching.pretrained import efficientnet_lite0_weights, random_causal_lm
-    from data_pipelines.sources import fashion_mnist
+    from mmssl.architectures.stitching.pretrained import efficientnet_lite0_weights, random_causal_lm
+    from mmssl.data_pipelines.sources import fashion_mnist
 
     shards = data / "fashion-mnist"
     if not (shards / "train").is_dir():
         fashion_mnist.build(shards, limit=2000, shard_size=250)
     if not (shards / "spm.model").is_file():
-        from data_pipelines.tokenizer_training import train_sentencepiece
+        from mmssl.data_pipelines.tokenizer_training import train_sentencepiece
 
         train_sentencepiece([t.format(c) for c in fashion_mnist.CLASSES for t in fashion_mnist.TEMPLATES],
                             shards / "spm.model", vocab_size=64)

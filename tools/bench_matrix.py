@@ -18,9 +18,9 @@ encoder is ``2 x --depth`` shared layers; the stitched row is the real frozen Ef
 2-layer GPT-2 with a Q-Former. ``scaling`` runs the fusion-free contrastive model at global batches 64/128/256 on
 ``--nproc`` ranks and at one rank.
 
-    python -m tools.bench_matrix matrix [--steps 12] [--nproc 2] [--json out.json] [--only fusion_free ...]
+    python -m mmssl.tools.bench_matrix matrix [--steps 12] [--nproc 2] [--json out.json] [--only fusion_free ...]
                                         [--stages 0 3]
-    python -m tools.bench_matrix scaling [--steps 12]
+    python -m mmssl.tools.bench_matrix scaling [--steps 12]
 """
 
 from __future__ import annotations
@@ -37,12 +37,10 @@ from typing import Any
 import torch
 import yaml
 
-from tools.bench import run_and_report
-from tools.bench_device import bench_device
-from tools.bench_pretrain import train_run
-from tools.probe import ProbeError
-
-ROOT = Path(__file__).resolve().parents[1]
+from mmssl.tools.bench import run_and_report
+from mmssl.tools.bench_device import bench_device
+from mmssl.tools.bench_pretrain import train_run
+from mmssl.tools.probe import ProbeError
 
 
 @dataclass
@@ -112,9 +110,9 @@ def recipe_for(cfg: Config, stage: int, *, data: Path, spm: Path, weights: dict[
 
 def prepare_data(workdir: Path, limit: int) -> tuple[Path, Path, dict[str, str]]:
     """Fashion-MNIST shards, the captions' sentencepiece model, and the stitched row's frozen parts."""
-    from architectures.stitching.pretrained import efficientnet_lite0_weights, random_causal_lm
-    from data_pipelines.sources import fashion_mnist
-    from data_pipelines.tokenizer_training import train_sentencepiece
+    from mmssl.architectures.stitching.pretrained import efficientnet_lite0_weights, random_causal_lm
+    from mmssl.data_pipelines.sources import fashion_mnist
+    from mmssl.data_pipelines.tokenizer_training import train_sentencepiece
 
     data = workdir / "fashion-mnist"
     if not (data / "train").is_dir():
@@ -132,11 +130,11 @@ def flops_per_sample(recipe_path: Path) -> float:
     """Forward + backward FLOPs of the recipe's model and objectives on one real batch, per sample."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from architectures.config import build_model
-    from objectives.registry import build_objectives
-    from pretrain.data import build_stream
-    from pretrain.recipe import load_recipe
-    from pretrain.task import PretrainTask
+    from mmssl.architectures.config import build_model
+    from mmssl.objectives.registry import build_objectives
+    from mmssl.pretrain.data import build_stream
+    from mmssl.pretrain.recipe import load_recipe
+    from mmssl.pretrain.task import PretrainTask
 
     recipe = load_recipe(str(recipe_path))
     model = build_model(recipe.model, seed=0)
@@ -274,5 +272,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     raise SystemExit(main(sys.argv[1:]))

@@ -21,7 +21,6 @@ import argparse
 import itertools
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,11 +29,7 @@ from typing import Any
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tools.memory import PeakMemory  # noqa: E402
+from mmssl.tools.memory import PeakMemory
 
 SENTENCES = [
     "please enter your password followed by the pound key", "thank you for calling goodbye",
@@ -63,8 +58,8 @@ GALLERY: dict[str, dict[str, Any]] = {
 
 
 def bench_recipe(tmp: Path, batch: int) -> Any:
-    from data_pipelines.tokenizer_training import train_sentencepiece
-    from pretrain.recipe import load_recipe
+    from mmssl.data_pipelines.tokenizer_training import train_sentencepiece
+    from mmssl.pretrain.recipe import load_recipe
 
     spm = train_sentencepiece(SENTENCES * 4, tmp / "spm.model", vocab_size=120)
     raw = {
@@ -85,8 +80,8 @@ def bench_recipe(tmp: Path, batch: int) -> Any:
 
 
 def random_batch(recipe: Any, batch: int) -> Any:
-    from architectures.modalities import get_modality
-    from data_pipelines.batch import Batch
+    from mmssl.architectures.modalities import get_modality
+    from mmssl.data_pipelines.batch import Batch
 
     torch.manual_seed(0)
     inputs = {m: get_modality(m).random_example(cfg, batch) for m, cfg in recipe.model.towers.items()}
@@ -99,11 +94,11 @@ def random_batch(recipe: Any, batch: int) -> Any:
 
 
 def objective_table(batch_size: int, repeat: int, device: torch.device) -> list[dict[str, Any]]:
-    from architectures.config import build_model
-    from objectives.base import base_modality
-    from objectives.registry import OBJECTIVES, ObjectivesConfig, build_objectives
-    from pretrain.recipe import RecipeError, convert
-    from pretrain.task import PretrainTask
+    from mmssl.architectures.config import build_model
+    from mmssl.objectives.base import base_modality
+    from mmssl.objectives.registry import OBJECTIVES, ObjectivesConfig, build_objectives
+    from mmssl.pretrain.recipe import RecipeError, convert
+    from mmssl.pretrain.task import PretrainTask
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,7 +163,7 @@ def _full_matrix_loss(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.T
     """The form that builds the whole ``B_global x B_global`` similarity matrix on every rank (for comparison)."""
     import torch.nn.functional as F
 
-    from objectives.distributed import gather_with_grad
+    from mmssl.objectives.distributed import gather_with_grad
 
     a_all, b_all = gather_with_grad(F.normalize(a, dim=-1)), gather_with_grad(F.normalize(b, dim=-1))
     logits = scale * a_all @ b_all.T
@@ -177,7 +172,7 @@ def _full_matrix_loss(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.T
 
 
 def _contrastive_rank(rank: int, world: int, sizes: list[int], dim: int) -> dict[str, dict[int, float]]:
-    from objectives.contrastive import contrastive_loss
+    from mmssl.objectives.contrastive import contrastive_loss
 
     peaks: dict[str, dict[int, float]] = {"local": {}, "full": {}}
     for b in sizes:

@@ -21,23 +21,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def train_run(recipe: str, stage: int, steps: int, nproc: int, overrides: list[str], out: Path) -> dict[str, Any]:
     run = out / f"zero{stage}"
-    cmd = [sys.executable, "-m", "tools.cli", "pretrain", recipe, "--nproc", str(nproc), "--run-dir", str(run),
+    cmd = [sys.executable, "-m", "mmssl", "pretrain", recipe, "--nproc", str(nproc), "--run-dir", str(run),
            "--overwrite", f"train.steps={steps}", f"train.zero_stage={stage}", "train.ckpt_every=0",
            f"train.log_every={steps}", "train.tensorboard=false", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"benchmark run failed (ZeRO-{stage}):\n{proc.stderr[-3000:]}")
     return json.loads((run / "summary.json").read_text())
 
 
 def loader_rate(recipe_name: str, overrides: list[str], nproc: int, batches: int) -> float:
-    from pretrain.data import build_loader
-    from pretrain.recipe import load_recipe
+    from mmssl.pretrain.data import build_loader
+    from mmssl.pretrain.recipe import load_recipe
 
     recipe = load_recipe(recipe_name, overrides)
     loader = iter(build_loader(recipe, rank=0, world_size=nproc, start_batch=0))
@@ -49,8 +47,8 @@ def loader_rate(recipe_name: str, overrides: list[str], nproc: int, batches: int
 
 def resume_cost(recipe_name: str, overrides: list[str], nproc: int, at: int) -> dict[str, float]:
     """Seconds until rank 0's stream yields batch ``at`` when resumed from recorded positions vs by replaying."""
-    from pretrain.data import build_stream
-    from pretrain.recipe import load_recipe
+    from mmssl.pretrain.data import build_stream
+    from mmssl.pretrain.recipe import load_recipe
 
     recipe = load_recipe(recipe_name, overrides)
     positions: dict[int, dict] = {}
@@ -81,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         runs = {s: train_run(args.recipe, s, args.steps, args.nproc, args.overrides, Path(tmp)) for s in args.stages}
-    from pretrain.recipe import load_recipe
+    from mmssl.pretrain.recipe import load_recipe
 
     data = load_recipe(args.recipe, args.overrides).data
     loaders = {w: loader_rate(args.recipe, [*args.overrides, f"data.num_workers={w}"], args.nproc,
@@ -124,5 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

@@ -37,11 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tools.retrieval import first_positive_rank, recall_at_k, topk_chunked  # noqa: E402
+from mmssl.tools.retrieval import first_positive_rank, recall_at_k, topk_chunked
 
 MB = 1024.0**2
 

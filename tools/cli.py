@@ -40,8 +40,8 @@ from collections.abc import Sequence
 def user_errors() -> tuple[type[Exception], ...]:
     """Every user error: the ranks' (`pretrain.worker.user_errors`) and the tools' own; the CLI and the fine-tuning
     ranks print each as one ``mmssl: error:`` line."""
-    from pretrain.worker import user_errors
-    from tools.probe import ProbeError
+    from mmssl.pretrain.worker import user_errors
+    from mmssl.tools.probe import ProbeError
 
     return (*user_errors(), ProbeError)
 
@@ -64,7 +64,7 @@ def _byte_size(text: str) -> float:
 
 
 def _check_builder_options(args: argparse.Namespace) -> None:
-    from tools.probe import ProbeError
+    from mmssl.tools.probe import ProbeError
 
     allowed = set(BUILDER_OPTIONS.get(args.source, ()))
     for name in sorted({n for names in BUILDER_OPTIONS.values() for n in names} - allowed):
@@ -79,8 +79,8 @@ def _check_builder_options(args: argparse.Namespace) -> None:
 
 
 def _make_shards_from(args: argparse.Namespace) -> int:
-    from data_pipelines.manifest import build_from_folder, build_from_manifest
-    from tools.probe import ProbeError
+    from mmssl.data_pipelines.manifest import build_from_folder, build_from_manifest
+    from mmssl.tools.probe import ProbeError
 
     def given(value: object, default: object) -> object:
         return default if value is None else value
@@ -111,7 +111,7 @@ def _make_shards_from(args: argparse.Namespace) -> int:
 
 
 def cmd_make_shards(args: argparse.Namespace) -> int:
-    from data_pipelines.sources import asterisk, fashion_mnist, ktuberling
+    from mmssl.data_pipelines.sources import asterisk, fashion_mnist, ktuberling
 
     _check_builder_options(args)
     if args.source in ("manifest", "folder"):
@@ -139,8 +139,8 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
 def _caption_tokenizer(source: str, out: str) -> None:
     """``out/spm.model``: a sentencepiece model (with a ``<mask>`` piece) trained on every text the source can
     give, so its recipes' text towers (``model.text.tokenizer: <out>/spm.model``) work as built."""
-    from data_pipelines.sources import fashion_mnist, ktuberling
-    from data_pipelines.tokenizer_training import train_sentencepiece
+    from mmssl.data_pipelines.sources import fashion_mnist, ktuberling
+    from mmssl.data_pipelines.tokenizer_training import train_sentencepiece
 
     if source == "fashion-mnist":
         texts = [t.format(c) for c in fashion_mnist.CLASSES for t in fashion_mnist.TEMPLATES]
@@ -155,7 +155,7 @@ def _caption_tokenizer(source: str, out: str) -> None:
 def plugin_decoders() -> tuple[dict, dict[str, str]]:
     """Extension -> evaluation decoder of the registered modality plug-ins, with default configs; and the modalities
     whose default config cannot decode (a text tokenizer must be given), with why."""
-    from architectures.modalities import MODALITIES
+    from mmssl.architectures.modalities import MODALITIES
 
     decoders: dict = {}
     unavailable: dict[str, str] = {}
@@ -171,8 +171,8 @@ def plugin_decoders() -> tuple[dict, dict[str, str]]:
 
 
 def cmd_inspect_shards(args: argparse.Namespace) -> int:
-    from data_pipelines.inspect import format_inspection, inspect_shards
-    from data_pipelines.shards import atomic_write_text
+    from mmssl.data_pipelines.inspect import format_inspection, inspect_shards
+    from mmssl.data_pipelines.shards import atomic_write_text
 
     decoders, unavailable = plugin_decoders() if args.decode else ({}, {})
     report = inspect_shards(args.spec, decoders=decoders, where="inspect-shards")
@@ -185,8 +185,8 @@ def cmd_inspect_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
-    from architectures.stitching.pretrained import efficientnet_lite0_weights, minilm_dir, random_causal_lm
-    from tools.probe import ProbeError
+    from mmssl.architectures.stitching.pretrained import efficientnet_lite0_weights, minilm_dir, random_causal_lm
+    from mmssl.tools.probe import ProbeError
 
     given = [f"--{n}" for n in ("tokenizer", "layers", "width") if getattr(args, n) is not None]
     if args.name != "random-causal-lm" and given:
@@ -203,7 +203,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from pretrain.recipe import list_bundled_recipes
+    from mmssl.pretrain.recipe import list_bundled_recipes
 
     for name, line in list_bundled_recipes().items():
         print(f"{name:<24} {line}")
@@ -211,7 +211,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from pretrain.launch import launch, under_launcher
+    from mmssl.pretrain.launch import launch, under_launcher
 
     code = launch(args.recipe, args.overrides, nproc=args.nproc, run_dir=args.run_dir, overwrite=args.overwrite)
     if under_launcher():  # this process was a rank: skip gloo's teardown (see pretrain.worker)
@@ -222,7 +222,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tools.export import export_run
+    from mmssl.tools.export import export_run
 
     index = export_run(args.run_dir, args.out, checkpoint_tag=args.checkpoint)
     for name, path in index["encoders"].items():
@@ -232,7 +232,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from tools.evaluate import format_probe, run_probe
+    from mmssl.tools.evaluate import format_probe, run_probe
 
     results = run_probe(args.encoder_dir, shards=args.shards, test_shards=args.test_shards, label=args.label,
                         features=args.features, few_shot=args.few_shot, floor=not args.no_floor, seed=args.seed,
@@ -244,7 +244,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
-    from tools.evaluate import format_retrieval, run_retrieval
+    from mmssl.tools.evaluate import format_retrieval, run_retrieval
 
     results = run_retrieval(args.export_dir, shards=args.shards, query=args.query, target=args.target,
                             match_field=args.match_field, floor=not args.no_floor, json_out=args.json)
@@ -255,13 +255,13 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from tools.eval_report import format_evaluation
-    from tools.evaluation import evaluate
+    from mmssl.tools.eval_report import format_evaluation
+    from mmssl.tools.evaluation import evaluate
 
     pairs = [tuple(p.split(":", 1)) for p in args.pairs] if args.pairs else None
     for p in pairs or []:
         if len(p) != 2:
-            from tools.probe import ProbeError
+            from mmssl.tools.probe import ProbeError
 
             raise ProbeError(f"--pairs takes QUERY:TARGET items, got {':'.join(p)!r}")
     results = evaluate(args.target, shards=args.shards, test_shards=args.test_shards, label=args.label,
@@ -273,7 +273,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from tools.eval_report import compare
+    from mmssl.tools.eval_report import compare
 
     _, table = compare(args.evaluations, out=args.out)
     print(table)
@@ -283,8 +283,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def write_single_result(results: dict, out: str, kind: str) -> str:
     from pathlib import Path
 
-    from data_pipelines.shards import atomic_write_text
-    from tools.plots import plot_bars, plot_probe_sweep
+    from mmssl.data_pipelines.shards import atomic_write_text
+    from mmssl.tools.plots import plot_bars, plot_probe_sweep
 
     target = Path(out)
     if kind == "probe":
@@ -303,7 +303,7 @@ def write_single_result(results: dict, out: str, kind: str) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tools.report import build_report, format_report
+    from mmssl.tools.report import build_report, format_report
 
     summary = build_report(args.run_dir)
     print(format_report(summary, args.run_dir))
@@ -317,24 +317,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     gpu`` (tools.bench_gpu), otherwise ``mmssl bench --compare open_clip`` (tools.bench)."""
     suite = args.bench_args[0] if args.bench_args else ""
     if suite in ("matrix", "scaling"):
-        from tools.bench_matrix import main as matrix_main
+        from mmssl.tools.bench_matrix import main as matrix_main
 
         return matrix_main(args.bench_args)
     if suite == "flip":
-        from tools.bench_flip import main as flip_main
+        from mmssl.tools.bench_flip import main as flip_main
 
         return flip_main(args.bench_args[1:])
     if suite == "gpu":
-        from tools.bench_gpu import main as gpu_main
+        from mmssl.tools.bench_gpu import main as gpu_main
 
         return gpu_main(args.bench_args[1:])
-    from tools.bench import main as bench_main
+    from mmssl.tools.bench import main as bench_main
 
     return bench_main(args.bench_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmssl import __version__
+
     p = argparse.ArgumentParser(prog="mmssl", description="self-supervised multimodal pretraining")
+    p.add_argument("--version", action="version", version=f"mmssl {__version__}")
     # the deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the environment is used
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
@@ -457,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="also write compare.json and compare.png here")
     s.set_defaults(fn=cmd_compare)
 
-    from tools.finetune import add_finetune_parser
+    from mmssl.tools.finetune import add_finetune_parser
 
     add_finetune_parser(sub)
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tools.probe import ProbeError
+from mmssl.tools.probe import ProbeError
 
 DEFAULT_CHUNK = 2048
 

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_pipelines.shards import atomic_write_text
-from tools.plots import plot_bars, plot_curves, plot_probe_sweep
-from tools.probe import ProbeError, fmt_pct
+from mmssl.data_pipelines.shards import atomic_write_text
+from mmssl.tools.plots import plot_bars, plot_curves, plot_probe_sweep
+from mmssl.tools.probe import ProbeError, fmt_pct
 
 RESULTS = "results.json"
 

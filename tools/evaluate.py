@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from architectures.encoder import read_meta
-from data_pipelines.shards import atomic_write_text
-from tools.export import EXPORT_INDEX
-from tools.features import extract
-from tools.probe import ProbeError, fmt_pct, labels_of, linear_probe
-from tools.retrieval import group_ids, recall_both_ways
+from mmssl.architectures.encoder import read_meta
+from mmssl.data_pipelines.shards import atomic_write_text
+from mmssl.tools.export import EXPORT_INDEX
+from mmssl.tools.features import extract
+from mmssl.tools.probe import ProbeError, fmt_pct, labels_of, linear_probe
+from mmssl.tools.retrieval import group_ids, recall_both_ways
 
 FLOOR_SEED = 0
 

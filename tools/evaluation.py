@@ -28,17 +28,17 @@ from typing import Any
 
 import torch
 
-from data_pipelines.shards import atomic_write_text
-from pretrain import checkpoint
-from pretrain.launch import RECIPE_FILE
-from tools.diagnostics import embedding_diagnostics
-from tools.export import EXPORT_INDEX, MODEL_DIR, export_run
-from tools.exported_model import CONFIG, LoadedModel, load_model
-from tools.interactions import pid_from_predictions
-from tools.model_features import ModelFeatures, extract_model_features
-from tools.probe import ProbeError, ProbeResult, labels_of, linear_probe
-from tools.retrieval import group_ids, recall_both_ways, rerank_recall
-from tools.zero_shot import DEFAULT_TEMPLATES, load_prompts, zero_shot_accuracy
+from mmssl.data_pipelines.shards import atomic_write_text
+from mmssl.pretrain import checkpoint
+from mmssl.pretrain.launch import RECIPE_FILE
+from mmssl.tools.diagnostics import embedding_diagnostics
+from mmssl.tools.export import EXPORT_INDEX, MODEL_DIR, export_run
+from mmssl.tools.exported_model import CONFIG, LoadedModel, load_model
+from mmssl.tools.interactions import pid_from_predictions
+from mmssl.tools.model_features import ModelFeatures, extract_model_features
+from mmssl.tools.probe import ProbeError, ProbeResult, labels_of, linear_probe
+from mmssl.tools.retrieval import group_ids, recall_both_ways, rerank_recall
+from mmssl.tools.zero_shot import DEFAULT_TEMPLATES, load_prompts, zero_shot_accuracy
 
 FLOOR_SEED = 0
 VARIANTS = ("pretrained", "random_init")
@@ -194,8 +194,8 @@ def evaluate(target: str | Path, *, shards: str, test_shards: str, label: str | 
              prompts: str | None = None, floor: bool = True, few_shot: int | None = None, seed: int = 0,
              robustness: bool = True, levels: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), rerank_k: int = 16
              ) -> dict[str, Any]:
-    from tools.eval_report import write_plots
-    from tools.robustness_eval import run_robustness
+    from mmssl.tools.eval_report import write_plots
+    from mmssl.tools.robustness_eval import run_robustness
 
     bad_levels = [v for v in levels if not 0.0 <= float(v) <= 1.0]
     if bad_levels:

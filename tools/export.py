@@ -25,16 +25,16 @@ from typing import Any
 
 import torch
 
-from architectures.config import build_model
-from architectures.encoder import save_encoder
-from objectives.registry import kind_of
-from pretrain import checkpoint
-from pretrain.frozen import check_reference, frozen_reference
-from pretrain.launch import RECIPE_FILE
-from pretrain.precision import compute_dtype
-from pretrain.recipe import Recipe, RecipeError, load_recipe
-from tools.exported_model import check_state, save_model
-from tools.probe import ProbeError
+from mmssl.architectures.config import build_model
+from mmssl.architectures.encoder import save_encoder
+from mmssl.objectives.registry import kind_of
+from mmssl.pretrain import checkpoint
+from mmssl.pretrain.frozen import check_reference, frozen_reference
+from mmssl.pretrain.launch import RECIPE_FILE
+from mmssl.pretrain.precision import compute_dtype
+from mmssl.pretrain.recipe import Recipe, RecipeError, load_recipe
+from mmssl.tools.exported_model import check_state, save_model
+from mmssl.tools.probe import ProbeError
 
 EXPORT_INDEX = "export.json"
 MODEL_DIR = "model"

@@ -29,13 +29,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from architectures.config import ModelConfig, build_model
-from architectures.modalities import get_modality
-from architectures.modalities.base import DecoderFn
-from architectures.stitching.pretrained import sha256_file
-from objectives.base import fused_summary
-from pretrain.recipe import model_config_from_dict, to_dict
-from tools.probe import ProbeError
+from mmssl.architectures.config import ModelConfig, build_model
+from mmssl.architectures.modalities import get_modality
+from mmssl.architectures.modalities.base import DecoderFn
+from mmssl.architectures.stitching.pretrained import sha256_file
+from mmssl.objectives.base import fused_summary
+from mmssl.pretrain.recipe import model_config_from_dict, to_dict
+from mmssl.tools.probe import ProbeError
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from architectures.encoder import Encoder
-from architectures.modalities import get_modality
-from data_pipelines.shards import resolve_shards
-from data_pipelines.stream import read_once
+from mmssl.architectures.encoder import Encoder
+from mmssl.architectures.modalities import get_modality
+from mmssl.data_pipelines.shards import resolve_shards
+from mmssl.data_pipelines.stream import read_once
 
 CACHE_DIR = "feature_cache"
 

@@ -34,18 +34,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from architectures.errors import ArchitectureError
-from data_pipelines.shards import atomic_write_text
-from pretrain.precision import PRECISIONS
-from tools.finetune_model import check_layer_decay, parse_freeze
-from tools.probe import ProbeError, fmt_pct
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.data_pipelines.shards import atomic_write_text
+from mmssl.pretrain.precision import PRECISIONS
+from mmssl.tools.finetune_model import check_layer_decay, parse_freeze
+from mmssl.tools.probe import ProbeError, fmt_pct
 
 CONFIG_FILE = "finetune_config.json"
 RESULTS_FILE = "results.json"
 CURVE_FILE = "finetune_curve.png"
 
 if TYPE_CHECKING:
-    from architectures.encoder import Encoder
+    from mmssl.architectures.encoder import Encoder
 
 
 @dataclass
@@ -99,8 +99,8 @@ def check_config(cfg: FinetuneConfig) -> None:
 def check_encoder(cfg: FinetuneConfig) -> Encoder:
     """The encoder directory is an export, and ``--freeze k`` fits its layer groups; returns the encoder built
     for its shapes only (meta device: no weights read)."""
-    from architectures.encoder import Encoder
-    from tools.finetune_model import Classifier, apply_freeze
+    from mmssl.architectures.encoder import Encoder
+    from mmssl.tools.finetune_model import Classifier, apply_freeze
 
     try:
         with torch.device("meta"):
@@ -115,7 +115,7 @@ def check_encoder(cfg: FinetuneConfig) -> Encoder:
 def launch_finetune(cfg: FinetuneConfig, nproc: int) -> int:
     """Check ``cfg``, then fine-tune on ``nproc`` local ranks (torchrun), or as one rank when an external launcher
     started this process (``WORLD_SIZE`` set). Returns the ranks' exit code."""
-    from pretrain.launch import child_env, under_launcher
+    from mmssl.pretrain.launch import child_env, under_launcher
 
     check_config(cfg)
     if nproc < 1:
@@ -123,16 +123,16 @@ def launch_finetune(cfg: FinetuneConfig, nproc: int) -> int:
     encoder = check_encoder(cfg)
     out = Path(cfg.out_dir)
     if under_launcher():
-        from tools.finetune_rank import run_rank
+        from mmssl.tools.finetune_rank import run_rank
 
         return run_rank(cfg)
-    from tools.finetune_data import load_splits
+    from mmssl.tools.finetune_data import load_splits
 
     load_splits(cfg, encoder, decode_check=False)  # label field present, >= 2 classes: before any rank starts
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "tools.finetune_rank", "--config", str(out / CONFIG_FILE)]
+           "-m", "mmssl.tools.finetune_rank", "--config", str(out / CONFIG_FILE)]
     print(f"mmssl: fine-tuning {cfg.encoder_dir} on {nproc} rank(s) -> {out}", file=sys.stderr, flush=True)
     code = subprocess.call(cmd, env=child_env(nproc))
     if code != 0:
@@ -199,7 +199,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from pretrain.launch import under_launcher
+    from mmssl.pretrain.launch import under_launcher
 
     cfg = config_from_args(args)
     code = launch_finetune(cfg, args.nproc)
@@ -245,10 +245,10 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tools.finetune")
+    parser = argparse.ArgumentParser(prog="python -m mmssl.tools.finetune")
     add_finetune_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["finetune", *(argv if argv is not None else sys.argv[1:])])
-    from data_pipelines.shards import DataError
+    from mmssl.data_pipelines.shards import DataError
 
     try:
         code = args.fn(args)

@@ -28,15 +28,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from architectures.modalities import get_modality
-from data_pipelines.batch import Batch, collate
-from data_pipelines.shards import resolve_shards
-from data_pipelines.stream import read_once
-from tools.probe import ProbeError, stratified_split
+from mmssl.architectures.modalities import get_modality
+from mmssl.data_pipelines.batch import Batch, collate
+from mmssl.data_pipelines.shards import resolve_shards
+from mmssl.data_pipelines.stream import read_once
+from mmssl.tools.probe import ProbeError, stratified_split
 
 if TYPE_CHECKING:
-    from architectures.encoder import Encoder
-    from tools.finetune import FinetuneConfig
+    from mmssl.architectures.encoder import Encoder
+    from mmssl.tools.finetune import FinetuneConfig
 
 Decoder = Callable[[bytes, np.random.Generator], Any]
 

@@ -26,10 +26,10 @@ from timm.models import group_parameters
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 
-from architectures.encoder import Encoder
-from architectures.towers import Tower, prefixed_matcher
-from pretrain.engine import param_groups
-from tools.probe import ProbeError
+from mmssl.architectures.encoder import Encoder
+from mmssl.architectures.towers import Tower, prefixed_matcher
+from mmssl.pretrain.engine import param_groups
+from mmssl.tools.probe import ProbeError
 
 HEAD_INIT_STD = 2e-5
 WEIGHTS_FILE = "model.safetensors"

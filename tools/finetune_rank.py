@@ -1,4 +1,4 @@
-"""One fine-tuning rank: ``python -m tools.finetune_rank --config OUT/finetune_config.json`` under torchrun.
+"""One fine-tuning rank: ``python -m mmssl.tools.finetune_rank --config OUT/finetune_config.json`` under torchrun.
 
 Per epoch: the steps of `tools.finetune_data.epoch_order` on a DeepSpeed engine (forward, ``engine.backward``,
 ``engine.step``), the epoch's mean train loss reduced over ranks; validation top-1 on all ranks (correct / total
@@ -24,17 +24,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from architectures.encoder import Encoder, save_encoder
-from architectures.modalities import get_modality
-from data_pipelines.shards import atomic_write_text
-from pretrain.engine import build_engine
-from pretrain.recipe import TrainConfig
-from pretrain.runlog import setup_text_logs
-from pretrain.trainer import init_distributed
-from pretrain.worker import run_and_teardown
-from tools.finetune import CURVE_FILE, RESULTS_FILE, FinetuneConfig, load_config, plot_curve
-from tools.finetune_data import EvalCache, decode_batch, epoch_order, load_splits, rank_rows, steps_per_epoch
-from tools.finetune_model import (
+from mmssl.architectures.encoder import Encoder, save_encoder
+from mmssl.architectures.modalities import get_modality
+from mmssl.data_pipelines.shards import atomic_write_text
+from mmssl.pretrain.engine import build_engine
+from mmssl.pretrain.recipe import TrainConfig
+from mmssl.pretrain.runlog import setup_text_logs
+from mmssl.pretrain.trainer import init_distributed
+from mmssl.pretrain.worker import run_and_teardown
+from mmssl.tools.finetune import CURVE_FILE, RESULTS_FILE, FinetuneConfig, load_config, plot_curve
+from mmssl.tools.finetune_data import EvalCache, decode_batch, epoch_order, load_splits, rank_rows, steps_per_epoch
+from mmssl.tools.finetune_model import (
     WEIGHTS_FILE,
     Classifier,
     apply_freeze,
@@ -191,13 +191,13 @@ def fit(cfg: FinetuneConfig) -> dict[str, Any] | None:
 
 def run_rank(cfg: FinetuneConfig) -> int:
     """`fit`, then a clean teardown; user errors become one ``mmssl: error:`` line and exit code 2."""
-    from tools.cli import user_errors
+    from mmssl.tools.cli import user_errors
 
     return run_and_teardown(lambda: fit(cfg), user_errors())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tools.finetune_rank")
+    parser = argparse.ArgumentParser(prog="python -m mmssl.tools.finetune_rank")
     parser.add_argument("--config", required=True, help="finetune_config.json written by `launch_finetune`")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from tools.probe import ProbeError
+from mmssl.tools.probe import ProbeError
 
 LOG2 = math.log(2.0)
 T_MAX = 1e10  # beyond this the float64 rounding of t·∇f exceeds the barrier's own gap #vars/t

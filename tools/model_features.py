@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from architectures.modalities import get_modality
-from data_pipelines.shards import resolve_shards
-from data_pipelines.stream import read_once
-from objectives.base import fused_summary, fusion_view
-from tools.exported_model import CONFIG, ITM_HEAD, WEIGHTS, LoadedModel
-from tools.features import CACHE_DIR, cache_key
+from mmssl.architectures.modalities import get_modality
+from mmssl.data_pipelines.shards import resolve_shards
+from mmssl.data_pipelines.stream import read_once
+from mmssl.objectives.base import fused_summary, fusion_view
+from mmssl.tools.exported_model import CONFIG, ITM_HEAD, WEIGHTS, LoadedModel
+from mmssl.tools.features import CACHE_DIR, cache_key
 
 FUSED = "fused"
 FEATURES_FORMAT = 2  # part of the cache key: bump when what a feature holds changes (2: fused summary, fusion view)

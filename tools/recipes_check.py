@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from architectures.config import build_model
-from objectives.registry import build_objectives
-from pretrain.recipe import Recipe, load_recipe
-from tools.probe import ProbeError
+from mmssl.architectures.config import build_model
+from mmssl.objectives.registry import build_objectives
+from mmssl.pretrain.recipe import Recipe, load_recipe
+from mmssl.tools.probe import ProbeError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from data_pipelines.shards import atomic_write_text
-from tools.probe import ProbeError, fmt_pct
+from mmssl.data_pipelines.shards import atomic_write_text
+from mmssl.tools.probe import ProbeError, fmt_pct
 
 EVAL_DIR = "eval"
 PROBE_JSON = "probe.json"

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tools.probe import ProbeError
+from mmssl.tools.probe import ProbeError
 
 PairScorer = Callable[[Tensor, Tensor], Tensor]
 TIE_TOL = 1e-9  # similarities this close to the best positive count as ties (against the query)

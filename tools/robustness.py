@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
-from tools.probe import ProbeError
+from mmssl.tools.probe import ProbeError
 
 DEFAULT_LEVELS = tuple(i / 10 for i in range(11))  # MultiBench's grid: 0, 0.1, ..., 1
 

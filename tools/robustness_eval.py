@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from architectures.modalities import get_modality
-from tools.exported_model import LoadedModel
-from tools.model_features import Corruption, ModelFeatures, extract_model_features
-from tools.probe import ProbeError, ProbeResult, labels_of
-from tools.retrieval import group_ids, recall_both_ways
-from tools.robustness import modality_removal_drop, robustness_score
+from mmssl.architectures.modalities import get_modality
+from mmssl.tools.exported_model import LoadedModel
+from mmssl.tools.model_features import Corruption, ModelFeatures, extract_model_features
+from mmssl.tools.probe import ProbeError, ProbeResult, labels_of
+from mmssl.tools.retrieval import group_ids, recall_both_ways
+from mmssl.tools.robustness import modality_removal_drop, robustness_score
 
 
 def _probe_accuracy(result: ProbeResult, x: torch.Tensor, usable: torch.Tensor, meta: dict[str, list[Any]],

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from architectures.modalities import get_modality
-from architectures.modalities.base import DecoderFn
-from data_pipelines.batch import collate
-from tools.probe import ProbeError
+from mmssl.architectures.modalities import get_modality
+from mmssl.architectures.modalities.base import DecoderFn
+from mmssl.data_pipelines.batch import collate
+from mmssl.tools.probe import ProbeError
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "{}",

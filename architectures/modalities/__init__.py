@@ -12,11 +12,11 @@ import inspect
 import pkgutil
 from collections.abc import Iterable
 
-from architectures.errors import ArchitectureError
-from architectures.modalities.audio import AudioConfig
-from architectures.modalities.base import ModalityPlugin, TowerConfig
-from architectures.modalities.image import ImageConfig
-from architectures.modalities.text import TextConfig
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.modalities.audio import AudioConfig
+from mmssl.architectures.modalities.base import ModalityPlugin, TowerConfig
+from mmssl.architectures.modalities.image import ImageConfig
+from mmssl.architectures.modalities.text import TextConfig
 
 
 def discover_plugins(paths: Iterable[str], package: str) -> dict[str, ModalityPlugin]:

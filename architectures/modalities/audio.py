@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from architectures.embedders import PatchEmbedder, patchify
-from architectures.modalities import corruptions
-from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
-from architectures.modalities.masking import Generators, random_token_mask
-from architectures.towers import ArchitectureError, TimmTower
+from mmssl.architectures.embedders import PatchEmbedder, patchify
+from mmssl.architectures.modalities import corruptions
+from mmssl.architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
+from mmssl.architectures.modalities.masking import Generators, random_token_mask
+from mmssl.architectures.towers import ArchitectureError, TimmTower
 
 
 @dataclass

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from architectures.embedders import TokenEmbedder
-from architectures.errors import ArchitectureError
-from architectures.towers import TimmTower, Tower
+from mmssl.architectures.embedders import TokenEmbedder
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.towers import TimmTower, Tower
 
 Decoded = Tensor | dict[str, Tensor]
 DecoderFn = Callable[[bytes, np.random.Generator], Decoded]

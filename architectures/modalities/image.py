@@ -26,11 +26,11 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from architectures.embedders import PatchEmbedder, patchify
-from architectures.modalities import corruptions
-from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
-from architectures.modalities.masking import Generators, random_token_mask
-from architectures.towers import TimmTower
+from mmssl.architectures.embedders import PatchEmbedder, patchify
+from mmssl.architectures.modalities import corruptions
+from mmssl.architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
+from mmssl.architectures.modalities.masking import Generators, random_token_mask
+from mmssl.architectures.towers import TimmTower
 
 
 @dataclass

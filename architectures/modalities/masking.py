@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from architectures.errors import ArchitectureError
+from mmssl.architectures.errors import ArchitectureError
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 

@@ -45,12 +45,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from architectures.embedders import EmbeddedTokens, TokenEmbedder, learned_positions
-from architectures.errors import ArchitectureError
-from architectures.modalities import corruptions
-from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig
-from architectures.modalities.masking import Generators, random_token_mask
-from architectures.towers import HFTextTower, Tower, TowerOutput
+from mmssl.architectures.embedders import EmbeddedTokens, TokenEmbedder, learned_positions
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.modalities import corruptions
+from mmssl.architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig
+from mmssl.architectures.modalities.masking import Generators, random_token_mask
+from mmssl.architectures.towers import HFTextTower, Tower, TowerOutput
 
 LAYOUTS = ("time", "features")
 INPUT_FILE = "input_embedding.safetensors"

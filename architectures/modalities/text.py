@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from architectures.embedders import TokenIdEmbedder
-from architectures.modalities import corruptions
-from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, path_field
-from architectures.modalities.masking import Generators, random_token_mask
-from architectures.modalities.tokenizers import Tokenizer, load_tokenizer
-from architectures.towers import ArchitectureError, HFTextTower
+from mmssl.architectures.embedders import TokenIdEmbedder
+from mmssl.architectures.modalities import corruptions
+from mmssl.architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, path_field
+from mmssl.architectures.modalities.masking import Generators, random_token_mask
+from mmssl.architectures.modalities.tokenizers import Tokenizer, load_tokenizer
+from mmssl.architectures.towers import ArchitectureError, HFTextTower
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from architectures.towers import ArchitectureError
+from mmssl.architectures.towers import ArchitectureError
 
 SPM_NAME = "tokenizer.model"
 HF_NAME = "tokenizer.json"

@@ -49,14 +49,14 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
-from architectures.embedders import EmbeddedTokens, TokenEmbedder, learned_positions
-from architectures.errors import ArchitectureError
-from architectures.modalities import corruptions
-from architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
-from architectures.modalities.image import pixel_corruption
-from architectures.modalities.masking import Generators, tube_mask
-from architectures.modalities.video_cnn import VIDEO_RESNETS, VideoCNNTower
-from architectures.towers import Tower, TowerOutput, prefixed_matcher
+from mmssl.architectures.embedders import EmbeddedTokens, TokenEmbedder, learned_positions
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.modalities import corruptions
+from mmssl.architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
+from mmssl.architectures.modalities.image import pixel_corruption
+from mmssl.architectures.modalities.masking import Generators, tube_mask
+from mmssl.architectures.modalities.video_cnn import VIDEO_RESNETS, VideoCNNTower
+from mmssl.architectures.towers import Tower, TowerOutput, prefixed_matcher
 
 TEMPORAL_FILE = "temporal.safetensors"
 NPY_MAGIC = b"\x93NUMPY"

@@ -38,8 +38,8 @@ from torchvision.models.video.resnet import (
     VideoResNet,
 )
 
-from architectures.errors import ArchitectureError
-from architectures.towers import Tower, load_state
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.towers import Tower, load_state
 
 
 def factorised_mid_channels(in_planes: int, out_planes: int, t: int = 3, d: int = 3) -> int:

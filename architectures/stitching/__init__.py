@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from architectures.stitching.bridges import (
+from mmssl.architectures.stitching.bridges import (
     Bridge,
     BridgeOutput,
     LinearBridge,
@@ -17,10 +17,10 @@ from architectures.stitching.bridges import (
     PrefixMapper,
     build_bridge,
 )
-from architectures.stitching.flamingo import FlamingoBridge, GatedCrossAttention, PerceiverResampler
-from architectures.stitching.lm import FrozenLM
-from architectures.stitching.model import StitchedModel
-from architectures.stitching.qformer import QFormer
+from mmssl.architectures.stitching.flamingo import FlamingoBridge, GatedCrossAttention, PerceiverResampler
+from mmssl.architectures.stitching.lm import FrozenLM
+from mmssl.architectures.stitching.model import StitchedModel
+from mmssl.architectures.stitching.qformer import QFormer
 
 __all__ = [
     "Bridge",

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from architectures.errors import ArchitectureError
+from mmssl.architectures.errors import ArchitectureError
 
 SOURCES = ("pooled", "tokens")
 PREFIX_MAPPINGS = ("mlp", "transformer")
@@ -158,8 +158,8 @@ class PrefixMapper(Bridge):
 def build_bridge(kind: str, vision_dim: int, lm_dim: int, **kwargs: Any) -> Bridge:
     """A bridge by kind name (``linear``, ``mlp``, ``prefix``, ``qformer``, ``flamingo``); ``kwargs`` go to its
     constructor (``flamingo`` also needs ``num_lm_layers``)."""
-    from architectures.stitching.flamingo import FlamingoBridge
-    from architectures.stitching.qformer import QFormer
+    from mmssl.architectures.stitching.flamingo import FlamingoBridge
+    from mmssl.architectures.stitching.qformer import QFormer
 
     kinds: dict[str, type[Bridge]] = {c.kind: c for c in (LinearBridge, MLPBridge, PrefixMapper, QFormer,
                                                           FlamingoBridge)}

@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
-from architectures.errors import ArchitectureError
-from architectures.stitching.bridges import Bridge, BridgeOutput, check_positive
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.stitching.bridges import Bridge, BridgeOutput, check_positive
 
 
 class InnerAttention(nn.Module):

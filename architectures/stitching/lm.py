@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from architectures.errors import ArchitectureError
+from mmssl.architectures.errors import ArchitectureError
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 LAYER_PATHS = ("encoder.layer", "h", "layers", "model.layers", "decoder.layers", "transformer.h")

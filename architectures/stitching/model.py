@@ -31,14 +31,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from architectures.errors import ArchitectureError
-from architectures.fusion_free import as_tokens
-from architectures.heads import ProjectionHead
-from architectures.outputs import ModelOutput, ModelSpec
-from architectures.stitching.bridges import Bridge, BridgeOutput
-from architectures.stitching.flamingo import FlamingoBridge
-from architectures.stitching.lm import FrozenLM
-from architectures.towers import Tower
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.fusion_free import as_tokens
+from mmssl.architectures.heads import ProjectionHead
+from mmssl.architectures.outputs import ModelOutput, ModelSpec
+from mmssl.architectures.stitching.bridges import Bridge, BridgeOutput
+from mmssl.architectures.stitching.flamingo import FlamingoBridge
+from mmssl.architectures.stitching.lm import FrozenLM
+from mmssl.architectures.towers import Tower
 
 
 class StitchedModel(nn.Module):

