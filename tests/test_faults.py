@@ -251,7 +251,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _rank_pid(root: int, rank: int) -> int | None:
-    """The ``pretrain.worker`` process with ``RANK=rank`` in its environment, among the descendants of ``root``."""
+    """The ``mmssl.pretrain.worker`` process with ``RANK=rank`` in its environment, among the descendants of ``root``."""
     todo = [root]
     while todo:
         pid = todo.pop()
@@ -261,7 +261,7 @@ def _rank_pid(root: int, rank: int) -> int | None:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"pretrain.worker" in cmd and f"RANK={rank}".encode() in env:
+        if b"mmssl.pretrain.worker" in cmd and f"RANK={rank}".encode() in env:
             return pid
     return None
 

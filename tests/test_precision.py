@@ -113,7 +113,7 @@ def _check_resumed_run(source: str, overrides: list[str], run: Path, precision: 
 @pytest.mark.parametrize("method", METHODS)
 def test_tiny_recipe_trains_and_resumes(method: str, precision: str, runs: dict[Any, Any]) -> None:
     if (method, precision, 2) not in runs:
-        pytest.skip(f"{method}-tiny: its data is not installed (see README, Data)")
+        pytest.skip(f"{method}-tiny: its data is not installed (see docs/recipes.md)")
     source, overrides, run, error = runs[method, precision, 2]
     assert error is None, error[-3000:]
     _check_resumed_run(source, overrides, run, precision, 2)
@@ -128,7 +128,7 @@ def test_each_family_trains_resumes_and_exports_at_zero3_in_bf16(family: str, ru
                                                                    tmp_path: Path) -> None:
     method = FAMILIES[family]
     if (method, "bf16", 3) not in runs:
-        pytest.skip(f"{method}-tiny: its data is not installed (see README, Data)")
+        pytest.skip(f"{method}-tiny: its data is not installed (see docs/recipes.md)")
     source, overrides, run, error = runs[method, "bf16", 3]
     assert error is None, error[-3000:]
     _check_resumed_run(source, overrides, run, "bf16", 3)
