@@ -251,7 +251,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _rank_pid(root: int, rank: int) -> int | None:
-    """The ``mmssl.pretrain.worker`` process with ``RANK=rank`` in its environment, among the descendants of ``root``."""
+    """The ``mmssl.pretrain.worker`` process with ``RANK=rank`` in its environment, among ``root``'s descendants."""
     todo = [root]
     while todo:
         pid = todo.pop()
