@@ -1,6 +1,8 @@
 """Planning and writing webdataset shards with exact byte accounting and N parallel writer processes.
 
-A source (`data_pipelines.manifest`: manifest rows, a folder tree, an iterator) becomes a stream of
+The one shard writer of mmssl: the manifest and folder builders call `write_planned`, the bundled sources
+`write_shards` (webdataset-style sample dicts). A source (`data_pipelines.manifest`: manifest rows, a folder tree,
+an iterator) becomes a stream of
 `PlannedSample` (key + members). `ShardPlanner` cuts that stream into shards before anything is written: a shard
 closes when it holds ``shard_size`` samples, or when the next sample would push its tar file past ``max_bytes``.
 The tar layout is computed exactly (POSIX ustar/pax, IEEE Std 1003.1-2001): a member takes its header (512 bytes,
@@ -15,6 +17,7 @@ depend on the plan only (members in extension order, mtime 0, uid/gid 0, mode 04
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -201,6 +204,39 @@ class ShardPlanner:
 def _remove_outputs(out: Path, prefix: str) -> None:
     for stale in [*out.glob(f"{prefix}-*.tar"), *out.glob(f"{prefix}-*.tar.tmp"), out / INDEX_NAME]:
         stale.unlink(missing_ok=True)
+
+
+def inline_member(ext: str, value: Any, origin: str) -> Member:
+    """A member from a webdataset-style value: bytes as they are, text as UTF-8, numbers as their decimal text,
+    anything else as JSON (what webdataset's writer does for ``json`` members)."""
+    if isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        data = value.encode("utf-8")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        data = str(value).encode()
+    else:
+        data = json.dumps(value).encode("utf-8")
+    return Member(check_extension(ext, origin), len(data), data=data, origin=origin)
+
+
+def write_shards(samples: Iterable[Mapping[str, Any]], out_dir: str | Path, *, name: str, max_count: int = 1000,
+                 max_bytes: float = 1e9, prefix: str = "shard", info: Mapping[str, Any] | None = None) -> DatasetIndex:
+    """`write_planned` for webdataset-style samples ``{"__key__": key, ext: value, ...}`` (the bundled sources'
+    form; `inline_member` encodes the values), ``max_count`` samples per shard at most."""
+
+    def planned() -> Iterator[PlannedSample]:
+        for i, sample in enumerate(samples):
+            key = str(sample.get("__key__", ""))
+            if not key or "." in key:
+                raise DataError(f"sample key {key!r} is empty or contains '.', which webdataset cannot split")
+            origin = f"sample {i} ({key})"
+            members = tuple(inline_member(ext, value, origin) for ext, value in sorted(sample.items())
+                            if not ext.startswith("__"))
+            yield PlannedSample(key, members, origin)
+
+    return write_planned(planned(), out_dir, name=name, shard_size=max_count, max_bytes=max_bytes, prefix=prefix,
+                         info=info)
 
 
 def write_planned(

@@ -1,4 +1,5 @@
-"""Writing webdataset shards, the per-dataset index file, and resolving a shard specification to URLs.
+"""The per-dataset index file and resolving a shard specification to URLs (shards are written by
+`data_pipelines.shard_plan`, the one writer).
 
 Layout of a dataset directory written here::
 
@@ -16,13 +17,11 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import braceexpand
-import webdataset as wds
 
 INDEX_NAME = "index.json"
 
@@ -89,76 +88,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def write_shards(
-    samples: Iterable[Mapping[str, Any]],
-    out_dir: str | Path,
-    *,
-    name: str,
-    max_count: int = 1000,
-    max_bytes: float = 1e9,
-    prefix: str = "shard",
-    info: Mapping[str, Any] | None = None,
-) -> DatasetIndex:
-    """Write ``samples`` as webdataset shards into ``out_dir`` and save its `DatasetIndex`.
-
-    Each sample is a mapping ``{"__key__": str, ext: bytes | str | dict, ...}``, as webdataset's ``TarWriter``
-    takes it. Keys must be unique and contain no ``.`` (webdataset splits the extension at the first dot).
-    Shards are written to a temporary name and renamed when complete, so an interrupted build never leaves a
-    truncated shard under a final name.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f"{prefix}-*.tar"):
-        stale.unlink()
-    shards: list[ShardInfo] = []
-    current: dict[str, Any] = {"samples": 0, "modalities": Counter(), "file": None}
-    seen: set[str] = set()
-
-    def opener(fname: str) -> IO[bytes]:
-        current["file"] = open(fname + ".tmp", "wb")  # noqa: SIM115 - closed in `finished`
-        return current["file"]
-
-    def finished(fname: str) -> None:
-        current["file"].close()
-        os.replace(fname + ".tmp", fname)
-        shards.append(
-            ShardInfo(
-                path=Path(fname).name,
-                samples=current["samples"],
-                bytes=Path(fname).stat().st_size,
-                modalities=dict(current["modalities"]),
-            )
-        )
-        current["samples"] = 0
-        current["modalities"] = Counter()
-
-    writer = wds.ShardWriter(
-        str(out / f"{prefix}-%06d.tar"), maxcount=max_count, maxsize=max_bytes, post=finished, opener=opener, verbose=0
-    )
-    try:
-        for sample in samples:
-            key = str(sample.get("__key__", ""))
-            if not key or "." in key:
-                raise DataError(f"sample key {key!r} is empty or contains '.', which webdataset cannot split")
-            if key in seen:
-                raise DataError(f"duplicate sample key {key!r}")
-            seen.add(key)
-            writer.write(dict(sample))
-            current["samples"] += 1
-            current["modalities"].update(k for k in sample if not k.startswith("__"))
-    finally:
-        writer.close()
-    shards = [s for s in shards if s.samples > 0]
-    for empty in out.glob(f"{prefix}-*.tar"):
-        if empty.name not in {s.path for s in shards}:
-            empty.unlink()
-    if not shards:
-        raise DataError(f"no samples were written to {out}")
-    index = DatasetIndex(name=name, shards=shards, info=dict(info or {}))
-    index.save(out)
-    return index
 
 
 def is_remote(url: str) -> bool:

@@ -5,6 +5,11 @@ A recipe has four sections, each owned by the room that uses it: ``data`` (`Data
 key, a value of the wrong type, or an override that does not parse fails *before launch* with one line naming the
 key, where it came from (the file or the command line) and, for unknown keys, the valid ones.
 
+A recipe may name another as its ``base:`` (a bundled name, or a YAML path, looked up next to the recipe first) and
+hold only what differs: mappings merge key by key, ``null`` takes a key out of the base (a tower, an objective; a
+setting then has its default), anything else replaces (`merge_recipe`); bases chain, and a cycle is an error
+naming the files. The bundled ``NAME-tiny`` recipes are their ``NAME`` shrunk this way.
+
 Overrides are ``dotted.key=value``; the value is read as YAML (``train.steps=50``, ``model.audio.patch_size=[16,8]``,
 ``data.eval=null``). Relative paths (fields marked as paths) are resolved against the working directory, and
 the resolved recipe — every default filled in — is what a run directory stores.
@@ -92,21 +97,70 @@ def list_bundled_recipes() -> dict[str, str]:
     return out
 
 
-def load_recipe(source: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Load a recipe from a YAML path or a bundled recipe name, apply ``overrides``, and type-check it all."""
+BASE_KEY = "base"
+
+
+def locate_recipe(source: str | Path, *, next_to: Path | None = None) -> Path:
+    """The YAML file of ``source``: a path (tried next to ``next_to`` first, for a ``base:``), or a bundled name."""
     path = Path(source)
-    if not path.is_file():
-        bundled = bundled_recipe_path(str(source))
-        if bundled is None:
-            names = ", ".join(list_bundled_recipes()) or "none"
-            raise RecipeError(f"recipe not found: {source!r} is neither a file nor a bundled recipe ({names})")
-        path = bundled
+    if next_to is not None and not path.is_absolute() and (next_to.parent / path).is_file():
+        return next_to.parent / path
+    if path.is_file():
+        return path
+    bundled = bundled_recipe_path(str(source))
+    if bundled is None:
+        names = ", ".join(list_bundled_recipes()) or "none"
+        where = f"{next_to}: base " if next_to is not None else "recipe not found: "
+        raise RecipeError(f"{where}{str(source)!r} is neither a file nor a bundled recipe ({names})")
+    return bundled
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw recipe of ``path`` with its ``base:`` chain merged in (`merge_recipe`), ``base`` itself removed.
+    A cycle or a missing base is a `RecipeError` naming the files."""
+    raw = _read_yaml(path)
+    base = raw.pop(BASE_KEY, None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise RecipeError(f"{path}: base must name a recipe (a bundled name or a YAML path), got {base!r}")
+    parent = locate_recipe(base, next_to=path)
+    chain = (*chain, path.resolve())
+    if parent.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, parent.resolve()))
+        raise RecipeError(f"{path}: base {base!r} makes a cycle: {cycle}")
+    return merge_recipe(read_recipe(parent, chain), raw)
+
+
+def merge_recipe(base: Mapping[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: mappings merge key by key; ``null`` takes the key out of the base (a tower or an
+    objective the child does not have; for a setting, its default applies); anything else replaces the base value."""
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_recipe(out[key], value)
+        elif value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
+def load_recipe(source: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Load a recipe from a YAML path or a bundled recipe name, with its ``base:`` chain (a recipe that names
+    another as its base holds only what differs from it), apply ``overrides``, and type-check it all."""
+    path = locate_recipe(source)
+    raw = read_recipe(path)
     overridden = apply_overrides(raw, overrides)
     recipe = from_dict(Recipe, raw, path=(), origin=_Origin(str(path), overridden))
     resolve_paths(recipe)

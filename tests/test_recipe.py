@@ -10,7 +10,7 @@ import yaml
 from mmssl.architectures.towers import ArchitectureError
 from mmssl.data_pipelines.shards import DataError
 from mmssl.objectives.base import ObjectiveError
-from mmssl.pretrain.recipe import RecipeError, dump_recipe, list_bundled_recipes, load_recipe
+from mmssl.pretrain.recipe import RecipeError, TrainConfig, dump_recipe, list_bundled_recipes, load_recipe
 from mmssl.pretrain.validate import validate_recipe
 from tests.conftest import tiny_recipe_dict, write_recipe
 
@@ -169,3 +169,52 @@ def test_new_model_and_train_keys_are_checked(recipe_file: Path, overrides: list
 
 def test_late_fusion_recipe_validates(recipe_file: Path) -> None:
     validate_recipe(load_recipe(recipe_file, ["model.family=late_fusion"]), world_size=2)
+
+
+# --------------------------------------------------------------------------------------------------- inheritance
+def test_a_recipe_with_a_base_holds_only_what_differs(tmp_path: Path) -> None:
+    from mmssl.pretrain.recipe import merge_recipe
+
+    base = {"name": "b", "model": {"audio": {"depth": 4, "width": 64}, "text": {"depth": 2}},
+            "objectives": {"contrastive": {"pairs": [["audio", "text"]]}, "mlm": {"modality": "text"}},
+            "train": {"steps": 100, "lr": 0.1}}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": "b.yaml", "name": "c", "model": {"audio": {"depth": 1}},
+                                                     "objectives": {"mlm": None}, "train": {"lr": None}}))
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({"base": str(tmp_path / "c.yaml"), "name": "d",
+                                                     "train": {"steps": 5}}))
+    merged = merge_recipe(base, {"model": {"audio": {"depth": 1}}, "objectives": {"mlm": None}, "train": {"lr": None}})
+    assert merged["model"] == {"audio": {"depth": 1, "width": 64}, "text": {"depth": 2}}  # mappings merge
+    assert set(merged["objectives"]) == {"contrastive"} and "lr" not in merged["train"]  # null takes a key out
+    d = load_recipe(tmp_path / "d.yaml")  # a chain: d -> c -> b
+    assert d.name == "d" and d.train.steps == 5 and d.train.lr == TrainConfig().lr  # the default, not b's 0.1
+    assert (d.model.towers["audio"].depth, d.model.towers["audio"].width) == (1, 64)
+    assert list(d.objectives.terms) == ["contrastive"]
+    saved = yaml.safe_load(dump_recipe(d))  # what a run directory stores: whole, no base
+    assert "base" not in saved and saved["model"]["audio"]["width"] == 64 and saved["train"]["steps"] == 5
+
+
+def test_a_cycle_or_a_missing_base_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "x.yaml").write_text("base: y.yaml\nname: x\n")
+    (tmp_path / "y.yaml").write_text("base: x.yaml\nname: y\n")
+    with pytest.raises(RecipeError, match=r"base 'x\.yaml' makes a cycle: .*x\.yaml -> .*y\.yaml -> .*x\.yaml"):
+        load_recipe(tmp_path / "x.yaml")
+    (tmp_path / "z.yaml").write_text("base: nope\nname: z\n")
+    with pytest.raises(RecipeError, match=r"z\.yaml: base 'nope' is neither a file nor a bundled recipe"):
+        load_recipe(tmp_path / "z.yaml")
+    (tmp_path / "w.yaml").write_text("base: [clip]\nname: w\n")
+    with pytest.raises(RecipeError, match=r"w\.yaml: base must name a recipe .* got \['clip'\]"):
+        load_recipe(tmp_path / "w.yaml")
+
+
+def test_bundled_tiny_recipes_shrink_their_full_recipe() -> None:
+    """Every ``NAME-tiny`` names ``NAME`` as its base, except the two whose CPU-scale data swaps a modality."""
+    from mmssl.pretrain.recipe import bundled_recipe_path
+
+    for name in list_bundled_recipes():
+        if not name.endswith("-tiny"):
+            continue
+        raw = yaml.safe_load(bundled_recipe_path(name).read_text())
+        expected = None if name in ("vatt-tiny", "xdc-tiny") else name.removesuffix("-tiny")
+        assert raw.get("base") == expected, name
+        assert load_recipe(name).name == name

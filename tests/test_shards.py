@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mmssl.architectures.modalities import get_modality
-from mmssl.data_pipelines.shards import DataError, DatasetIndex, resolve_shards, write_shards
+from mmssl.data_pipelines.shard_plan import write_shards
+from mmssl.data_pipelines.shards import DataError, DatasetIndex, resolve_shards
 from mmssl.data_pipelines.sources import asterisk
 from mmssl.data_pipelines.stream import read_once
 

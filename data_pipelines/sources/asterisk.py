@@ -36,7 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmssl.data_pipelines.shards import DataError, DatasetIndex, write_shards
+from mmssl.data_pipelines.shard_plan import write_shards
+from mmssl.data_pipelines.shards import DataError, DatasetIndex
 from mmssl.data_pipelines.tokenizer_training import train_sentencepiece
 
 SOUNDS_DIR = Path("/usr/share/asterisk/sounds/en_US_f_Allison")

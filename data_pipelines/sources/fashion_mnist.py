@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmssl.data_pipelines.shards import DataError, DatasetIndex, write_shards
+from mmssl.data_pipelines.shard_plan import write_shards
+from mmssl.data_pipelines.shards import DataError, DatasetIndex
 
 ROOT = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_COMMAND = "apt-get install -y --no-install-recommends dataset-fashion-mnist"

@@ -71,7 +71,8 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from mmssl.data_pipelines.shards import DataError, DatasetIndex, write_shards
+from mmssl.data_pipelines.shard_plan import write_shards
+from mmssl.data_pipelines.shards import DataError, DatasetIndex
 
 ROOT = Path("/usr/share/ktuberling")
 INSTALL_COMMAND = "apt-get install -y --no-install-recommends ktuberling-data librsvg2-bin"
