@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mmssl.data_pipelines.batch import Batch
+from mmssl.pretrain.rundir import key_log
 
 MAX_LISTED_FAULTS = 10000
 
@@ -20,7 +21,7 @@ class KeyLog:
         self.file = None
         if not enabled:
             return
-        path = run_dir / "keys" / f"rank{rank}.jsonl"
+        path = key_log(run_dir, rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resumed_step and path.exists():  # drop what a killed run consumed after its last checkpoint

@@ -37,16 +37,17 @@ import torch
 import torch.distributed as dist
 
 from mmssl.data_pipelines.shards import atomic_write_text
+from mmssl.pretrain.errors import PretrainError
 from mmssl.pretrain.frozen import check_reference, write_reference
+from mmssl.pretrain.rundir import CHECKPOINTS
 from mmssl.pretrain.storage import RunStorage
 
-CHECKPOINTS = "checkpoints"
 MASTER_PARAM_NAMES = "mmssl_master_params"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PretrainError):
     pass
 
 

@@ -33,11 +33,12 @@ from torch import nn
 
 from mmssl.architectures.stitching.pretrained import sha256_file
 from mmssl.data_pipelines.shards import atomic_write_text
+from mmssl.pretrain.errors import PretrainError
 
 FROZEN_FILE = "frozen.json"
 
 
-class FrozenWeightsError(ValueError):
+class FrozenWeightsError(PretrainError):
     pass
 
 

@@ -35,12 +35,11 @@ from typing import Any
 import torch
 
 from mmssl.pretrain.recipe import Recipe, RecipeError, dump_recipe, load_recipe
+from mmssl.pretrain.rundir import CHECKPOINTS, LOGS, RECIPE, TRAINING_OUTPUTS, rank_log
 from mmssl.pretrain.validate import validate_recipe
-from mmssl.pretrain.worker import LOGS, exit_record_path, read_exit_record
+from mmssl.pretrain.worker import exit_record_path, read_exit_record
 
-RECIPE_FILE = "recipe.yaml"
 MAX_QUOTED = 300  # characters of a rank's error quoted in the launcher's line
-RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "logs", "keys", "loss_curve.png")
 
 
 def under_launcher() -> bool:
@@ -53,21 +52,21 @@ def default_run_dir(recipe: Recipe) -> Path:
 
 def prepare_run_dir(run_dir: Path, recipe: Recipe, *, overwrite: bool) -> None:
     """Refuse to clobber a run with checkpoints unless resuming or ``overwrite``; write the resolved recipe."""
-    has_checkpoints = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    has_checkpoints = (run_dir / CHECKPOINTS).is_dir() and any((run_dir / CHECKPOINTS).iterdir())
     if has_checkpoints and not recipe.train.resume and not overwrite:
         raise RecipeError(f"run directory {run_dir} already has checkpoints; continue it with train.resume=latest "
                           f"or start over with --overwrite")
     if overwrite and not recipe.train.resume:
-        for name in RUN_ARTIFACTS:
+        for name in TRAINING_OUTPUTS:
             target = run_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{RECIPE_FILE}.tmp"
+    tmp = run_dir / f".{RECIPE}.tmp"
     tmp.write_text(dump_recipe(recipe))
-    os.replace(tmp, run_dir / RECIPE_FILE)
+    os.replace(tmp, run_dir / RECIPE)
 
 
 def child_env(nproc: int) -> dict[str, str]:
@@ -167,7 +166,7 @@ def describe_failures(run_dir: Path, failures: Mapping[int, Any], nproc: int) ->
     parts = []
     for (_, how), members in sorted(groups.items(), key=lambda item: (item[0][0], item[1][0])):
         if len(members) == 1:
-            parts.append(f"rank {members[0]} {how}; see {run_dir / LOGS / f'rank{members[0]}.log'}")
+            parts.append(f"rank {members[0]} {how}; see {rank_log(run_dir, members[0])}")
         else:
             parts.append(f"ranks {', '.join(map(str, members))} {how}; see {run_dir / LOGS}")
     return "; ".join(parts) if parts else f"no rank left an error (see {run_dir / LOGS})"

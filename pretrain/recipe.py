@@ -32,9 +32,10 @@ import mmssl.recipes as bundled_recipes
 from mmssl.architectures.config import ModelConfig
 from mmssl.data_pipelines.config import DataConfig
 from mmssl.objectives.registry import ObjectivesConfig
+from mmssl.pretrain.errors import PretrainError
 
 
-class RecipeError(ValueError):
+class RecipeError(PretrainError):
     """A recipe that cannot be used as written; the message names the key and its origin."""
 
 

@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mmssl.data_pipelines.shards import atomic_write_text
-
-METRICS_FILE = "metrics.jsonl"
-LOSS_CURVE = "loss_curve.png"
+from mmssl.pretrain.rundir import LOGS, LOSS_CURVE, METRICS, TENSORBOARD, rank_log
 
 
 def hardware_summary(device_type: str) -> dict[str, Any]:
@@ -37,7 +35,7 @@ def hardware_summary(device_type: str) -> dict[str, Any]:
 
 
 def setup_text_logs(run_dir: Path, rank: int) -> logging.Logger:
-    logs = run_dir / "logs"
+    logs = run_dir / LOGS
     logs.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger("mmssl")
     root.setLevel(logging.INFO)
@@ -45,7 +43,7 @@ def setup_text_logs(run_dir: Path, rank: int) -> logging.Logger:
         old.close()
     root.handlers.clear()
     fmt = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
-    file_handler = logging.FileHandler(logs / f"rank{rank}.log")
+    file_handler = logging.FileHandler(rank_log(run_dir, rank))
     file_handler.setFormatter(fmt)
     root.addHandler(file_handler)
     console = logging.StreamHandler(sys.stderr)
@@ -63,7 +61,7 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int, start_step: int) -> None:
         self.enabled = enabled
-        self.path = run_dir / METRICS_FILE
+        self.path = run_dir / METRICS
         self.tb = None
         self.bar = None
         if not enabled:
@@ -82,7 +80,7 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: TensorBoard drops events a killed run logged past the resumed step
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self.tb = SummaryWriter(str(run_dir / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", file=sys.stderr,
@@ -119,7 +117,7 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / METRICS_FILE
+    path = run_dir / METRICS
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

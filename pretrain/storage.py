@@ -26,11 +26,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from mmssl.pretrain.errors import PretrainError
+
 PROBE_PREFIX = ".storage-"
 SHARED, NODE_LOCAL = "shared", "node-local"
 
 
-class StorageError(ValueError):
+class StorageError(PretrainError):
     """The run directory is shared by some ranks but not others in a way no checkpoint layout can serve."""
 
 

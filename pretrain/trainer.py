@@ -54,13 +54,12 @@ from mmssl.pretrain.engine import build_engine
 from mmssl.pretrain.frozen import frozen_reference, frozen_state_sha256, optimizer_memory
 from mmssl.pretrain.precision import compute_dtype, configure_numerics, input_dtype
 from mmssl.pretrain.recipe import Recipe, RecipeError
+from mmssl.pretrain.rundir import SUMMARY
 from mmssl.pretrain.runlog import MetricsWriter, hardware_summary, plot_loss_curve, setup_text_logs
 from mmssl.pretrain.step import PHASES, NonFiniteGuard, PhaseTimer, StepResult, optimizer_step
 from mmssl.pretrain.storage import RunStorage, probe_storage
 from mmssl.pretrain.task import PretrainTask
 from mmssl.pretrain.transfer import DeviceFeed
-
-SUMMARY = "summary.json"
 
 BatchSource = Callable[[int, int, int], Iterator[Batch]]
 """``(rank, world_size, start_batch) -> iterator of batches``: replaces the shard stream (tests, custom data)."""

@@ -17,11 +17,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-LOGS = "logs"
+from mmssl.pretrain.errors import user_errors
+from mmssl.pretrain.rundir import exit_record
 
 
 def exit_record_path(run_dir: Path, rank: int) -> Path:
-    return run_dir / LOGS / f"rank{rank}.exit"
+    return exit_record(run_dir, rank)
 
 
 def write_exit_record(path: Path, rank: int, exit_code: int, error: str | None) -> None:
@@ -39,21 +40,6 @@ def read_exit_record(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """The errors that mean bad input (a recipe, data, weights or a checkpoint that cannot be used as given): a rank
-    reports them as one ``mmssl: error:`` line and exit code 2. The CLI adds its tools' own."""
-    from mmssl.architectures.towers import ArchitectureError
-    from mmssl.data_pipelines.shards import DataError
-    from mmssl.objectives.base import ObjectiveError
-    from mmssl.pretrain.checkpoint import CheckpointError
-    from mmssl.pretrain.frozen import FrozenWeightsError
-    from mmssl.pretrain.recipe import RecipeError
-    from mmssl.pretrain.storage import StorageError
-
-    return (RecipeError, DataError, ArchitectureError, ObjectiveError, CheckpointError, FrozenWeightsError,
-            StorageError)
 
 
 def train_job(source: str, overrides: Sequence[str], run_dir: Path, *, prepare: bool = True,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mmssl.tools.bench_matrix import parse_args
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 from tests.conftest import mmssl, mmssl_in_process
 
 
@@ -46,11 +46,11 @@ def test_flip_rows_report_the_kept_tokens(tmp_path: Path) -> None:
 
 
 def test_bad_bench_options_name_the_option() -> None:
-    with pytest.raises(ProbeError, match="--only 'fusionfree': not a family"):
+    with pytest.raises(ToolError, match="--only 'fusionfree': not a family"):
         parse_args(["matrix", "--only", "fusionfree"])
-    with pytest.raises(ProbeError, match="--steps must be >= 2"):
+    with pytest.raises(ToolError, match="--steps must be >= 2"):
         parse_args(["matrix", "--steps", "1"])
-    with pytest.raises(ProbeError, match=r"--stages 4: not a ZeRO stage \(choose from 0, 1, 2, 3\)"):
+    with pytest.raises(ToolError, match=r"--stages 4: not a ZeRO stage \(choose from 0, 1, 2, 3\)"):
         parse_args(["matrix", "--stages", "2", "4"])
     done = mmssl_in_process("bench", "flip", "--rates", "1.0")
     assert done.returncode == 2 and "--rates must be in [0, 1)" in done.stderr

@@ -97,7 +97,7 @@ def test_mmssl_bench_prints_the_side_by_side_table(workdir: Path) -> None:
 
 
 def test_bad_options_name_the_option() -> None:
-    with pytest.raises(bench.BenchError, match="--width 30 is not a multiple of --heads 4"):
+    with pytest.raises(bench.ToolError, match="--width 30 is not a multiple of --heads 4"):
         bench.parse_args(["--width", "30", "--heads", "4"])
-    with pytest.raises(bench.BenchError, match="--trials"):
+    with pytest.raises(bench.ToolError, match="--trials"):
         bench.parse_args(["--trials", "1"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmssl.tools.diagnostics import alignment, effective_rank, embedding_diagnostics, modality_gap, uniformity
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 
 
 def _normalise_rows(a: np.ndarray) -> np.ndarray:
@@ -101,9 +101,9 @@ def test_embedding_diagnostics_is_json_ready_and_consistent() -> None:
     pair = report["pairs"]["image/text"]
     assert pair["alignment"] == pytest.approx(alignment(image, text))
     assert pair["gap"] == pytest.approx(modality_gap(image, text).distance)
-    with pytest.raises(ProbeError, match="'video'"):
+    with pytest.raises(ToolError, match="'video'"):
         embedding_diagnostics({"image": image}, [("image", "video")])
-    with pytest.raises(ProbeError, match="not row-paired"):
+    with pytest.raises(ToolError, match="not row-paired"):
         embedding_diagnostics({"image": image, "audio": audio}, [("image", "audio")])
-    with pytest.raises(ProbeError, match="all-zero row"):
+    with pytest.raises(ToolError, match="all-zero row"):
         alignment(torch.zeros(2, 3), image[:2, :3])

@@ -18,9 +18,9 @@ from mmssl.data_pipelines.shards import resolve_shards
 from mmssl.data_pipelines.stream import read_once
 from mmssl.pretrain.data import eval_decoders, modality_fields
 from mmssl.pretrain.recipe import load_recipe
+from mmssl.tools.errors import ToolError
 from mmssl.tools.export import consolidated_state_dict
 from mmssl.tools.exported_model import load_model
-from mmssl.tools.probe import ProbeError
 from tests.conftest import mmssl, tiny_recipe_dict, write_recipe
 
 pytestmark = pytest.mark.distributed
@@ -116,7 +116,7 @@ def test_model_directory_with_weights_of_another_architecture(zero3_run: Path, t
     key = next(k for k in state if k.startswith("fusion."))
     state[key] = torch.zeros(3, *state[key].shape[1:])
     save_file(state, str(bad / "model.safetensors"))
-    with pytest.raises(ProbeError, match=rf"{key}.*shape \(3,"):
+    with pytest.raises(ToolError, match=rf"{key}.*shape \(3,"):
         load_model(bad)
-    with pytest.raises(ProbeError, match="not an exported model"):
+    with pytest.raises(ToolError, match="not an exported model"):
         load_model(tmp_path)

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from mmssl.architectures.encoder import Encoder, save_encoder
 from mmssl.architectures.heads import ProjectionHead
 from mmssl.architectures.modalities import AudioConfig, get_modality
+from mmssl.tools.errors import ToolError
 from mmssl.tools.finetune import FinetuneConfig, format_finetune, launch_finetune
 from mmssl.tools.finetune_data import EvalCache, epoch_order, eval_rows, load_splits, rank_rows
 from mmssl.tools.finetune_model import Classifier, apply_freeze, finetune_param_groups, load_classifier
 from mmssl.tools.finetune_rank import top1
-from mmssl.tools.probe import ProbeError
 from tests.conftest import run_ranks
 
 pytestmark = pytest.mark.distributed
@@ -196,7 +196,7 @@ def test_bad_inputs_are_named(encoder_dir: Path, asterisk_data: Path, tmp_path: 
         ({"freeze": "half"}, r"--freeze must be 'none', 'encoder' or .* got 'half'"),
     ]
     for overrides, message in cases:
-        with pytest.raises(ProbeError, match=message):
+        with pytest.raises(ToolError, match=message):
             launch_finetune(_config(encoder_dir, asterisk_data, tmp_path / "bad", **overrides), 1)
     assert not (tmp_path / "bad").exists()  # nothing launched, nothing written
 

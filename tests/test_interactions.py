@@ -10,8 +10,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from mmssl.tools.errors import ToolError
 from mmssl.tools.interactions import PID, joint_distribution, optimal_coupling, pid, pid_from_predictions
-from mmssl.tools.probe import ProbeError
 
 EXACT_TOL = 1e-7  # bits, for the closed-form cases (the barrier stops at a duality gap of about #vars·1e-10 nats)
 
@@ -229,13 +229,13 @@ def test_invalid_inputs_name_the_offending_value() -> None:
     bad = p.copy()
     bad[0, 1, 0] = -0.25
     bad[0, 0, 0] += 0.5
-    with pytest.raises(ProbeError, match=r"non-negative.*p\[0, 1, 0\] = -0.25"):
+    with pytest.raises(ToolError, match=r"non-negative.*p\[0, 1, 0\] = -0.25"):
         pid(bad)
-    with pytest.raises(ProbeError, match=r"sum to 1.*2\.0"):
+    with pytest.raises(ToolError, match=r"sum to 1.*2\.0"):
         pid(2 * p)
-    with pytest.raises(ProbeError, match=r"\[\|X1\|, \|X2\|, \|Y\|\]"):
+    with pytest.raises(ToolError, match=r"\[\|X1\|, \|X2\|, \|Y\|\]"):
         pid(np.ones((2, 2)) / 4)
-    with pytest.raises(ProbeError, match=r"equal lengths.*'x2': 2"):
+    with pytest.raises(ToolError, match=r"equal lengths.*'x2': 2"):
         joint_distribution([0, 1, 1], [0, 1], [1, 1, 0])
-    with pytest.raises(ProbeError, match=r"pred1.*equal lengths"):
+    with pytest.raises(ToolError, match=r"pred1.*equal lengths"):
         pid_from_predictions([0, 1, 1], [0, 1], [1, 1, 0])

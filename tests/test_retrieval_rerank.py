@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 from mmssl.tools.retrieval import first_positive_rank, group_ids, recall_at_k, rerank_recall, topk_chunked
 
 
@@ -39,7 +39,7 @@ def test_topk_chunked_k_equal_to_gallery_is_a_full_ranking() -> None:
     q, g = _data(5, 12, 4, seed=1)
     _, idx = topk_chunked(q, g, 12, chunk=5)
     assert idx.tolist() == np.argsort(-_cosine(q, g), axis=1, kind="stable").tolist()
-    with pytest.raises(ProbeError, match="k=13 must be between 1 and the gallery size 12"):
+    with pytest.raises(ToolError, match="k=13 must be between 1 and the gallery size 12"):
         topk_chunked(q, g, 13)
 
 
@@ -110,7 +110,7 @@ def test_an_oracle_matcher_lifts_every_recoverable_positive_to_rank_one() -> Non
 def test_rerank_rejects_recall_beyond_k_and_bad_scores() -> None:
     q, g = _data(6, 6, 4, seed=6)
     ids = torch.arange(6)
-    with pytest.raises(ProbeError, match=r"Recall@\[10\] needs K <= k: only the top k=5"):
+    with pytest.raises(ToolError, match=r"Recall@\[10\] needs K <= k: only the top k=5"):
         rerank_recall(q, g, ids, ids, lambda qi, gi: qi.float(), 5, ks=(1, 10))
-    with pytest.raises(ProbeError, match=r"score_pairs returned shape \(4, 1\) for 4 pairs"):
+    with pytest.raises(ToolError, match=r"score_pairs returned shape \(4, 1\) for 4 pairs"):
         rerank_recall(q, g, ids, ids, lambda qi, gi: qi.float()[:, None], 2, ks=(1,), pair_chunk=4)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 from mmssl.tools.robustness import (
     DEFAULT_LEVELS,
     effective_robustness,
@@ -83,18 +83,18 @@ def test_modality_removal_drop() -> None:
     ([0.0, 1.0], [1.0, math.nan], "finite, got nan"),
 ])
 def test_bad_curves_are_reported(levels: list[float], values: list[float], match: str) -> None:
-    with pytest.raises(ProbeError, match=match):
+    with pytest.raises(ToolError, match=match):
         relative_robustness(levels, values, where="image/blur")
 
 
 def test_bad_score_inputs_are_reported() -> None:
-    with pytest.raises(ProbeError, match=r"'ours' curve 'image/blur'.*finite"):
+    with pytest.raises(ToolError, match=r"'ours' curve 'image/blur'.*finite"):
         robustness_score({"ours": {"image/blur": [1.0, math.inf]}}, [0.0, 1.0])
-    with pytest.raises(ProbeError, match="reference model 'lf' has no curve 'text/typos'"):
+    with pytest.raises(ToolError, match="reference model 'lf' has no curve 'text/typos'"):
         robustness_score({"lf": {"image/blur": [1, 1]}, "ours": {"text/typos": [1, 1]}}, [0, 1], reference="lf")
-    with pytest.raises(ProbeError, match="'nope' has no curves"):
+    with pytest.raises(ToolError, match="'nope' has no curves"):
         robustness_score({"ours": {"image/blur": [1, 1]}}, [0, 1], reference="nope")
-    with pytest.raises(ProbeError, match="without 'audio' must be finite"):
+    with pytest.raises(ToolError, match="without 'audio' must be finite"):
         modality_removal_drop(0.8, {"audio": math.nan})
-    with pytest.raises(ProbeError, match="reference curve"):
+    with pytest.raises(ToolError, match="reference curve"):
         effective_robustness([0, 1], [1, 0.5], [1.0, 0.5, 0.2])

@@ -16,7 +16,7 @@ from mmssl.architectures.heads import ProjectionHead
 from mmssl.architectures.modalities import TextConfig, get_modality
 from mmssl.architectures.modalities.base import DecoderFn
 from mmssl.data_pipelines.batch import collate
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 from mmssl.tools.zero_shot import (
     DEFAULT_TEMPLATES,
     class_embeddings,
@@ -156,22 +156,22 @@ def test_prompt_files_json_and_text(tmp_path: Path) -> None:
 
 
 def test_error_messages_name_the_bad_value(text_encoder: Encoder, tmp_path: Path) -> None:
-    with pytest.raises(ProbeError, match=r"template 'a photo of a' has no '\{\}' placeholder"):
+    with pytest.raises(ToolError, match=r"template 'a photo of a' has no '\{\}' placeholder"):
         class_embeddings(text_encoder, CLASSES, ["{}", "a photo of a"])
-    with pytest.raises(ProbeError, match=r"template 'a \{} of \{\}' does not format"):
+    with pytest.raises(ToolError, match=r"template 'a \{} of \{\}' does not format"):
         class_embeddings(text_encoder, CLASSES, ["a {} of {}"])
-    with pytest.raises(ProbeError, match="the class list is empty"):
+    with pytest.raises(ToolError, match="the class list is empty"):
         class_embeddings(text_encoder, [], ["{}"])
-    with pytest.raises(ProbeError, match="class name 'dog' is listed twice"):
+    with pytest.raises(ToolError, match="class name 'dog' is listed twice"):
         class_embeddings(text_encoder, ["dog", "cat", "dog"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"classnames": ["dog"], "templates": ["{}", "no placeholder"]}))
-    with pytest.raises(ProbeError, match=r"bad.json: templates: template 'no placeholder' has no"):
+    with pytest.raises(ToolError, match=r"bad.json: templates: template 'no placeholder' has no"):
         load_prompts(bad)
     bad.write_text(json.dumps({"classes": ["dog"]}))
-    with pytest.raises(ProbeError, match=r"unknown keys \['classes'\]"):
+    with pytest.raises(ToolError, match=r"unknown keys \['classes'\]"):
         load_prompts(bad)
-    with pytest.raises(ProbeError, match=r"labels \['bird'\] are not among the class names"):
+    with pytest.raises(ToolError, match=r"labels \['bird'\] are not among the class names"):
         zero_shot_accuracy(torch.eye(2), ["dog", "bird"], torch.eye(2), ["dog", "cat"])
-    with pytest.raises(ProbeError, match="query embeddings have dimension 3 but class embeddings 2"):
+    with pytest.raises(ToolError, match="query embeddings have dimension 3 but class embeddings 2"):
         zero_shot_predict(torch.ones(1, 3), torch.eye(2))

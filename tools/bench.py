@@ -47,15 +47,11 @@ import torch
 import yaml
 
 from mmssl.tools.bench_device import bench_device, matmul_peak, peak_memory, reset_peak_memory, step_flops, timed
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 
 OPEN_CLIP_NAME = "mmssl-bench-clip"
 PRECISIONS = {"fp32": "fp32", "bf16": "amp_bf16"}  # mmssl train.precision -> open_clip --precision
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-class BenchError(ProbeError):
-    """A bad benchmark option (named in the message); a `ProbeError`, so the CLI prints it as one line."""
 
 
 @dataclass
@@ -286,7 +282,7 @@ def measure_memory(framework: str, precision: str, args: argparse.Namespace, wor
     env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # the parent's process group holds it
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise BenchError(f"memory measurement of {framework} ({precision}) failed:\n{proc.stderr[-2000:]}")
+        raise ToolError(f"memory measurement of {framework} ({precision}) failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -351,13 +347,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for key in ("steps", "batch", "threads", "limit", "width", "depth", "heads"):
         if getattr(args, key) < 1:
-            raise BenchError(f"--{key} must be >= 1, got {getattr(args, key)}")
+            raise ToolError(f"--{key} must be >= 1, got {getattr(args, key)}")
     if args.trials < 2:
-        raise BenchError(f"--trials must be >= 2 (the first is warm-up), got {args.trials}")
+        raise ToolError(f"--trials must be >= 2 (the first is warm-up), got {args.trials}")
     if args.width % args.heads:
-        raise BenchError(f"--width {args.width} is not a multiple of --heads {args.heads}")
+        raise ToolError(f"--width {args.width} is not a multiple of --heads {args.heads}")
     if args.image_size % args.patch_size:
-        raise BenchError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
+        raise ToolError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
     return args
 
 
@@ -371,7 +367,7 @@ def require_open_clip() -> None:
         import open_clip  # noqa: F401
         import open_clip_train  # noqa: F401
     except ImportError:
-        raise BenchError("mmssl bench --compare open_clip needs open_clip_torch: pip install 'mmssl[bench]'") from None
+        raise ToolError("mmssl bench --compare open_clip needs open_clip_torch: pip install 'mmssl[bench]'") from None
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import yaml
 
 from mmssl.tools.bench import ClipSize, MmsslSide, decoded_batches, prepare, run_and_report
 from mmssl.tools.bench_device import bench_device, timed
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 
 
 def with_patch_dropout(recipe: Path, rate: float) -> Path:
@@ -100,12 +100,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     if any(not 0 <= r < 1 for r in args.rates):
-        raise ProbeError(f"--rates must be in [0, 1), got {args.rates}")
+        raise ToolError(f"--rates must be in [0, 1), got {args.rates}")
     if args.trials < 2:
-        raise ProbeError(f"--trials must be >= 2 (the first is warm-up), got {args.trials}")
+        raise ToolError(f"--trials must be >= 2 (the first is warm-up), got {args.trials}")
     for key in ("steps", "batch", "threads", "limit"):
         if getattr(args, key) < 1:
-            raise ProbeError(f"--{key} must be >= 1, got {getattr(args, key)}")
+            raise ToolError(f"--{key} must be >= 1, got {getattr(args, key)}")
     return args
 
 

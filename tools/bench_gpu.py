@@ -37,8 +37,9 @@ from typing import Any
 
 import torch
 
+from mmssl.pretrain.rundir import EXPORT, METRICS, SUMMARY
 from mmssl.tools.bench_device import matmul_peak
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 
 FAMILIES = {
     "contrastive": ("clip-tiny", []),
@@ -121,7 +122,7 @@ def families(data: Path, workdir: Path) -> dict[str, Any]:
         run_dir = workdir / f"family-{recipe}-{len(out)}"
         t0 = time.perf_counter()
         summary = Trainer(load_recipe(recipe, overrides), run_dir).fit()
-        losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses = [json.loads(line)["loss"] for line in (run_dir / METRICS).read_text().splitlines()]
         out[family] = {"recipe": recipe, "losses": losses, "finite": all(math.isfinite(v) for v in losses),
                        "seconds": round(time.perf_counter() - t0, 1),
                        "peak_device_memory_mb": summary["peak_device_memory_mb"]}
@@ -160,15 +161,15 @@ def pretrain_run(data: Path, workdir: Path) -> dict[str, Any]:
         steps.append({"rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
                       "stderr_tail": proc.stderr[-1500:] if proc.returncode else None})
     export = subprocess.run([sys.executable, "-m", "mmssl", "export", str(run_dir), "--out",
-                             str(run_dir / "export")], capture_output=True, text=True, env=clean_env())
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+                             str(run_dir / EXPORT)], capture_output=True, text=True, env=clean_env())
+    summary = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).exists() else {}
     loads = None
     if export.returncode == 0:
         import timm
 
-        cfg = json.loads((run_dir / "export" / "image" / "config.json").read_text())
+        cfg = json.loads((run_dir / EXPORT / "image" / "config.json").read_text())
         model = timm.create_model(cfg["architecture"], pretrained=True, num_classes=0, **cfg.get("model_args", {}),
-                                  pretrained_cfg_overlay={"file": str(run_dir / "export" / "image" /
+                                  pretrained_cfg_overlay={"file": str(run_dir / EXPORT / "image" /
                                                                       "model.safetensors")})
         loads = sum(p.numel() for p in model.parameters())
     return {"runs": steps, "export_rc": export.returncode, "timm_parameters": loads,
@@ -223,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             prepare_data(data)
         except Exception as exc:  # the data packages are missing: say what to pass
-            raise ProbeError(f"mmssl bench gpu: no shards under {data} and none can be built here ({exc}); pass --data "
+            raise ToolError(f"mmssl bench gpu: no shards under {data} and none can be built here ({exc}); pass --data "
                              "DIR holding fashion-mnist/ (`mmssl make-shards fashion-mnist --out DIR/fashion-mnist`) "
                              "and weights/ (`mmssl weights efficientnet-lite0` and `random-causal-lm`)") from None
         t0 = time.perf_counter()

@@ -40,7 +40,7 @@ import yaml
 from mmssl.tools.bench import run_and_report
 from mmssl.tools.bench_device import bench_device
 from mmssl.tools.bench_pretrain import train_run
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 
 
 @dataclass
@@ -250,18 +250,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for key in ("steps", "nproc", "batch", "width", "depth", "limit", "peak_size"):
         if getattr(args, key) < 1:
-            raise ProbeError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+            raise ToolError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.steps < 2:
-        raise ProbeError(f"--steps must be >= 2 (the first step is excluded), got {args.steps}")
+        raise ToolError(f"--steps must be >= 2 (the first step is excluded), got {args.steps}")
     if args.width % 32:
-        raise ProbeError(f"--width must be a multiple of 32 (32-wide heads), got {args.width}")
+        raise ToolError(f"--width must be a multiple of 32 (32-wide heads), got {args.width}")
     bad_stage = sorted(set(args.stages or ()) - {0, 1, 2, 3})
     if bad_stage:
-        raise ProbeError(f"--stages {bad_stage[0]}: not a ZeRO stage (choose from 0, 1, 2, 3)")
+        raise ToolError(f"--stages {bad_stage[0]}: not a ZeRO stage (choose from 0, 1, 2, 3)")
     families = {c.family for c in configs(args.width, args.depth)}
     unknown = sorted(set(args.only or ()) - families)
     if unknown:
-        raise ProbeError(f"--only {unknown[0]!r}: not a family (choose from {sorted(families)})")
+        raise ToolError(f"--only {unknown[0]!r}: not a family (choose from {sorted(families)})")
     return args
 
 

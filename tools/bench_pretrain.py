@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmssl.pretrain.rundir import SUMMARY
+
 
 def train_run(recipe: str, stage: int, steps: int, nproc: int, overrides: list[str], out: Path) -> dict[str, Any]:
     run = out / f"zero{stage}"
@@ -30,7 +32,7 @@ def train_run(recipe: str, stage: int, steps: int, nproc: int, overrides: list[s
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"benchmark run failed (ZeRO-{stage}):\n{proc.stderr[-3000:]}")
-    return json.loads((run / "summary.json").read_text())
+    return json.loads((run / SUMMARY).read_text())
 
 
 def loader_rate(recipe_name: str, overrides: list[str], nproc: int, batches: int) -> float:

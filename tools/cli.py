@@ -38,12 +38,12 @@ from collections.abc import Sequence
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """Every user error: the ranks' (`pretrain.worker.user_errors`) and the tools' own; the CLI and the fine-tuning
-    ranks print each as one ``mmssl: error:`` line."""
-    from mmssl.pretrain.worker import user_errors
-    from mmssl.tools.probe import ProbeError
+    """Every user error: the rooms' (`mmssl.pretrain.errors.user_errors`, what the ranks catch) and the tools'
+    `ToolError`; the CLI and the fine-tuning ranks print each as one ``mmssl: error:`` line."""
+    from mmssl.pretrain.errors import user_errors as room_errors
+    from mmssl.tools.errors import ToolError
 
-    return (*user_errors(), ProbeError)
+    return (*room_errors(), ToolError)
 
 
 BUILDER_OPTIONS = {  # make-shards options that only some sources take, by source
@@ -64,23 +64,23 @@ def _byte_size(text: str) -> float:
 
 
 def _check_builder_options(args: argparse.Namespace) -> None:
-    from mmssl.tools.probe import ProbeError
+    from mmssl.tools.errors import ToolError
 
     allowed = set(BUILDER_OPTIONS.get(args.source, ()))
     for name in sorted({n for names in BUILDER_OPTIONS.values() for n in names} - allowed):
         if getattr(args, name) not in (None, False):
             users = " / ".join(source for source, names in BUILDER_OPTIONS.items() if name in names)
-            raise ProbeError(f"--{name.replace('_', '-')} applies to `make-shards {users}`, not to "
+            raise ToolError(f"--{name.replace('_', '-')} applies to `make-shards {users}`, not to "
                              f"`make-shards {args.source}`")
     if args.source == "manifest" and not args.manifest:
-        raise ProbeError("make-shards manifest needs --manifest FILE")
+        raise ToolError("make-shards manifest needs --manifest FILE")
     if args.source == "folder" and not args.root:
-        raise ProbeError("make-shards folder needs --root DIR")
+        raise ToolError("make-shards folder needs --root DIR")
 
 
 def _make_shards_from(args: argparse.Namespace) -> int:
     from mmssl.data_pipelines.manifest import build_from_folder, build_from_manifest
-    from mmssl.tools.probe import ProbeError
+    from mmssl.tools.errors import ToolError
 
     def given(value: object, default: object) -> object:
         return default if value is None else value
@@ -92,7 +92,7 @@ def _make_shards_from(args: argparse.Namespace) -> int:
         for item in args.column or []:
             column, sep, spec = item.partition("=")
             if not sep or not column or column in columns:
-                raise ProbeError(f"--column takes COLUMN=SPEC once per column (SPEC: file, file:EXT, text, text:EXT, "
+                raise ToolError(f"--column takes COLUMN=SPEC once per column (SPEC: file, file:EXT, text, text:EXT, "
                                  f"json, drop), got {item!r}")
             columns[column] = spec
         index = build_from_manifest(args.manifest, args.out, columns=columns, key=args.key, base_dir=args.base_dir,
@@ -186,16 +186,16 @@ def cmd_inspect_shards(args: argparse.Namespace) -> int:
 
 def cmd_weights(args: argparse.Namespace) -> int:
     from mmssl.architectures.stitching.pretrained import efficientnet_lite0_weights, minilm_dir, random_causal_lm
-    from mmssl.tools.probe import ProbeError
+    from mmssl.tools.errors import ToolError
 
     given = [f"--{n}" for n in ("tokenizer", "layers", "width") if getattr(args, n) is not None]
     if args.name != "random-causal-lm" and given:
-        raise ProbeError(f"{given[0]} applies to `weights random-causal-lm`, not to `weights {args.name}`")
+        raise ToolError(f"{given[0]} applies to `weights random-causal-lm`, not to `weights {args.name}`")
     if args.name == "efficientnet-lite0":
         print(efficientnet_lite0_weights(args.out))
     elif args.name == "random-causal-lm":
         if not args.tokenizer:
-            raise ProbeError("weights random-causal-lm needs --tokenizer FILE (its vocabulary sizes the LM)")
+            raise ToolError("weights random-causal-lm needs --tokenizer FILE (its vocabulary sizes the LM)")
         print(random_causal_lm(args.out, args.tokenizer, layers=args.layers or 2, width=args.width or 64))
     else:  # all-minilm-l6-v2: already a local transformers directory inside its package
         print(minilm_dir())
@@ -261,9 +261,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pairs = [tuple(p.split(":", 1)) for p in args.pairs] if args.pairs else None
     for p in pairs or []:
         if len(p) != 2:
-            from mmssl.tools.probe import ProbeError
+            from mmssl.tools.errors import ToolError
 
-            raise ProbeError(f"--pairs takes QUERY:TARGET items, got {':'.join(p)!r}")
+            raise ToolError(f"--pairs takes QUERY:TARGET items, got {':'.join(p)!r}")
     results = evaluate(args.target, shards=args.shards, test_shards=args.test_shards, label=args.label,
                        out_dir=args.out, match_field=args.match_field, pairs=pairs, prompts=args.prompts,
                        floor=not args.no_floor, few_shot=args.few_shot, seed=args.seed,

@@ -20,26 +20,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 
 DEFAULT_CHUNK = 2048
 
 
 def _as_matrix(x: Tensor, name: str) -> Tensor:
     if not isinstance(x, Tensor):
-        raise ProbeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise ToolError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ProbeError(f"{name} must be a non-empty [N, D] matrix, got shape {tuple(x.shape)}")
+        raise ToolError(f"{name} must be a non-empty [N, D] matrix, got shape {tuple(x.shape)}")
     x = x.detach().to(torch.float64)
     if not torch.isfinite(x).all():
-        raise ProbeError(f"{name} contains non-finite values")
+        raise ToolError(f"{name} contains non-finite values")
     return x
 
 
 def _normalised(x: Tensor, name: str) -> Tensor:
     x = _as_matrix(x, name)
     if (x.norm(dim=1) == 0).any():
-        raise ProbeError(f"{name} has an all-zero row, which has no direction to L2-normalise")
+        raise ToolError(f"{name} has an all-zero row, which has no direction to L2-normalise")
     return F.normalize(x, dim=1)
 
 
@@ -49,10 +49,10 @@ def alignment(x: Tensor, y: Tensor, alpha: float = 2.0) -> float:
     0 for identical pairs; at most ``2^α`` (antipodal pairs).
     """
     if not alpha > 0:
-        raise ProbeError(f"alpha must be > 0, got {alpha!r}")
+        raise ToolError(f"alpha must be > 0, got {alpha!r}")
     xn, yn = _normalised(x, "x"), _normalised(y, "y")
     if xn.shape != yn.shape:
-        raise ProbeError(f"alignment needs paired rows: x has shape {tuple(xn.shape)}, y has {tuple(yn.shape)}")
+        raise ToolError(f"alignment needs paired rows: x has shape {tuple(xn.shape)}, y has {tuple(yn.shape)}")
     return float((xn - yn).norm(dim=1).pow(alpha).mean())
 
 
@@ -64,13 +64,13 @@ def uniformity(x: Tensor, t: float = 2.0, chunk: int = DEFAULT_CHUNK) -> float:
     Ranges over ``[-4t, 0]``; lower is more uniform.
     """
     if not t > 0:
-        raise ProbeError(f"t must be > 0, got {t!r}")
+        raise ToolError(f"t must be > 0, got {t!r}")
     if chunk < 1:
-        raise ProbeError(f"chunk must be >= 1, got {chunk!r}")
+        raise ToolError(f"chunk must be >= 1, got {chunk!r}")
     xn = _normalised(x, "x")
     n = xn.shape[0]
     if n < 2:
-        raise ProbeError(f"uniformity needs at least 2 rows, got {n}")
+        raise ToolError(f"uniformity needs at least 2 rows, got {n}")
     block_lse: list[Tensor] = []
     for i0 in range(0, n, chunk):
         rows = xn[i0:i0 + chunk]
@@ -103,7 +103,7 @@ def modality_gap(x: Tensor, y: Tensor) -> ModalityGap:
     """
     xn, yn = _normalised(x, "x"), _normalised(y, "y")
     if xn.shape[1] != yn.shape[1]:
-        raise ProbeError(f"modality_gap needs one embedding space: x has dim {xn.shape[1]}, y has {yn.shape[1]}")
+        raise ToolError(f"modality_gap needs one embedding space: x has dim {xn.shape[1]}, y has {yn.shape[1]}")
     cx, cy = xn.mean(0), yn.mean(0)
     denom = cx.norm() * cy.norm()
     cosine = float(cx @ cy / denom) if denom > 0 else 0.0
@@ -145,13 +145,13 @@ def embedding_diagnostics(embeddings: dict[str, Tensor], pairs: list[tuple[str, 
         }
     for pair in pairs:
         if len(pair) != 2:
-            raise ProbeError(f"pairs entries must be (modality, modality), got {pair!r}")
+            raise ToolError(f"pairs entries must be (modality, modality), got {pair!r}")
         a, b = pair
         for m in (a, b):
             if m not in embeddings:
-                raise ProbeError(f"pair {pair!r} names modality {m!r}, not among the embeddings {sorted(embeddings)}")
+                raise ToolError(f"pair {pair!r} names modality {m!r}, not among the embeddings {sorted(embeddings)}")
         if embeddings[a].shape != embeddings[b].shape:
-            raise ProbeError(f"pair {pair!r} is not row-paired: shapes {tuple(embeddings[a].shape)} and "
+            raise ToolError(f"pair {pair!r} is not row-paired: shapes {tuple(embeddings[a].shape)} and "
                              f"{tuple(embeddings[b].shape)}")
         gap = modality_gap(embeddings[a], embeddings[b])
         report["pairs"][f"{a}/{b}"] = {"alignment": alignment(embeddings[a], embeddings[b], alpha=alpha),

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from mmssl.data_pipelines.shards import atomic_write_text
+from mmssl.pretrain.rundir import EVAL
+from mmssl.tools.errors import ToolError
 from mmssl.tools.plots import plot_bars, plot_curves, plot_probe_sweep
-from mmssl.tools.probe import ProbeError, fmt_pct
+from mmssl.tools.probe import fmt_pct
 
 RESULTS = "results.json"
 
@@ -98,10 +100,10 @@ def format_evaluation(results: dict[str, Any]) -> str:
 
 def _find_results(path: str | Path) -> Path:
     p = Path(path)
-    for candidate in (p, p / RESULTS, p / "eval" / RESULTS):
+    for candidate in (p, p / RESULTS, p / EVAL / RESULTS):
         if candidate.is_file():
             return candidate
-    raise ProbeError(f"no {RESULTS} under {p} (run `mmssl evaluate` first; looked in {p} and {p / 'eval'})")
+    raise ToolError(f"no {RESULTS} under {p} (run `mmssl evaluate` first; looked in {p} and {p / 'eval'})")
 
 
 def headline(results: dict[str, Any]) -> dict[str, float]:
@@ -122,7 +124,7 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
 def compare(paths: Sequence[str | Path], out: str | Path | None = None) -> tuple[dict[str, Any], str]:
     """Line several evaluations up: ``(table as dict, printed table)``; with ``out``, also JSON + bar plot."""
     if len(paths) < 1:
-        raise ProbeError("mmssl compare needs at least one evaluation")
+        raise ToolError("mmssl compare needs at least one evaluation")
     columns = {}
     for path in paths:
         file = _find_results(path)

@@ -10,9 +10,10 @@ import torch
 
 from mmssl.architectures.encoder import read_meta
 from mmssl.data_pipelines.shards import atomic_write_text
+from mmssl.tools.errors import ToolError
 from mmssl.tools.export import EXPORT_INDEX
 from mmssl.tools.features import extract
-from mmssl.tools.probe import ProbeError, fmt_pct, labels_of, linear_probe
+from mmssl.tools.probe import fmt_pct, labels_of, linear_probe
 from mmssl.tools.retrieval import group_ids, recall_both_ways
 
 FLOOR_SEED = 0
@@ -27,7 +28,7 @@ def run_probe(encoder_dir: str | Path, *, shards: str, test_shards: str, label: 
               few_shot: int | None = None, floor: bool = True, seed: int = 0, json_out: str | None = None
               ) -> dict[str, Any]:
     if features not in ("pooled", "embedding"):
-        raise ProbeError(f"--features must be 'pooled' or 'embedding', got {features!r}")
+        raise ToolError(f"--features must be 'pooled' or 'embedding', got {features!r}")
     meta = read_meta(encoder_dir)
     results: dict[str, Any] = {"encoder": str(encoder_dir), "modality": meta["modality"], "label": label,
                                "features": features, "train_shards": shards, "test_shards": test_shards}
@@ -51,11 +52,11 @@ def run_retrieval(export_dir: str | Path, *, shards: str, query: str, target: st
     export = Path(export_dir)
     index_file = export / EXPORT_INDEX
     if not index_file.is_file():
-        raise ProbeError(f"{export} is not an export directory ({EXPORT_INDEX} missing); run `mmssl export`")
+        raise ToolError(f"{export} is not an export directory ({EXPORT_INDEX} missing); run `mmssl export`")
     encoders = json.loads(index_file.read_text())["encoders"]
     for m in (query, target):
         if m not in encoders:
-            raise ProbeError(f"{export} has no {m!r} encoder (encoders: {sorted(encoders)})")
+            raise ToolError(f"{export} has no {m!r} encoder (encoders: {sorted(encoders)})")
     results: dict[str, Any] = {"export": str(export), "shards": shards, "query": query, "target": target,
                                "match_field": match_field}
     variants = {"pretrained": False, "random_init": True} if floor else {"pretrained": False}
@@ -63,11 +64,11 @@ def run_retrieval(export_dir: str | Path, *, shards: str, query: str, target: st
         fq = extract(encoders[query], shards, random_init=random_init, seed=FLOOR_SEED)
         ft = extract(encoders[target], shards, random_init=random_init, seed=FLOOR_SEED)
         if fq.keys != ft.keys:
-            raise ProbeError("query and target encoders read different samples from the shards")
+            raise ToolError("query and target encoders read different samples from the shards")
         rows = (fq.present & ft.present).nonzero().squeeze(1)
         if match_field:
             if match_field not in fq.meta:
-                raise ProbeError(f"--match-field {match_field!r} is not a metadata field (fields: {sorted(fq.meta)})")
+                raise ToolError(f"--match-field {match_field!r} is not a metadata field (fields: {sorted(fq.meta)})")
             groups = group_ids([fq.meta[match_field][i] for i in rows.tolist()])
         else:
             groups = torch.arange(rows.numel())

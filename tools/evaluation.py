@@ -30,13 +30,14 @@ import torch
 
 from mmssl.data_pipelines.shards import atomic_write_text
 from mmssl.pretrain import checkpoint
-from mmssl.pretrain.launch import RECIPE_FILE
+from mmssl.pretrain.rundir import EVAL, EXPORT, RECIPE
 from mmssl.tools.diagnostics import embedding_diagnostics
+from mmssl.tools.errors import ToolError
 from mmssl.tools.export import EXPORT_INDEX, MODEL_DIR, export_run
 from mmssl.tools.exported_model import CONFIG, LoadedModel, load_model
 from mmssl.tools.interactions import pid_from_predictions
 from mmssl.tools.model_features import ModelFeatures, extract_model_features
-from mmssl.tools.probe import ProbeError, ProbeResult, labels_of, linear_probe
+from mmssl.tools.probe import ProbeResult, labels_of, linear_probe
 from mmssl.tools.retrieval import group_ids, recall_both_ways, rerank_recall
 from mmssl.tools.zero_shot import DEFAULT_TEMPLATES, load_prompts, zero_shot_accuracy
 
@@ -50,11 +51,11 @@ def resolve_model_dir(target: str | Path) -> tuple[Path, Path | None]:
     """``(model dir, run dir or None)`` from a run directory, an export directory or a model directory; a run is
     exported (to ``<run>/export``) when it has no export of its latest checkpoint yet."""
     path = Path(target)
-    if (path / RECIPE_FILE).is_file():
+    if (path / RECIPE).is_file():
         found = checkpoint.find(path, "latest")
         if found is None:
-            raise ProbeError(f"{path} has no checkpoint to evaluate yet")
-        export = path / "export"
+            raise ToolError(f"{path} has no checkpoint to evaluate yet")
+        export = path / EXPORT
         index = export / EXPORT_INDEX
         current = index.is_file() and json.loads(index.read_text()).get("checkpoint") == str(found[0] / found[1])
         if not current or not (export / MODEL_DIR / CONFIG).is_file():
@@ -64,7 +65,7 @@ def resolve_model_dir(target: str | Path) -> tuple[Path, Path | None]:
         return path / MODEL_DIR, None
     if (path / CONFIG).is_file():
         return path, None
-    raise ProbeError(f"{path} is neither a run directory ({RECIPE_FILE}), an export directory ({EXPORT_INDEX}) nor "
+    raise ToolError(f"{path} is neither a run directory ({RECIPE}), an export directory ({EXPORT_INDEX}) nor "
                      f"an exported model ({CONFIG})")
 
 
@@ -102,10 +103,10 @@ def run_retrieval(feats: ModelFeatures, pairs: Sequence[tuple[str, str]], match_
     for q, t in pairs:
         rows = (feats.present[q] & feats.present[t]).nonzero().squeeze(1)
         if rows.numel() == 0:
-            raise ProbeError(f"no test sample carries both {q!r} and {t!r}")
+            raise ToolError(f"no test sample carries both {q!r} and {t!r}")
         if match_field:
             if match_field not in feats.meta:
-                raise ProbeError(f"--match-field {match_field!r} is not a metadata field (fields: "
+                raise ToolError(f"--match-field {match_field!r} is not a metadata field (fields: "
                                  f"{sorted(feats.meta)})")
             groups = group_ids([feats.meta[match_field][i] for i in rows.tolist()])
         else:
@@ -199,11 +200,11 @@ def evaluate(target: str | Path, *, shards: str, test_shards: str, label: str | 
 
     bad_levels = [v for v in levels if not 0.0 <= float(v) <= 1.0]
     if bad_levels:
-        raise ProbeError(f"--levels must lie in [0, 1] (0 = clean), got {bad_levels[0]}")
+        raise ToolError(f"--levels must lie in [0, 1] (0 = clean), got {bad_levels[0]}")
     if rerank_k < 1:
-        raise ProbeError(f"--rerank-k must be >= 1, got {rerank_k}")
+        raise ToolError(f"--rerank-k must be >= 1, got {rerank_k}")
     model_dir, run_dir = resolve_model_dir(target)
-    out = Path(out_dir) if out_dir else (run_dir / "eval" if run_dir else model_dir.parent / "eval")
+    out = Path(out_dir) if out_dir else (run_dir / EVAL if run_dir else model_dir.parent / EVAL)
     classnames, templates = (load_prompts(prompts) if prompts else (None, list(DEFAULT_TEMPLATES)))
     results: dict[str, Any] = {"model": str(model_dir), "run": str(run_dir) if run_dir else None, "label": label,
                                "train_shards": shards, "test_shards": test_shards, "match_field": match_field}

@@ -30,11 +30,11 @@ from mmssl.architectures.encoder import save_encoder
 from mmssl.objectives.registry import kind_of
 from mmssl.pretrain import checkpoint
 from mmssl.pretrain.frozen import check_reference, frozen_reference
-from mmssl.pretrain.launch import RECIPE_FILE
 from mmssl.pretrain.precision import compute_dtype
 from mmssl.pretrain.recipe import Recipe, RecipeError, load_recipe
+from mmssl.pretrain.rundir import RECIPE
+from mmssl.tools.errors import ToolError
 from mmssl.tools.exported_model import check_state, save_model
-from mmssl.tools.probe import ProbeError
 
 EXPORT_INDEX = "export.json"
 MODEL_DIR = "model"
@@ -124,9 +124,9 @@ def _bf16_optimizer_state_dict(model_file: Path, partitions: list[Path]) -> dict
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint_tag: str | None = None) -> dict[str, Any]:
     run = Path(run_dir)
-    recipe_file = run / RECIPE_FILE
+    recipe_file = run / RECIPE
     if not recipe_file.is_file():
-        raise RecipeError(f"{run} is not a run directory ({RECIPE_FILE} missing)")
+        raise RecipeError(f"{run} is not a run directory ({RECIPE} missing)")
     recipe = load_recipe(recipe_file)
     found = checkpoint.find(run, checkpoint_tag or "latest")
     if found is None:
@@ -142,8 +142,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint_tag: str 
     frozen = [k for k in own if _is_frozen(model, k)]
     try:
         check_state(own, trained, f"checkpoint {root / tag}", allowed_missing=frozen)
-    except ProbeError as exc:
-        raise checkpoint.CheckpointError(f"{exc} (the recipe in {run / RECIPE_FILE} builds a "
+    except ToolError as exc:
+        raise checkpoint.CheckpointError(f"{exc} (the recipe in {run / RECIPE} builds a "
                                          f"{recipe.model.family} model)") from None
     model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in trained.items()}})
     out = Path(out_dir)

@@ -35,7 +35,7 @@ from mmssl.architectures.modalities.base import DecoderFn
 from mmssl.architectures.stitching.pretrained import sha256_file
 from mmssl.objectives.base import fused_summary
 from mmssl.pretrain.recipe import model_config_from_dict, to_dict
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -106,7 +106,7 @@ class LoadedModel:
 
     def check_modality(self, modality: str, where: str) -> None:
         if modality not in self.config.towers:
-            raise ProbeError(f"{where}: the {self.family} model in {self.source} has no {modality!r} encoder "
+            raise ToolError(f"{where}: the {self.family} model in {self.source} has no {modality!r} encoder "
                              f"(modalities: {self.modalities})")
 
     def decoders(self, modalities: list[str] | None = None) -> dict[str, DecoderFn]:
@@ -128,7 +128,7 @@ class LoadedModel:
         """``p(match)`` of each row's (query, context) pair from the fused summary state (ALBEF/BLIP ITM head);
         ``tokens``/``token_mask`` as `fuse` takes them (the outputs' `fusion_view`)."""
         if self.itm_head is None or self.itm is None:
-            raise ProbeError(f"{self.source} has no matching (ITM) head: the run was not trained with "
+            raise ToolError(f"{self.source} has no matching (ITM) head: the run was not trained with "
                              "objectives.matching")
         fused = self.model.fuse({query: tokens[query], context: tokens[context]},
                                 {query: token_mask[query], context: token_mask[context]}, query)
@@ -139,13 +139,13 @@ class LoadedModel:
 def read_model_meta(path: str | Path) -> dict[str, Any]:
     cfg_file = Path(path) / CONFIG
     if not cfg_file.is_file():
-        raise ProbeError(f"not an exported model: {cfg_file} is missing (run `mmssl export RUN --out DIR` and pass "
+        raise ToolError(f"not an exported model: {cfg_file} is missing (run `mmssl export RUN --out DIR` and pass "
                          "DIR/model)")
     meta = json.loads(cfg_file.read_text()).get("mmssl")
     if not isinstance(meta, dict) or meta.get("kind") != "model":
-        raise ProbeError(f"{cfg_file} is not a whole-model export (an encoder directory? pass <export>/model)")
+        raise ToolError(f"{cfg_file} is not a whole-model export (an encoder directory? pass <export>/model)")
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ProbeError(f"{cfg_file} uses export format {meta['format_version']}, newer than this mmssl")
+        raise ToolError(f"{cfg_file} uses export format {meta['format_version']}, newer than this mmssl")
     return meta
 
 
@@ -154,15 +154,15 @@ def check_state(expected: dict[str, Tensor], found: dict[str, Tensor], where: st
     """Keys and shapes of ``found`` against the architecture's ``expected``; the error names the first mismatch."""
     unknown = sorted(set(found) - set(expected))
     if unknown:
-        raise ProbeError(f"{where} holds {unknown[0]!r}, which this architecture lacks: the weights are of a "
+        raise ToolError(f"{where} holds {unknown[0]!r}, which this architecture lacks: the weights are of a "
                          f"different architecture ({len(unknown)} unknown tensors)")
     missing = sorted(k for k in set(expected) - set(found) if not _is_under(k, allowed_missing or []))
     if missing:
-        raise ProbeError(f"{where} lacks {missing[0]!r} ({len(missing)} missing tensors): the weights are of a "
+        raise ToolError(f"{where} lacks {missing[0]!r} ({len(missing)} missing tensors): the weights are of a "
                          "different architecture")
     for key, value in found.items():
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise ProbeError(f"{where}: {key!r} has shape {tuple(value.shape)}, the architecture expects "
+            raise ToolError(f"{where}: {key!r} has shape {tuple(value.shape)}, the architecture expects "
                              f"{tuple(expected[key].shape)}: the weights are of a different architecture")
 
 
@@ -178,7 +178,7 @@ def load_model(path: str | Path, *, random_init: bool = False, seed: int = 0) ->
     for prefix, ref in (meta.get("frozen") or {}).items():
         now = sha256_file(ref["path"])
         if now != ref["sha256"]:
-            raise ProbeError(f"{src / CONFIG}: frozen part {prefix!r} was trained with {ref['path']} "
+            raise ToolError(f"{src / CONFIG}: frozen part {prefix!r} was trained with {ref['path']} "
                              f"(sha256 {ref['sha256'][:12]}…), which now has sha256 {now[:12]}…")
     model = build_model(cfg, seed=seed)
     if not random_init:

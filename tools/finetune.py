@@ -37,8 +37,9 @@ import torch
 from mmssl.architectures.errors import ArchitectureError
 from mmssl.data_pipelines.shards import atomic_write_text
 from mmssl.pretrain.precision import PRECISIONS
+from mmssl.tools.errors import ToolError
 from mmssl.tools.finetune_model import check_layer_decay, parse_freeze
-from mmssl.tools.probe import ProbeError, fmt_pct
+from mmssl.tools.probe import fmt_pct
 
 CONFIG_FILE = "finetune_config.json"
 RESULTS_FILE = "results.json"
@@ -78,20 +79,20 @@ class FinetuneConfig:
 
 
 def check_config(cfg: FinetuneConfig) -> None:
-    """Value checks that need no data (`ProbeError` naming the CLI option)."""
+    """Value checks that need no data (`ToolError` naming the CLI option)."""
     for key in ("epochs", "batch_size"):
         if getattr(cfg, key) < 1:
-            raise ProbeError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+            raise ToolError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
     if cfg.lr <= 0:
-        raise ProbeError(f"--lr must be > 0, got {cfg.lr}")
+        raise ToolError(f"--lr must be > 0, got {cfg.lr}")
     if cfg.warmup_steps < 0 or cfg.patience < 0 or cfg.weight_decay < 0:
-        raise ProbeError("--warmup-steps, --patience and --weight-decay must be >= 0")
+        raise ToolError("--warmup-steps, --patience and --weight-decay must be >= 0")
     if not 0.0 < cfg.val_fraction < 1.0:
-        raise ProbeError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
+        raise ToolError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
     if cfg.zero_stage not in (0, 1, 2, 3):
-        raise ProbeError(f"--zero-stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+        raise ToolError(f"--zero-stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
     if cfg.precision not in PRECISIONS:
-        raise ProbeError(f"--precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+        raise ToolError(f"--precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     check_layer_decay(cfg.layer_decay)
     cfg.freeze = parse_freeze(cfg.freeze)
 
@@ -107,7 +108,7 @@ def check_encoder(cfg: FinetuneConfig) -> Encoder:
             encoder = Encoder.from_dir(cfg.encoder_dir, random_init=True)
             model = Classifier(encoder.tower, 2)
     except ArchitectureError as exc:
-        raise ProbeError(f"ENCODER_DIR {cfg.encoder_dir}: {exc}") from None
+        raise ToolError(f"ENCODER_DIR {cfg.encoder_dir}: {exc}") from None
     apply_freeze(model, cfg.freeze)
     return encoder
 
@@ -119,7 +120,7 @@ def launch_finetune(cfg: FinetuneConfig, nproc: int) -> int:
 
     check_config(cfg)
     if nproc < 1:
-        raise ProbeError(f"--nproc must be >= 1, got {nproc}")
+        raise ToolError(f"--nproc must be >= 1, got {nproc}")
     encoder = check_encoder(cfg)
     out = Path(cfg.out_dir)
     if under_launcher():
@@ -252,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         code = args.fn(args)
-    except (ProbeError, ArchitectureError, DataError) as exc:
+    except (ToolError, ArchitectureError, DataError) as exc:
         print(f"mmssl: error: {exc}", file=sys.stderr)
         code = 2
     sys.exit(code)

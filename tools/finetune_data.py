@@ -32,7 +32,8 @@ from mmssl.architectures.modalities import get_modality
 from mmssl.data_pipelines.batch import Batch, collate
 from mmssl.data_pipelines.shards import resolve_shards
 from mmssl.data_pipelines.stream import read_once
-from mmssl.tools.probe import ProbeError, stratified_split
+from mmssl.tools.errors import ToolError
+from mmssl.tools.probe import stratified_split
 
 if TYPE_CHECKING:
     from mmssl.architectures.encoder import Encoder
@@ -62,7 +63,7 @@ class LabelledSet:
 def read_labelled(shards: str | list[str], *, modality: str, exts: Sequence[str], label: str, check: Decoder,
                   where: str, batch_size: int = 64) -> LabelledSet:
     """Every sample of ``shards`` with the modality and ``label``; ``check`` (the evaluation decoder) must decode
-    the member. `ProbeError` when no sample carries ``label`` (naming the fields that are there)."""
+    the member. `ToolError` when no sample carries ``label`` (naming the fields that are there)."""
     urls = resolve_shards(shards, where=where)
     store: list[bytes] = []
 
@@ -92,9 +93,9 @@ def read_labelled(shards: str | list[str], *, modality: str, exts: Sequence[str]
                 out.labels.append(str(values[i]))
         store.clear()
     if label not in fields:
-        raise ProbeError(f"{where}: no sample carries the label field {label!r} (fields: {sorted(fields)})")
+        raise ToolError(f"{where}: no sample carries the label field {label!r} (fields: {sorted(fields)})")
     if not out.keys:
-        raise ProbeError(f"{where}: no sample has both the {modality!r} modality and the label {label!r}")
+        raise ToolError(f"{where}: no sample has both the {modality!r} modality and the label {label!r}")
     out.data_errors, out.skipped = dict(errors), dict(skipped)
     return out
 
@@ -118,22 +119,22 @@ class Splits:
 def make_splits(train: LabelledSet, val: LabelledSet | None, test: LabelledSet | None, *, val_fraction: float,
                 seed: int) -> Splits:
     """Classes from the training shards (sorted); without ``val`` a stratified ``val_fraction`` of ``train``
-    (`tools.probe.stratified_split`, deterministic by ``seed``). `ProbeError` for < 2 classes, an empty split, or
+    (`tools.probe.stratified_split`, deterministic by ``seed``). `ToolError` for < 2 classes, an empty split, or
     validation / test labels the training split never has."""
     classes = sorted(set(train.labels))
     if len(classes) < 2:
-        raise ProbeError(f"--shards: fine-tuning needs at least 2 classes, got {classes}")
+        raise ToolError(f"--shards: fine-tuning needs at least 2 classes, got {classes}")
     if val is None:
         index = {c: i for i, c in enumerate(classes)}
         tr, va = stratified_split(torch.tensor([index[c] for c in train.labels]), val_fraction, seed)
         if va.numel() == 0:
-            raise ProbeError(f"--val-fraction={val_fraction} leaves no validation sample out of {len(train)}")
+            raise ToolError(f"--val-fraction={val_fraction} leaves no validation sample out of {len(train)}")
         train, val = train.subset(tr.tolist()), train.subset(va.tolist())
         val.data_errors, val.skipped = {}, {}  # counted once, with the training shards they were read from
     for name, split in (("--val-shards", val), ("--test-shards", test)):
         unseen = sorted(set(split.labels) - set(classes)) if split is not None else []
         if unseen:
-            raise ProbeError(f"{name}: labels {unseen} never occur in the training split")
+            raise ToolError(f"{name}: labels {unseen} never occur in the training split")
     return Splits(train, val, test, classes)
 
 

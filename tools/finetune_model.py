@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from mmssl.architectures.encoder import Encoder
 from mmssl.architectures.towers import Tower, prefixed_matcher
 from mmssl.pretrain.engine import param_groups
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 
 HEAD_INIT_STD = 2e-5
 WEIGHTS_FILE = "model.safetensors"
@@ -74,10 +74,10 @@ def parse_freeze(value: str | int, where: str = "--freeze") -> str | int:
     if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
         k = int(value)
         if k < 0:
-            raise ProbeError(f"{where}: a number of layer groups must be >= 0, got {k}")
+            raise ToolError(f"{where}: a number of layer groups must be >= 0, got {k}")
         return k
     if value not in ("none", "encoder"):
-        raise ProbeError(f"{where} must be 'none', 'encoder' or a number of layer groups k, got {value!r}")
+        raise ToolError(f"{where} must be 'none', 'encoder' or a number of layer groups k, got {value!r}")
     return value
 
 
@@ -87,7 +87,7 @@ def apply_freeze(model: Classifier, freeze: str | int, where: str = "--freeze") 
     ids = layer_ids(model)
     top = max(ids.values())
     if isinstance(freeze, int) and freeze > top:
-        raise ProbeError(f"{where}={freeze} exceeds the {top} layer groups of the encoder (stem + blocks)")
+        raise ToolError(f"{where}={freeze} exceeds the {top} layer groups of the encoder (stem + blocks)")
     lowest = {"none": 0, "encoder": top}[freeze] if isinstance(freeze, str) else top - freeze
     for name, p in model.named_parameters():
         p.requires_grad_(ids[name] >= lowest)
@@ -118,7 +118,7 @@ def finetune_param_groups(model: Classifier, lr: float, weight_decay: float,
 
 def check_layer_decay(layer_decay: float | None, where: str = "--layer-decay") -> None:
     if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
-        raise ProbeError(f"{where} must be in (0, 1], got {layer_decay}")
+        raise ToolError(f"{where} must be in (0, 1], got {layer_decay}")
 
 
 # ------------------------------------------------------------------------------------------ weights on disk
@@ -174,7 +174,7 @@ def load_classifier(out_dir: str | Path) -> tuple[Classifier, dict[str, Any]]:
     out = Path(out_dir)
     info_file = out / CLASSIFIER_FILE
     if not info_file.is_file():
-        raise ProbeError(f"{out} holds no fine-tuned classifier ({CLASSIFIER_FILE} missing)")
+        raise ToolError(f"{out} holds no fine-tuned classifier ({CLASSIFIER_FILE} missing)")
     info = json.loads(info_file.read_text())
     encoder = Encoder.from_dir(info["encoder_dir"], random_init=True)  # architecture only: weights come next
     model = Classifier(encoder.tower, len(info["classes"]))

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 
 LOG2 = math.log(2.0)
 T_MAX = 1e10  # beyond this the float64 rounding of t·∇f exceeds the barrier's own gap #vars/t
@@ -74,15 +74,15 @@ def mutual_information(joint: np.ndarray) -> float:
 def _check_joint(p: Any) -> np.ndarray:
     arr = np.asarray(p, dtype=np.float64)
     if arr.ndim != 3 or 0 in arr.shape:
-        raise ProbeError(f"p must be a non-empty [|X1|, |X2|, |Y|] array, got shape {arr.shape}")
+        raise ToolError(f"p must be a non-empty [|X1|, |X2|, |Y|] array, got shape {arr.shape}")
     if not np.isfinite(arr).all():
-        raise ProbeError("p contains non-finite entries")
+        raise ToolError("p contains non-finite entries")
     if (arr < 0).any():
         idx = tuple(int(i) for i in np.argwhere(arr < 0)[0])
-        raise ProbeError(f"p must be non-negative, got p{list(idx)} = {float(arr[idx])!r}")
+        raise ToolError(f"p must be non-negative, got p{list(idx)} = {float(arr[idx])!r}")
     total = float(arr.sum())
     if abs(total - 1.0) > 1e-9:
-        raise ProbeError(f"p must sum to 1, got sum(p) = {total!r}")
+        raise ToolError(f"p must sum to 1, got sum(p) = {total!r}")
     return arr / total
 
 
@@ -220,7 +220,7 @@ def _barrier_solve(prob: _BarrierProblem, q: np.ndarray, tol: float, max_newton:
             q = np.where(prob.mask, q + s * step, 0.0)
             steps += 1
             if steps > max_newton:
-                raise ProbeError(f"PID optimisation did not converge within max_newton={max_newton} Newton steps")
+                raise ToolError(f"PID optimisation did not converge within max_newton={max_newton} Newton steps")
         if t >= t_final:
             return prob.restore_equalities(q, t)
         t = min(10.0 * t, t_final)
@@ -244,10 +244,10 @@ def _as_labels(values: Any, name: str) -> np.ndarray:
         values = values.detach().cpu().numpy()
     arr = np.asarray(values)
     if arr.ndim != 1:
-        raise ProbeError(f"{name} must be a 1-D array of discrete labels, got shape {arr.shape}")
+        raise ToolError(f"{name} must be a 1-D array of discrete labels, got shape {arr.shape}")
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise ProbeError(f"{name} must hold integer or string labels, got non-integer floats")
+            raise ToolError(f"{name} must hold integer or string labels, got non-integer floats")
         arr = arr.astype(np.int64)
     return arr
 
@@ -265,9 +265,9 @@ def _empirical_joint(columns: tuple[Any, Any, Any], names: tuple[str, str, str]
     arrays = [_as_labels(v, n) for v, n in zip(columns, names, strict=True)]
     lengths = {name: len(a) for name, a in zip(names, arrays, strict=True)}
     if len(set(lengths.values())) != 1:
-        raise ProbeError(f"{', '.join(names)} must have equal lengths, got {lengths}")
+        raise ToolError(f"{', '.join(names)} must have equal lengths, got {lengths}")
     if arrays[0].size == 0:
-        raise ProbeError(f"{', '.join(names)} are empty; the empirical joint needs at least one sample")
+        raise ToolError(f"{', '.join(names)} are empty; the empirical joint needs at least one sample")
     labels, codes = zip(*(np.unique(a, return_inverse=True) for a in arrays), strict=True)
     counts = np.zeros(tuple(len(lab) for lab in labels))
     np.add.at(counts, tuple(c.reshape(-1) for c in codes), 1.0)

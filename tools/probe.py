@@ -19,11 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmssl.tools.errors import ToolError
+
 DEFAULT_L2_GRID = tuple(10.0**e for e in range(-6, 2))
-
-
-class ProbeError(ValueError):
-    pass
 
 
 def fit_logistic_regression(x: Tensor, y: Tensor, num_classes: int, l2: float, *, max_iter: int = 500,
@@ -119,10 +117,10 @@ def linear_probe(train_x: Tensor, train_labels: Sequence[str], test_x: Tensor, t
                  seed: int = 0) -> ProbeResult:
     classes = sorted(set(train_labels))
     if len(classes) < 2:
-        raise ProbeError(f"the probe needs at least 2 classes in the training split, got {classes}")
+        raise ToolError(f"the probe needs at least 2 classes in the training split, got {classes}")
     unseen = sorted(set(test_labels) - set(classes))
     if unseen:
-        raise ProbeError(f"test labels {unseen} never occur in the training split")
+        raise ToolError(f"test labels {unseen} never occur in the training split")
     index = {c: i for i, c in enumerate(classes)}
     y = torch.tensor([index[c] for c in train_labels])
     y_test = torch.tensor([index[c] for c in test_labels])
@@ -134,7 +132,7 @@ def linear_probe(train_x: Tensor, train_labels: Sequence[str], test_x: Tensor, t
     x, xt = (x - mean) / std, (test_x.double() - mean) / std
     tr, va = stratified_split(y, val_fraction, seed)
     if va.numel() == 0:
-        raise ProbeError("the validation split is empty; use more training samples or a larger val_fraction")
+        raise ToolError("the validation split is empty; use more training samples or a larger val_fraction")
     val_top1 = {}
     for l2 in l2_grid:
         w, b = fit_logistic_regression(x[tr], y[tr], len(classes), l2)
@@ -157,11 +155,11 @@ def linear_probe(train_x: Tensor, train_labels: Sequence[str], test_x: Tensor, t
 def labels_of(meta: dict[str, list[Any]], present: Tensor, field_name: str, where: str) -> tuple[Tensor, list[str]]:
     """Rows usable for the probe (modality present, label set) and their labels as strings."""
     if field_name not in meta:
-        raise ProbeError(f"{where}: no sample carries the label field {field_name!r} (fields: {sorted(meta)})")
+        raise ToolError(f"{where}: no sample carries the label field {field_name!r} (fields: {sorted(meta)})")
     values = meta[field_name]
     keep = [i for i, v in enumerate(values) if v is not None and bool(present[i])]
     if not keep:
-        raise ProbeError(f"{where}: no sample has both the modality and the label {field_name!r}")
+        raise ToolError(f"{where}: no sample has both the modality and the label {field_name!r}")
     return torch.tensor(keep), [str(values[i]) for i in keep]
 
 

@@ -32,7 +32,7 @@ import torch
 from mmssl.architectures.config import build_model
 from mmssl.objectives.registry import build_objectives
 from mmssl.pretrain.recipe import Recipe, load_recipe
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -101,7 +101,7 @@ def placeholder_tokenizer(path: str | Path, vocab_size: int) -> Path:
     """Write a word-level ``tokenizer.json`` with exactly ``vocab_size`` entries (the specials first) to ``path``:
     a stand-in that gives a text tower its published embedding-table shape for counting, not for training."""
     if vocab_size <= len(SPECIAL_TOKENS):
-        raise ProbeError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+        raise ToolError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
     spec = {

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from mmssl.data_pipelines.shards import atomic_write_text
-from mmssl.tools.probe import ProbeError, fmt_pct
+from mmssl.pretrain.rundir import SUMMARY
+from mmssl.tools.errors import ToolError
+from mmssl.tools.probe import fmt_pct
 
 EVAL_DIR = "eval"
 PROBE_JSON = "probe.json"
@@ -16,9 +18,9 @@ RETRIEVAL_JSON = "retrieval.json"
 
 def build_report(run_dir: str | Path) -> dict[str, Any]:
     run = Path(run_dir)
-    summary_file = run / "summary.json"
+    summary_file = run / SUMMARY
     if not summary_file.is_file():
-        raise ProbeError(f"{summary_file} is missing; has the run finished?")
+        raise ToolError(f"{summary_file} is missing; has the run finished?")
     summary = json.loads(summary_file.read_text())
     probe_file, retrieval_file = run / EVAL_DIR / PROBE_JSON, run / EVAL_DIR / RETRIEVAL_JSON
     if probe_file.is_file():

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 
 PairScorer = Callable[[Tensor, Tensor], Tensor]
 TIE_TOL = 1e-9  # similarities this close to the best positive count as ties (against the query)
@@ -87,9 +87,9 @@ def topk_chunked(query: Tensor, gallery: Tensor, k: int, chunk: int = 4096) -> t
     exactly equal scores is unspecified (``torch.topk``).
     """
     if chunk < 1:
-        raise ProbeError(f"chunk must be a positive number of rows, got {chunk}")
+        raise ToolError(f"chunk must be a positive number of rows, got {chunk}")
     if not 1 <= k <= gallery.shape[0]:
-        raise ProbeError(f"k={k} must be between 1 and the gallery size {gallery.shape[0]}")
+        raise ToolError(f"k={k} must be between 1 and the gallery size {gallery.shape[0]}")
     q = F.normalize(query.float(), dim=-1)
     g = F.normalize(gallery.float(), dim=-1)
     scores = torch.empty(q.shape[0], k, device=q.device)
@@ -122,9 +122,9 @@ def rerank_recall(query: Tensor, gallery: Tensor, query_groups: Tensor, gallery_
     """
     too_large = [kk for kk in ks if kk > k]
     if too_large:
-        raise ProbeError(f"Recall@{too_large} needs K <= k: only the top k={k} candidates are re-ranked")
+        raise ToolError(f"Recall@{too_large} needs K <= k: only the top k={k} candidates are re-ranked")
     if pair_chunk < 1:
-        raise ProbeError(f"pair_chunk must be a positive number of pairs, got {pair_chunk}")
+        raise ToolError(f"pair_chunk must be a positive number of pairs, got {pair_chunk}")
     _, candidates = topk_chunked(query, gallery, k, chunk)
     candidates = candidates.cpu()
     n_query = candidates.shape[0]
@@ -135,7 +135,7 @@ def rerank_recall(query: Tensor, gallery: Tensor, query_groups: Tensor, gallery_
         qi, gi = query_idx[start : start + pair_chunk], gallery_idx[start : start + pair_chunk]
         out = score_pairs(qi, gi)
         if out.shape != qi.shape:
-            raise ProbeError(f"score_pairs returned shape {tuple(out.shape)} for {qi.numel()} pairs; expected "
+            raise ToolError(f"score_pairs returned shape {tuple(out.shape)} for {qi.numel()} pairs; expected "
                              f"({qi.numel()},)")
         scores[start : start + pair_chunk] = out.detach().float().cpu()
     order = scores.view(n_query, k).sort(dim=1, descending=True, stable=True).indices

@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 
 DEFAULT_LEVELS = tuple(i / 10 for i in range(11))  # MultiBench's grid: 0, 0.1, ..., 1
 
@@ -45,14 +45,14 @@ DEFAULT_LEVELS = tuple(i / 10 for i in range(11))  # MultiBench's grid: 0, 0.1, 
 def _check_curve(levels: Sequence[float], values: Sequence[float], where: str) -> tuple[list[float], list[float]]:
     lv, vs = [float(x) for x in levels], [float(x) for x in values]
     if len(lv) < 2:
-        raise ProbeError(f"{where}: a robustness curve needs at least 2 levels, got {lv}")
+        raise ToolError(f"{where}: a robustness curve needs at least 2 levels, got {lv}")
     if len(vs) != len(lv):
-        raise ProbeError(f"{where}: {len(vs)} metric values for {len(lv)} levels {lv}")
+        raise ToolError(f"{where}: {len(vs)} metric values for {len(lv)} levels {lv}")
     if any(not 0.0 <= x <= 1.0 for x in lv) or any(b <= a for a, b in pairwise(lv)):
-        raise ProbeError(f"{where}: levels must increase strictly within [0, 1], got {lv}")
+        raise ToolError(f"{where}: levels must increase strictly within [0, 1], got {lv}")
     bad = [x for x in vs if not math.isfinite(x)]
     if bad:
-        raise ProbeError(f"{where}: metric values must be finite, got {bad[0]!r} in {vs}")
+        raise ToolError(f"{where}: metric values must be finite, got {bad[0]!r} in {vs}")
     return lv, vs
 
 
@@ -77,7 +77,7 @@ def effective_robustness(levels: Sequence[float], values: Sequence[float],
     if clean_reference is None or isinstance(clean_reference, int | float):
         clean = vs[0] if clean_reference is None else float(clean_reference)
         if not math.isfinite(clean):
-            raise ProbeError(f"{where}: clean reference value must be finite, got {clean_reference!r}")
+            raise ToolError(f"{where}: clean reference value must be finite, got {clean_reference!r}")
         return _area(lv, vs) - clean
     _, ref = _check_curve(lv, clean_reference, f"{where} (reference curve)")
     return _area(lv, [f - (g - ref[0] + vs[0]) for f, g in zip(vs, ref, strict=True)])
@@ -98,13 +98,13 @@ def robustness_score(curves: Mapping[str, Mapping[str, Sequence[float]]], levels
         "effective": {curve: ER}, "effective_mean": mean ER, "clean": {curve: value at the first level}}``.
     """
     if not curves:
-        raise ProbeError("robustness curves: no model given")
+        raise ToolError("robustness curves: no model given")
     if reference is not None and reference not in curves:
-        raise ProbeError(f"robustness reference model {reference!r} has no curves; models: {sorted(curves)}")
+        raise ToolError(f"robustness reference model {reference!r} has no curves; models: {sorted(curves)}")
     out: dict[str, dict[str, Any]] = {}
     for model, per_curve in curves.items():
         if not per_curve:
-            raise ProbeError(f"robustness curves: model {model!r} has no curve")
+            raise ToolError(f"robustness curves: model {model!r} has no curve")
         rel, eff, clean = {}, {}, {}
         for name, values in per_curve.items():
             where = f"model {model!r} curve {name!r}"
@@ -112,7 +112,7 @@ def robustness_score(curves: Mapping[str, Mapping[str, Sequence[float]]], levels
             ref: Sequence[float] | None = None
             if reference is not None:
                 if name not in curves[reference]:
-                    raise ProbeError(f"{where}: reference model {reference!r} has no curve {name!r}; it has "
+                    raise ToolError(f"{where}: reference model {reference!r} has no curve {name!r}; it has "
                                      f"{sorted(curves[reference])}")
                 ref = curves[reference][name]
             eff[name] = effective_robustness(levels, values, ref, where=where)
@@ -128,13 +128,13 @@ def modality_removal_drop(full: float, removed: Mapping[str, float]) -> dict[str
     the metric with ``m`` removed. A large drop means the model leans on ``m``."""
     f = float(full)
     if not math.isfinite(f):
-        raise ProbeError(f"modality removal: full-model metric must be finite, got {full!r}")
+        raise ToolError(f"modality removal: full-model metric must be finite, got {full!r}")
     if not removed:
-        raise ProbeError("modality removal: no removed-modality result given")
+        raise ToolError("modality removal: no removed-modality result given")
     out: dict[str, dict[str, float]] = {}
     for modality, value in removed.items():
         v = float(value)
         if not math.isfinite(v):
-            raise ProbeError(f"modality removal: metric without {modality!r} must be finite, got {value!r}")
+            raise ToolError(f"modality removal: metric without {modality!r} must be finite, got {value!r}")
         out[modality] = {"value": v, "drop": f - v, "relative_drop": (f - v) / abs(f) if f else math.nan}
     return out

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from mmssl.architectures.modalities import get_modality
+from mmssl.tools.errors import ToolError
 from mmssl.tools.exported_model import LoadedModel
 from mmssl.tools.model_features import Corruption, ModelFeatures, extract_model_features
-from mmssl.tools.probe import ProbeError, ProbeResult, labels_of
+from mmssl.tools.probe import ProbeResult, labels_of
 from mmssl.tools.retrieval import group_ids, recall_both_ways
 from mmssl.tools.robustness import modality_removal_drop, robustness_score
 
@@ -51,7 +52,7 @@ def _metrics(feats: ModelFeatures, clean: ModelFeatures, modality: str, probes: 
     """Every metric affected by noise on ``modality``, over the rows usable when clean: a sample whose corrupted
     input no longer decodes (e.g. every word dropped) keeps its row, with the model's missing-modality features."""
     if feats.keys != clean.keys:
-        raise ProbeError("the corrupted pass read other samples than the clean pass (shards changed meanwhile?)")
+        raise ToolError("the corrupted pass read other samples than the clean pass (shards changed meanwhile?)")
     out: dict[str, float] = {}
     if label and modality in probes:
         out[f"probe:{modality}"] = _probe_accuracy(probes[modality], feats.pooled[modality], clean.present[modality],

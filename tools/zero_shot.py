@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from mmssl.architectures.modalities import get_modality
 from mmssl.architectures.modalities.base import DecoderFn
 from mmssl.data_pipelines.batch import collate
-from mmssl.tools.probe import ProbeError
+from mmssl.tools.errors import ToolError
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "{}",
@@ -57,29 +57,29 @@ class TextEncoder(Protocol):
 
 
 def check_templates(templates: Sequence[str], where: str = "templates") -> list[str]:
-    """The templates as a list, or a `ProbeError` naming the first that has no ``{}`` or does not format."""
+    """The templates as a list, or a `ToolError` naming the first that has no ``{}`` or does not format."""
     if isinstance(templates, str) or not templates:
-        raise ProbeError(f"{where}: expected a non-empty list of templates, got {templates!r}")
+        raise ToolError(f"{where}: expected a non-empty list of templates, got {templates!r}")
     for t in templates:
         if not isinstance(t, str) or "{}" not in t:
-            raise ProbeError(f"{where}: template {t!r} has no '{{}}' placeholder for the class name")
+            raise ToolError(f"{where}: template {t!r} has no '{{}}' placeholder for the class name")
         try:
             t.format("x")
         except (IndexError, KeyError, ValueError) as exc:
-            raise ProbeError(f"{where}: template {t!r} does not format with one class name ({exc})") from None
+            raise ToolError(f"{where}: template {t!r} does not format with one class name ({exc})") from None
     return list(templates)
 
 
 def check_classnames(classnames: Sequence[str], where: str = "classnames") -> list[str]:
     if isinstance(classnames, str) or not classnames:
-        raise ProbeError(f"{where}: the class list is empty (got {classnames!r})")
+        raise ToolError(f"{where}: the class list is empty (got {classnames!r})")
     bad = [c for c in classnames if not isinstance(c, str) or not c.strip()]
     if bad:
-        raise ProbeError(f"{where}: class names must be non-empty strings, got {bad[0]!r}")
+        raise ToolError(f"{where}: class names must be non-empty strings, got {bad[0]!r}")
     seen: set[str] = set()
     for c in classnames:
         if c in seen:
-            raise ProbeError(f"{where}: class name {c!r} is listed twice")
+            raise ToolError(f"{where}: class name {c!r} is listed twice")
         seen.add(c)
     return list(classnames)
 
@@ -88,30 +88,30 @@ def load_prompts(path: str | Path) -> Prompts:
     """Class names and/or templates from a JSON or text file (see the module docstring)."""
     src = Path(path)
     if not src.is_file():
-        raise ProbeError(f"prompt file {src} does not exist")
+        raise ToolError(f"prompt file {src} does not exist")
     text = src.read_text(encoding="utf-8")
     if src.suffix.lower() == ".json":
         try:
             data: Any = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ProbeError(f"prompt file {src} is not valid JSON: {exc}") from None
+            raise ToolError(f"prompt file {src} is not valid JSON: {exc}") from None
         if isinstance(data, list):
             return Prompts(check_classnames(data, str(src)), list(DEFAULT_TEMPLATES))
         if not isinstance(data, dict):
-            raise ProbeError(f"prompt file {src}: expected a list of class names or an object, got "
+            raise ToolError(f"prompt file {src}: expected a list of class names or an object, got "
                              f"{type(data).__name__}")
         unknown = sorted(set(data) - {"classnames", "templates"})
         if unknown:
-            raise ProbeError(f"prompt file {src}: unknown keys {unknown} (expected 'classnames' and/or 'templates')")
+            raise ToolError(f"prompt file {src}: unknown keys {unknown} (expected 'classnames' and/or 'templates')")
         if not data:
-            raise ProbeError(f"prompt file {src} has no class names or templates")
+            raise ToolError(f"prompt file {src} has no class names or templates")
         classnames = check_classnames(data["classnames"], f"{src}: classnames") if "classnames" in data else []
         templates = check_templates(data["templates"], f"{src}: templates") if "templates" in data else []
         return Prompts(classnames, templates or list(DEFAULT_TEMPLATES))
     lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith("#")]
     if not lines:
-        raise ProbeError(f"prompt file {src} has no class names or templates")
+        raise ToolError(f"prompt file {src} has no class names or templates")
     classnames = [line for line in lines if "{}" not in line]
     templates = [line for line in lines if "{}" in line]
     return Prompts(check_classnames(classnames, str(src)) if classnames else [],
@@ -124,9 +124,9 @@ def encode_texts(encoder: TextEncoder, texts: Sequence[str], batch_size: int = 6
     tokenizer run on the UTF-8 bytes, exactly as for shard members), batched with `collate`, without gradients and
     (for an ``nn.Module``) in eval mode, its previous mode restored afterwards."""
     if batch_size < 1:
-        raise ProbeError(f"batch_size must be positive, got {batch_size}")
+        raise ToolError(f"batch_size must be positive, got {batch_size}")
     if "txt" not in get_modality(encoder.modality).extensions:
-        raise ProbeError(f"{getattr(encoder, 'source', 'the encoder')} is a {encoder.modality!r} encoder; "
+        raise ToolError(f"{getattr(encoder, 'source', 'the encoder')} is a {encoder.modality!r} encoder; "
                          "text prompts need a text encoder")
     decode = encoder.decoder()
     rng = np.random.default_rng(0)  # evaluation decoders are deterministic; the generator is part of the contract
@@ -161,7 +161,7 @@ def class_embeddings(text_encoder: TextEncoder, classnames: Sequence[str], templ
 def zero_shot_logits(query_embeddings: Tensor, class_embeddings: Tensor) -> Tensor:
     """Cosine similarities ``[N, C]`` between queries and class embeddings."""
     if query_embeddings.shape[-1] != class_embeddings.shape[-1]:
-        raise ProbeError(f"query embeddings have dimension {query_embeddings.shape[-1]} but class embeddings "
+        raise ToolError(f"query embeddings have dimension {query_embeddings.shape[-1]} but class embeddings "
                          f"{class_embeddings.shape[-1]}; were they made by encoders of the same export?")
     return F.normalize(query_embeddings.float(), dim=-1) @ F.normalize(class_embeddings.float(), dim=-1).T
 
@@ -176,12 +176,12 @@ def label_indices(labels: Sequence[str] | Tensor, classnames: Sequence[str], whe
     if isinstance(labels, Tensor):
         bad = labels[(labels < 0) | (labels >= len(classnames))]
         if bad.numel():
-            raise ProbeError(f"{where}: class index {int(bad[0])} is outside 0..{len(classnames) - 1}")
+            raise ToolError(f"{where}: class index {int(bad[0])} is outside 0..{len(classnames) - 1}")
         return labels.long()
     index = {c: i for i, c in enumerate(classnames)}
     unknown = sorted({str(v) for v in labels if v not in index})
     if unknown:
-        raise ProbeError(f"{where}: labels {unknown[:5]} are not among the class names {list(classnames)[:10]}")
+        raise ToolError(f"{where}: labels {unknown[:5]} are not among the class names {list(classnames)[:10]}")
     return torch.tensor([index[v] for v in labels], dtype=torch.long)
 
 
@@ -198,12 +198,12 @@ def zero_shot_accuracy(query_embeddings: Tensor, labels: Sequence[str] | Tensor,
     is_tensor = isinstance(classifier, Tensor)
     weights = classifier if is_tensor else class_embeddings(classifier, classnames, templates)  # type: ignore[arg-type]
     if weights.shape[0] != len(classnames):
-        raise ProbeError(f"{weights.shape[0]} class embeddings for {len(classnames)} class names")
+        raise ToolError(f"{weights.shape[0]} class embeddings for {len(classnames)} class names")
     y = label_indices(labels, classnames)
     if y.numel() != query_embeddings.shape[0]:
-        raise ProbeError(f"{query_embeddings.shape[0]} query embeddings but {y.numel()} labels")
+        raise ToolError(f"{query_embeddings.shape[0]} query embeddings but {y.numel()} labels")
     if y.numel() == 0:
-        raise ProbeError("no query to classify")
+        raise ToolError("no query to classify")
     logits = zero_shot_logits(query_embeddings, weights)
     ranked = logits.topk(min(max(ks), len(classnames)), dim=-1).indices
     result: dict[str, Any] = {}
