@@ -36,7 +36,7 @@ def load_recipe(source: str, overrides: list[str] | tuple[str, ...] = ()) -> Any
 
 def load_model(path: str, *, random_init: bool = False) -> Any:
     """An exported model (``mmssl export RUN --out DIR`` writes ``DIR/model``), of any family, in eval mode."""
-    from mmssl.tools.exported_model import load_model as load
+    from mmssl.tools.export.model import load_model as load
 
     return load(path, random_init=random_init)
 

@@ -1,6 +1,6 @@
 """The DeepSpeed engine: its config from a recipe, torch AdamW with decay / no-decay groups, warmup + cosine LR.
 
-Callers with their own parameter grouping (fine-tuning's layer-wise LR decay, `tools.finetune_model`) pass explicit
+Callers with their own parameter grouping (fine-tuning's layer-wise LR decay, `tools.finetune.model`) pass explicit
 ``groups`` to `build_engine`; a group's ``"lr"`` is its peak learning rate (``train.lr`` where absent) and the
 schedule multiplies every group's peak by the same `lr_factor`.
 """

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmssl.architectures.config import build_model
-from mmssl.tools.bench_architectures import CASES, REFERENCE, BenchAssets, architecture_rows, step_loss
+from mmssl.tools.bench.architectures import CASES, REFERENCE, BenchAssets, architecture_rows, step_loss
 
 
 @pytest.fixture(scope="module")

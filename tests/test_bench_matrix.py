@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mmssl.tools.bench_matrix import parse_args
+from mmssl.tools.bench.matrix import parse_args
 from mmssl.tools.errors import ToolError
 from tests.conftest import mmssl, mmssl_in_process
 

@@ -1,4 +1,4 @@
-"""`tools.bench --compare open_clip`: the two CLIP builds match, the losses agree, the report has both rows."""
+"""`mmssl bench --compare open_clip`: the two CLIP builds match, the losses agree, the report has both rows."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmssl.tools import bench
+from mmssl.tools.bench import open_clip as bench
 from tests.conftest import mmssl
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

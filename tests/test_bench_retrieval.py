@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmssl.tools.bench_retrieval import main, make_embeddings
+from mmssl.tools.bench.retrieval import main, make_embeddings
 
 
 def _numpy_recall(n: int, dim: int, noise: float, ks: tuple[int, ...]) -> dict[str, float]:

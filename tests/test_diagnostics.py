@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from mmssl.tools.diagnostics import alignment, effective_rank, embedding_diagnostics, modality_gap, uniformity
 from mmssl.tools.errors import ToolError
+from mmssl.tools.evaluation.diagnostics import (
+    alignment,
+    effective_rank,
+    embedding_diagnostics,
+    modality_gap,
+    uniformity,
+)
 
 
 def _normalise_rows(a: np.ndarray) -> np.ndarray:

@@ -14,10 +14,10 @@ from sklearn.linear_model import LogisticRegression
 
 from mmssl.architectures.config import ModelConfig, build_model
 from mmssl.architectures.modalities import AudioConfig, TextConfig
-from mmssl.tools.eval_report import compare, format_evaluation
-from mmssl.tools.evaluation import evaluate
-from mmssl.tools.exported_model import load_model, save_model
-from mmssl.tools.model_features import Corruption, extract_model_features
+from mmssl.tools.evaluation.evaluate import evaluate
+from mmssl.tools.evaluation.features import Corruption, extract_model_features
+from mmssl.tools.evaluation.report import compare, format_evaluation
+from mmssl.tools.export.model import load_model, save_model
 from tests.conftest import mmssl_in_process
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -19,8 +19,8 @@ from mmssl.data_pipelines.stream import read_once
 from mmssl.pretrain.data import eval_decoders, modality_fields
 from mmssl.pretrain.recipe import load_recipe
 from mmssl.tools.errors import ToolError
-from mmssl.tools.export import consolidated_state_dict
-from mmssl.tools.exported_model import load_model
+from mmssl.tools.export.model import load_model
+from mmssl.tools.export.run import consolidated_state_dict
 from tests.conftest import mmssl, tiny_recipe_dict, write_recipe
 
 pytestmark = pytest.mark.distributed

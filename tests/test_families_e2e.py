@@ -37,7 +37,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 
 def _assert_export_reloads(run: Path, tmp_path: Path) -> Path:
-    """`export_run` (`mmssl export`) of the run, reloaded with `tools.exported_model.load_model`, gives the outputs
+    """`export_run` (`mmssl export`) of the run, reloaded with `tools.export.model.load_model`, gives the outputs
     of the model rebuilt from the consolidated checkpoint (<= 1e-6) on a real batch; returns the model directory."""
     import torch
 
@@ -46,8 +46,8 @@ def _assert_export_reloads(run: Path, tmp_path: Path) -> Path:
     from mmssl.data_pipelines.stream import read_once
     from mmssl.pretrain.data import eval_decoders, modality_fields
     from mmssl.pretrain.recipe import load_recipe
-    from mmssl.tools.export import consolidated_state_dict, export_run
-    from mmssl.tools.exported_model import load_model
+    from mmssl.tools.export.model import load_model
+    from mmssl.tools.export.run import consolidated_state_dict, export_run
 
     export_run(run, tmp_path / "export")  # what `mmssl export RUN --out DIR` runs
     recipe = load_recipe(run / "recipe.yaml")
@@ -153,7 +153,7 @@ def test_stitched_frozen_models_train_only_the_bridge(family_runs: dict[str, tup
     from mmssl.architectures.config import build_model
     from mmssl.pretrain.frozen import FROZEN_FILE, frozen_state_sha256
     from mmssl.pretrain.recipe import load_recipe
-    from mmssl.tools.export import consolidated_state_dict
+    from mmssl.tools.export.run import consolidated_state_dict
 
     path, run, error = family_runs["stitched"]
     assert error is None, error[-4000:]
@@ -184,8 +184,8 @@ def test_stitched_frozen_models_train_only_the_bridge(family_runs: dict[str, tup
     vision_file = Path(frozen["vision"]["path"])
     # evaluated (before the weights file changes): zero-shot from class-name prompts through the frozen LM works
     from mmssl.tools.errors import ToolError
-    from mmssl.tools.evaluation import evaluate
-    from mmssl.tools.exported_model import load_model
+    from mmssl.tools.evaluation.evaluate import evaluate
+    from mmssl.tools.export.model import load_model
 
     results = evaluate(model_dir, shards=str(fashion_data / "train"), test_shards=str(fashion_data / "test"),
                        label="label", out_dir=tmp_path / "eval", robustness=False)

@@ -16,10 +16,11 @@ from mmssl.architectures.encoder import Encoder, save_encoder
 from mmssl.architectures.heads import ProjectionHead
 from mmssl.architectures.modalities import AudioConfig, get_modality
 from mmssl.tools.errors import ToolError
-from mmssl.tools.finetune import FinetuneConfig, format_finetune, launch_finetune
-from mmssl.tools.finetune_data import EvalCache, epoch_order, eval_rows, load_splits, rank_rows
-from mmssl.tools.finetune_model import Classifier, apply_freeze, finetune_param_groups, load_classifier
-from mmssl.tools.finetune_rank import top1
+from mmssl.tools.finetune.command import format_finetune, launch_finetune
+from mmssl.tools.finetune.config import FinetuneConfig
+from mmssl.tools.finetune.data import EvalCache, epoch_order, eval_rows, load_splits, rank_rows
+from mmssl.tools.finetune.model import Classifier, apply_freeze, finetune_param_groups, load_classifier
+from mmssl.tools.finetune.rank import top1
 from tests.conftest import run_ranks
 
 pytestmark = pytest.mark.distributed
@@ -203,10 +204,11 @@ def test_bad_inputs_are_named(encoder_dir: Path, asterisk_data: Path, tmp_path: 
 
 def test_bf16_zero3_under_an_external_launcher_keeps_frozen_groups_exact(encoder_dir: Path, asterisk_data: Path,
                                                                         tmp_path: Path) -> None:
-    """torchrun starts `python -m mmssl.tools.finetune` as each of 2 ranks: ZeRO-3, bf16, only the last layer group and
-    the head train; the frozen groups come back bit-identical in fp32 (not rounded through bf16)."""
+    """torchrun starts `python -m mmssl.tools.finetune.command` as each of 2 ranks: ZeRO-3, bf16, only the last layer
+    group and the head train; the frozen groups come back bit-identical in fp32 (not rounded through bf16)."""
     out = tmp_path / "run"
-    proc = run_ranks(2, ["-m", "mmssl.tools.finetune", str(encoder_dir), "--shards", str(asterisk_data / "train"),
+    proc = run_ranks(2, ["-m", "mmssl.tools.finetune.command", str(encoder_dir), "--shards",
+                         str(asterisk_data / "train"),
                          "--label", "family", "--out", str(out), "--epochs", "1", "--batch-size", "8",
                          "--zero-stage", "3", "--precision", "bf16", "--freeze", "1", "--layer-decay", "0.75",
                          "--lr", "1e-2", "--threads", "1"])

@@ -14,7 +14,7 @@ from mmssl.architectures.config import build_model
 from mmssl.architectures.stitching.pretrained import sha256_file
 from mmssl.pretrain.frozen import FROZEN_FILE, FrozenWeightsError, check_reference, frozen_reference
 from mmssl.pretrain.recipe import load_recipe
-from mmssl.tools.export import consolidated_state_dict
+from mmssl.tools.export.run import consolidated_state_dict
 from tests.conftest import mmssl, tiny_recipe_dict, write_recipe
 
 pytestmark = pytest.mark.distributed

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mmssl.tools.errors import ToolError
-from mmssl.tools.interactions import PID, joint_distribution, optimal_coupling, pid, pid_from_predictions
+from mmssl.tools.evaluation.interactions import PID, joint_distribution, optimal_coupling, pid, pid_from_predictions
 
 EXACT_TOL = 1e-7  # bits, for the closed-form cases (the barrier stops at a duality gap of about #vars·1e-10 nats)
 

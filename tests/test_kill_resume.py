@@ -36,7 +36,7 @@ from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from mmssl.pretrain.launch import describe_failures, failure_exit_code
 from mmssl.pretrain.worker import exit_record_path, read_exit_record, run_and_teardown, write_exit_record
-from mmssl.tools.export import consolidated_state_dict
+from mmssl.tools.export.run import consolidated_state_dict
 from tests.conftest import ROOT, mmssl, run_ranks, tiny_recipe_dict, write_recipe
 
 STEPS = 10

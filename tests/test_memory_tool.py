@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mmssl.tools.memory import PeakMemory
+from mmssl.tools.bench.memory import PeakMemory
 
 
 def test_peak_counts_live_storages_and_forgets_freed_ones() -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmssl.tools.export import consolidated_state_dict
+from mmssl.tools.export.run import consolidated_state_dict
 from tests.conftest import ROOT, tiny_recipe_dict, write_recipe
 
 STEPS, STOP, EVERY, KEEP = 10, 6, 2, 2

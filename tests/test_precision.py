@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from mmssl.pretrain.recipe import load_recipe
-from mmssl.tools.export import consolidated_state_dict, export_run
+from mmssl.tools.export.run import consolidated_state_dict, export_run
 from mmssl.tools.recipes_check import count_parameters
 from tests.conftest import tiny_recipe_dict, write_recipe
 from tests.helpers.tiny_recipes import FAMILIES, METHODS, tiny_overrides

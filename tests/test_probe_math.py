@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from mmssl.tools.probe import fit_logistic_regression, linear_probe, predict, stratified_split
-from mmssl.tools.retrieval import first_positive_rank, group_ids, recall_at_k
+from mmssl.tools.evaluation.probe import fit_logistic_regression, linear_probe, predict, stratified_split
+from mmssl.tools.evaluation.retrieval import first_positive_rank, group_ids, recall_at_k
 
 
 def _blobs(n: int, d: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mmssl.tools.errors import ToolError
-from mmssl.tools.retrieval import first_positive_rank, group_ids, recall_at_k, rerank_recall, topk_chunked
+from mmssl.tools.evaluation.retrieval import first_positive_rank, group_ids, recall_at_k, rerank_recall, topk_chunked
 
 
 def _data(nq: int, ng: int, d: int, seed: int, strength: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:

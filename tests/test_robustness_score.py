@@ -1,4 +1,5 @@
-"""MultiBench robustness scores (`tools.robustness`) against hand-computed values and their defining properties."""
+"""MultiBench robustness scores (`tools.evaluation.robustness`) against hand-computed values and their defining
+properties."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 
 from mmssl.tools.errors import ToolError
-from mmssl.tools.robustness import (
+from mmssl.tools.evaluation.robustness import (
     DEFAULT_LEVELS,
     effective_robustness,
     modality_removal_drop,

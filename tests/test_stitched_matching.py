@@ -169,7 +169,7 @@ def test_itm_loss_and_gradients_match_a_float64_loop_of_pairs_encoded_alone(reus
 def test_exported_itm_scores_read_the_fusion_view_and_the_summary(vision, tmp_path) -> None:
     """`LoadedModel.itm_scores` (ITM re-ranking at evaluation) on the tokens `model_features` keeps (the fusion view)
     equals the head on each re-paired (text, image) encoded alone."""
-    from mmssl.tools.exported_model import LoadedModel
+    from mmssl.tools.export.model import LoadedModel
 
     model = build(vision, *BRIDGES["qformer"])
     head = torch.nn.Linear(model.lm.hidden_size, 2)

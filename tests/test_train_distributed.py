@@ -15,7 +15,7 @@ from mmssl.data_pipelines.shards import resolve_shards
 from mmssl.data_pipelines.stream import read_once
 from mmssl.pretrain.data import eval_decoders, modality_fields
 from mmssl.pretrain.recipe import load_recipe
-from mmssl.tools.export import consolidated_state_dict, export_run
+from mmssl.tools.export.run import consolidated_state_dict, export_run
 from tests.conftest import mmssl, run_ranks, tiny_recipe_dict, write_recipe
 
 pytestmark = pytest.mark.distributed

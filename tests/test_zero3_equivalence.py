@@ -18,7 +18,7 @@ import torch
 from mmssl.architectures.config import build_model
 from mmssl.objectives.registry import build_objectives
 from mmssl.pretrain.recipe import load_recipe
-from mmssl.tools.export import consolidated_state_dict
+from mmssl.tools.export.run import consolidated_state_dict
 from tests.conftest import run_ranks, tiny_recipe_dict, write_recipe
 
 pytestmark = pytest.mark.distributed

@@ -17,7 +17,7 @@ from mmssl.architectures.modalities import TextConfig, get_modality
 from mmssl.architectures.modalities.base import DecoderFn
 from mmssl.data_pipelines.batch import collate
 from mmssl.tools.errors import ToolError
-from mmssl.tools.zero_shot import (
+from mmssl.tools.evaluation.zero_shot import (
     DEFAULT_TEMPLATES,
     class_embeddings,
     encode_texts,

@@ -12,6 +12,7 @@
     mmssl recipes                                         list bundled recipes
     mmssl bench --compare open_clip                       mmssl vs open_clip training the same CLIP (table + JSON)
     mmssl bench matrix | scaling | flip                   family x objective x ZeRO; batch / ranks; FLIP speed-up
+    mmssl bench architectures | objectives | loader | retrieval   per-family / per-objective cost, loader, retrieval
     mmssl bench gpu                                       the GPU check: every family in bf16, ViT-B/16 vs open_clip
     mmssl pretrain RECIPE [key=value ...] --nproc 2       pretrain on N local ranks (or as one rank of a launcher)
     mmssl export RUN_DIR --out DIR                        one directory per encoder
@@ -222,7 +223,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmssl.tools.export import export_run
+    from mmssl.tools.export.run import export_run
 
     index = export_run(args.run_dir, args.out, checkpoint_tag=args.checkpoint)
     for name, path in index["encoders"].items():
@@ -232,7 +233,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from mmssl.tools.evaluate import format_probe, run_probe
+    from mmssl.tools.evaluation.commands import format_probe, run_probe
 
     results = run_probe(args.encoder_dir, shards=args.shards, test_shards=args.test_shards, label=args.label,
                         features=args.features, few_shot=args.few_shot, floor=not args.no_floor, seed=args.seed,
@@ -244,7 +245,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
-    from mmssl.tools.evaluate import format_retrieval, run_retrieval
+    from mmssl.tools.evaluation.commands import format_retrieval, run_retrieval
 
     results = run_retrieval(args.export_dir, shards=args.shards, query=args.query, target=args.target,
                             match_field=args.match_field, floor=not args.no_floor, json_out=args.json)
@@ -255,8 +256,8 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mmssl.tools.eval_report import format_evaluation
-    from mmssl.tools.evaluation import evaluate
+    from mmssl.tools.evaluation.evaluate import evaluate
+    from mmssl.tools.evaluation.report import format_evaluation
 
     pairs = [tuple(p.split(":", 1)) for p in args.pairs] if args.pairs else None
     for p in pairs or []:
@@ -273,7 +274,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from mmssl.tools.eval_report import compare
+    from mmssl.tools.evaluation.report import compare
 
     _, table = compare(args.evaluations, out=args.out)
     print(table)
@@ -284,7 +285,7 @@ def write_single_result(results: dict, out: str, kind: str) -> str:
     from pathlib import Path
 
     from mmssl.data_pipelines.shards import atomic_write_text
-    from mmssl.tools.plots import plot_bars, plot_probe_sweep
+    from mmssl.tools.evaluation.plots import plot_bars, plot_probe_sweep
 
     target = Path(out)
     if kind == "probe":
@@ -303,7 +304,7 @@ def write_single_result(results: dict, out: str, kind: str) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mmssl.tools.report import build_report, format_report
+    from mmssl.tools.evaluation.run_report import build_report, format_report
 
     summary = build_report(args.run_dir)
     print(format_report(summary, args.run_dir))
@@ -312,25 +313,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = {  # mmssl bench NAME -> the module whose main(argv) runs it
+    "matrix": "matrix", "scaling": "matrix", "flip": "flip", "gpu": "gpu", "architectures": "architectures",
+    "objectives": "objectives", "loader": "loader", "retrieval": "retrieval",
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    """``mmssl bench matrix|scaling`` (tools.bench_matrix), ``mmssl bench flip`` (tools.bench_flip), ``mmssl bench
-    gpu`` (tools.bench_gpu), otherwise ``mmssl bench --compare open_clip`` (tools.bench)."""
+    """``mmssl bench NAME [options]`` runs `mmssl.tools.bench.<module>` (`BENCHMARKS`; ``matrix`` and ``scaling``
+    take their name as their first argument); without a name, ``mmssl bench --compare open_clip``."""
+    import importlib
+
     suite = args.bench_args[0] if args.bench_args else ""
-    if suite in ("matrix", "scaling"):
-        from mmssl.tools.bench_matrix import main as matrix_main
+    if suite not in BENCHMARKS:
+        if suite and not suite.startswith("-"):
+            from mmssl.tools.errors import ToolError
 
-        return matrix_main(args.bench_args)
-    if suite == "flip":
-        from mmssl.tools.bench_flip import main as flip_main
-
-        return flip_main(args.bench_args[1:])
-    if suite == "gpu":
-        from mmssl.tools.bench_gpu import main as gpu_main
-
-        return gpu_main(args.bench_args[1:])
-    from mmssl.tools.bench import main as bench_main
-
-    return bench_main(args.bench_args)
+            raise ToolError(f"mmssl bench: unknown benchmark {suite!r}; one of {sorted(BENCHMARKS)} or --compare "
+                            f"open_clip")
+        suite, rest = "open_clip", args.bench_args
+    else:
+        rest = args.bench_args if BENCHMARKS[suite] == "matrix" else args.bench_args[1:]
+    module = importlib.import_module(f"mmssl.tools.bench.{BENCHMARKS.get(suite, suite)}")
+    return module.main(rest) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -394,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_recipes)
 
     s = sub.add_parser("bench", add_help=False,
-                       help="benchmarks: --compare open_clip | matrix | scaling | flip | gpu (`mmssl bench -h`)")
+                       help="benchmarks: --compare open_clip | matrix | scaling | flip | gpu | architectures | "
+                            "objectives | loader | retrieval")
     s.set_defaults(fn=cmd_bench, bench_args=[])  # its own options: tools.bench parses them
 
     s = sub.add_parser("pretrain", help="pretrain from a recipe")
@@ -460,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="also write compare.json and compare.png here")
     s.set_defaults(fn=cmd_compare)
 
-    from mmssl.tools.finetune import add_finetune_parser
+    from mmssl.tools.finetune.command import add_finetune_parser
 
     add_finetune_parser(sub)
 

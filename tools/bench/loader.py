@@ -1,7 +1,7 @@
 """Benchmark of the quickstart model: training throughput, step-time split and peak RSS per rank at ZeRO 0 and 2,
 and the loader alone, in one process so the ratios compare like with like.
 
-    python tools/bench_pretrain.py [--steps 40] [--nproc 2] [--stages 0 2] [--json out.json] [key=value ...]
+    mmssl bench loader [--steps 40] [--nproc 2] [--stages 0 2] [--json out.json] [key=value ...]
 
 Training figures come from real `mmssl pretrain` runs (DeepSpeed, the recipe's data on real shards); the first
 step (start-up) is excluded. The loader figures are rank 0's ShardStream through its DataLoader for each
@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,8 @@ def resume_cost(recipe_name: str, overrides: list[str], nproc: int, at: int) -> 
     return costs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mmssl bench loader", description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="quickstart")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--nproc", type=int, default=2)
@@ -78,7 +79,7 @@ def main() -> None:
     parser.add_argument("--resume-at", type=int, default=40, help="batch at which to time a resumed stream")
     parser.add_argument("--json", default=None)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         runs = {s: train_run(args.recipe, s, args.steps, args.nproc, args.overrides, Path(tmp)) for s in args.stages}
     from mmssl.pretrain.recipe import load_recipe

@@ -4,18 +4,18 @@ Given a run directory (exported on the fly from its latest checkpoint), an expor
 and labelled train/test shards, it computes, for the pretrained model and for the same architecture randomly
 initialised (the floor):
 
-* **linear probes** (`tools.probe`: L2 sweep on a validation split, refit, test) on every modality's pooled
-  features and on the fused feature (`tools.model_features`);
+* **linear probes** (`tools.evaluation.probe`: L2 sweep on a validation split, refit, test) on every modality's pooled
+  features and on the fused feature (`tools.evaluation.features`);
 * **retrieval** Recall@1/5/10 both directions for every modality pair (chunked), with ITM re-ranking of the top-k
   for models trained with a matching head;
 * **zero-shot classification** of every non-text modality from text prompts (templates x class names, CLIP);
 * **diagnostics**: alignment / uniformity (Wang & Isola 2020), modality gap (Liang et al. 2022), effective rank
   (Roy & Vetterli 2007), and the partial information decomposition of the label over the unimodal probes'
   discretised predictions (redundancy, uniqueness, synergy; Liang et al. 2023, BROJA estimator);
-* **robustness** (`tools.robustness_eval`): metrics vs noise level per modality and with each modality removed,
-  one robustness score.
+* **robustness** (`tools.evaluation.robustness_eval`): metrics vs noise level per modality and with each modality
+  removed, one robustness score.
 
-Everything goes to ``<out>/results.json`` with PNG plots beside it, and a table is printed (`tools.eval_report`).
+Everything goes to ``<out>/results.json`` with PNG plots beside it, and a table is printed (`tools.evaluation.report`).
 """
 
 from __future__ import annotations
@@ -31,15 +31,15 @@ import torch
 from mmssl.data_pipelines.shards import atomic_write_text
 from mmssl.pretrain import checkpoint
 from mmssl.pretrain.rundir import EVAL, EXPORT, RECIPE
-from mmssl.tools.diagnostics import embedding_diagnostics
 from mmssl.tools.errors import ToolError
-from mmssl.tools.export import EXPORT_INDEX, MODEL_DIR, export_run
-from mmssl.tools.exported_model import CONFIG, LoadedModel, load_model
-from mmssl.tools.interactions import pid_from_predictions
-from mmssl.tools.model_features import ModelFeatures, extract_model_features
-from mmssl.tools.probe import ProbeResult, labels_of, linear_probe
-from mmssl.tools.retrieval import group_ids, recall_both_ways, rerank_recall
-from mmssl.tools.zero_shot import DEFAULT_TEMPLATES, load_prompts, zero_shot_accuracy
+from mmssl.tools.evaluation.diagnostics import embedding_diagnostics
+from mmssl.tools.evaluation.features import ModelFeatures, extract_model_features
+from mmssl.tools.evaluation.interactions import pid_from_predictions
+from mmssl.tools.evaluation.probe import ProbeResult, labels_of, linear_probe
+from mmssl.tools.evaluation.retrieval import group_ids, recall_both_ways, rerank_recall
+from mmssl.tools.evaluation.zero_shot import DEFAULT_TEMPLATES, load_prompts, zero_shot_accuracy
+from mmssl.tools.export.model import CONFIG, LoadedModel, load_model
+from mmssl.tools.export.run import EXPORT_INDEX, MODEL_DIR, export_run
 
 FLOOR_SEED = 0
 VARIANTS = ("pretrained", "random_init")
@@ -139,7 +139,7 @@ def _itm_rerank(loaded: LoadedModel, feats: ModelFeatures, rows: torch.Tensor, g
 
 
 class _TextEncoder:
-    """The text side of a whole model, shaped like an exported `Encoder` for `tools.zero_shot`."""
+    """The text side of a whole model, shaped like an exported `Encoder` for `tools.evaluation.zero_shot`."""
 
     modality = TEXT
 
@@ -195,8 +195,8 @@ def evaluate(target: str | Path, *, shards: str, test_shards: str, label: str | 
              prompts: str | None = None, floor: bool = True, few_shot: int | None = None, seed: int = 0,
              robustness: bool = True, levels: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), rerank_k: int = 16
              ) -> dict[str, Any]:
-    from mmssl.tools.eval_report import write_plots
-    from mmssl.tools.robustness_eval import run_robustness
+    from mmssl.tools.evaluation.report import write_plots
+    from mmssl.tools.evaluation.robustness_eval import run_robustness
 
     bad_levels = [v for v in levels if not 0.0 <= float(v) <= 1.0]
     if bad_levels:

@@ -1,7 +1,7 @@
-"""Benchmark of N x N cross-modal retrieval: the chunked Recall@K of `tools.retrieval` against the full similarity
-matrix it avoids materialising.
+"""Benchmark of N x N cross-modal retrieval: the chunked Recall@K of `tools.evaluation.retrieval` against the full
+similarity matrix it avoids materialising.
 
-    python tools/bench_retrieval.py [--sizes 1000 10000 50000] [--dim 256] [--chunk 4096] [--brute-max 1000]
+    mmssl bench retrieval [--sizes 1000 10000 50000] [--dim 256] [--chunk 4096] [--brute-max 1000]
         [--ks 1 5 10] [--noise 4.0] [--seed 0] [--threads N] [--json out.json]
 
 Data (seeded): ``N`` queries ``x_i ~ N(0, I_D)`` and gallery items ``y_i = x_i + σ·ε_i`` with ``ε_i ~ N(0, I_D)``;
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmssl.tools.retrieval import first_positive_rank, recall_at_k, topk_chunked
+from mmssl.tools.evaluation.retrieval import first_positive_rank, recall_at_k, topk_chunked
 
 MB = 1024.0**2
 

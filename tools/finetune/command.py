@@ -1,20 +1,20 @@
 """``mmssl finetune ENCODER_DIR``: supervised fine-tuning of an exported encoder with a linear head on DeepSpeed.
 
-Protocol: the encoder's tower + a new linear head (`tools.finetune_model.Classifier`) minimise the mean
+Protocol: the encoder's tower + a new linear head (`tools.finetune.model.Classifier`) minimise the mean
 cross-entropy ``-(1/G) Σ_i log softmax(W·f(x_i) + b)[y_i]`` with AdamW (decay / no-decay groups, optional
 layer-wise LR decay ``lr · decay^(L - layer)``, BEiT-style), linear warmup + cosine schedule over all steps, on a
 real DeepSpeed engine (ZeRO 0-3, fp32 / bf16) per rank. Inputs are augmented with the modality's training decoder.
 After every epoch the validation top-1 is measured on all ranks and reduced; the best epoch's consolidated fp32
 weights are written (safetensors, temp + ``os.replace``); training stops after ``patience`` epochs without a strict
 improvement. The test top-1 is then measured once with the best weights. How samples are split across ranks
-(pad by wrap-around, equal steps on every rank) is described in `tools.finetune_data`.
+(pad by wrap-around, equal steps on every rank) is described in `tools.finetune.data`.
 
 Output in ``out_dir``: ``results.json``, ``finetune_curve.png``, ``model.safetensors`` + ``classifier.json`` (the
-best tower + head, `tools.finetune_model.load_classifier`) and ``encoder/`` (the fine-tuned tower as an exported
+best tower + head, `tools.finetune.model.load_classifier`) and ``encoder/`` (the fine-tuned tower as an exported
 encoder, usable by ``mmssl probe`` and ``retrieval``).
 
 Launch: ``launch_finetune(cfg, nproc)`` checks the configuration, the encoder and the labels in this process, then
-starts ``nproc`` local ranks with torchrun running `tools.finetune_rank`; under an external launcher (``WORLD_SIZE``
+starts ``nproc`` local ranks with torchrun running `tools.finetune.rank`; under an external launcher (``WORLD_SIZE``
 set) this process is one rank. Rank 0 writes the best weights and every rank reads them back for the test, so
 ``out_dir`` must be on storage all nodes see when ranks span several machines.
 """
@@ -28,7 +28,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,70 +37,18 @@ from mmssl.architectures.errors import ArchitectureError
 from mmssl.data_pipelines.shards import atomic_write_text
 from mmssl.pretrain.precision import PRECISIONS
 from mmssl.tools.errors import ToolError
-from mmssl.tools.finetune_model import check_layer_decay, parse_freeze
-from mmssl.tools.probe import fmt_pct
-
-CONFIG_FILE = "finetune_config.json"
-RESULTS_FILE = "results.json"
-CURVE_FILE = "finetune_curve.png"
+from mmssl.tools.evaluation.probe import fmt_pct
+from mmssl.tools.finetune.config import CONFIG_FILE, RESULTS_FILE, FinetuneConfig, check_config
 
 if TYPE_CHECKING:
     from mmssl.architectures.encoder import Encoder
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything one fine-tuning run needs (the CLI options of ``mmssl finetune``)."""
-
-    encoder_dir: str
-    shards: str
-    label: str
-    out_dir: str
-    test_shards: str | None = None
-    val_shards: str | None = None  # else a stratified val_fraction of the training shards
-    val_fraction: float = 0.2
-    epochs: int = 10
-    batch_size: int = 32  # per rank
-    lr: float = 1e-3  # the head's peak learning rate
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
-    layer_decay: float | None = None
-    freeze: str | int = "none"  # "none" | "encoder" | k (train the last k layer groups + head)
-    zero_stage: int = 2
-    precision: str = "fp32"
-    patience: int = 0  # stop after this many epochs without a better validation top-1 (0: never)
-    grad_clip: float = 1.0
-    seed: int = 0
-    threads: int = 0  # intra-op threads per rank (0: cores / local ranks)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def check_config(cfg: FinetuneConfig) -> None:
-    """Value checks that need no data (`ToolError` naming the CLI option)."""
-    for key in ("epochs", "batch_size"):
-        if getattr(cfg, key) < 1:
-            raise ToolError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.lr <= 0:
-        raise ToolError(f"--lr must be > 0, got {cfg.lr}")
-    if cfg.warmup_steps < 0 or cfg.patience < 0 or cfg.weight_decay < 0:
-        raise ToolError("--warmup-steps, --patience and --weight-decay must be >= 0")
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise ToolError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
-    if cfg.zero_stage not in (0, 1, 2, 3):
-        raise ToolError(f"--zero-stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
-    if cfg.precision not in PRECISIONS:
-        raise ToolError(f"--precision must be one of {PRECISIONS}, got {cfg.precision!r}")
-    check_layer_decay(cfg.layer_decay)
-    cfg.freeze = parse_freeze(cfg.freeze)
 
 
 def check_encoder(cfg: FinetuneConfig) -> Encoder:
     """The encoder directory is an export, and ``--freeze k`` fits its layer groups; returns the encoder built
     for its shapes only (meta device: no weights read)."""
     from mmssl.architectures.encoder import Encoder
-    from mmssl.tools.finetune_model import Classifier, apply_freeze
+    from mmssl.tools.finetune.model import Classifier, apply_freeze
 
     try:
         with torch.device("meta"):
@@ -124,16 +71,16 @@ def launch_finetune(cfg: FinetuneConfig, nproc: int) -> int:
     encoder = check_encoder(cfg)
     out = Path(cfg.out_dir)
     if under_launcher():
-        from mmssl.tools.finetune_rank import run_rank
+        from mmssl.tools.finetune.rank import run_rank
 
         return run_rank(cfg)
-    from mmssl.tools.finetune_data import load_splits
+    from mmssl.tools.finetune.data import load_splits
 
     load_splits(cfg, encoder, decode_check=False)  # label field present, >= 2 classes: before any rank starts
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "mmssl.tools.finetune_rank", "--config", str(out / CONFIG_FILE)]
+           "-m", "mmssl.tools.finetune.rank", "--config", str(out / CONFIG_FILE)]
     print(f"mmssl: fine-tuning {cfg.encoder_dir} on {nproc} rank(s) -> {out}", file=sys.stderr, flush=True)
     code = subprocess.call(cmd, env=child_env(nproc))
     if code != 0:
@@ -141,42 +88,7 @@ def launch_finetune(cfg: FinetuneConfig, nproc: int) -> int:
     return code
 
 
-def load_config(path: str | Path) -> FinetuneConfig:
-    return FinetuneConfig(**json.loads(Path(path).read_text()))
-
-
 # ------------------------------------------------------------------------------------------------ reporting
-def plot_curve(results: dict[str, Any], path: Path) -> Path:
-    """Train loss and validation top-1 against the epoch (Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [e["epoch"] for e in results["epochs"]]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(epochs, [e["train_loss"] for e in results["epochs"]], marker="o", label="train loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("train loss (mean over the epoch)")
-    ax.grid(alpha=0.3)
-    ax2 = ax.twinx()
-    ax2.plot(epochs, [100 * e["val_top1"] for e in results["epochs"]], marker="s", color="tab:orange",
-             label="val top-1")
-    ax2.set_ylabel("validation top-1 (%)")
-    if results.get("best_epoch"):
-        ax2.axvline(results["best_epoch"], color="gray", ls="--", lw=0.8)
-    ax.set_title(f"fine-tuning on '{results['config']['label']}'")
-    handles, labels = ax.get_legend_handles_labels()
-    handles2, labels2 = ax2.get_legend_handles_labels()
-    ax.legend(handles + handles2, labels + labels2, loc="center right")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
 def format_finetune(results: dict[str, Any]) -> str:
     cfg = results["config"]
     lines = [f"fine-tuning of {cfg['encoder_dir']} on '{cfg['label']}' ({len(results['classes'])} classes, "
@@ -246,7 +158,7 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mmssl.tools.finetune")
+    parser = argparse.ArgumentParser(prog="python -m mmssl.tools.finetune.command")
     add_finetune_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["finetune", *(argv if argv is not None else sys.argv[1:])])
     from mmssl.data_pipelines.shards import DataError

@@ -18,9 +18,9 @@ encoder is ``2 x --depth`` shared layers; the stitched row is the real frozen Ef
 2-layer GPT-2 with a Q-Former. ``scaling`` runs the fusion-free contrastive model at global batches 64/128/256 on
 ``--nproc`` ranks and at one rank.
 
-    python -m mmssl.tools.bench_matrix matrix [--steps 12] [--nproc 2] [--json out.json] [--only fusion_free ...]
+    mmssl bench matrix [--steps 12] [--nproc 2] [--json out.json] [--only fusion_free ...]
                                         [--stages 0 3]
-    python -m mmssl.tools.bench_matrix scaling [--steps 12]
+    mmssl bench scaling [--steps 12]
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from typing import Any
 import torch
 import yaml
 
-from mmssl.tools.bench import run_and_report
-from mmssl.tools.bench_device import bench_device
-from mmssl.tools.bench_pretrain import train_run
+from mmssl.tools.bench.device import bench_device
+from mmssl.tools.bench.loader import train_run
+from mmssl.tools.bench.open_clip import run_and_report
 from mmssl.tools.errors import ToolError
 
 

@@ -1,4 +1,8 @@
-"""Features of a whole exported model (any family) over shards, per modality and fused, cached on disk.
+"""Features over shards, cached on disk: the one extractor behind ``mmssl evaluate``, ``probe`` and ``retrieval``.
+
+Two sources: a whole exported model (any family: `extract_model_features`) or one exported encoder (a tower + its
+projection head: `extract`); both read the shards once through `read_features` (keys, metadata, data errors,
+per-batch tensors) and keep the result through one cache (`cached`).
 
 One pass over the shards gives, for every sample: each modality's pooled tower features and projected embedding,
 the presence of each modality, and the **fused feature**: the fused summary state (the query modality's first
@@ -8,14 +12,16 @@ concatenation of the modalities' pooled features for fusion-free models (late co
 noise re-read the shards with a corrupted decoder (`ModalityPlugin.corrupted_decoder`), or with a modality
 removed (``present`` all False: the models' missing-modality path, zeros for that modality, no NaN).
 
-Cache: ``<model dir>/feature_cache/<digest>.safetensors`` + ``.json`` keyed by the weight files, the shards,
-the random-init seed, the corruption and the removed modality.
+Cache: ``<model or encoder dir>/feature_cache/<digest>.safetensors`` + ``.json`` keyed by the weight files (sizes
+and mtimes), the shards (and their mtimes), the random-init seed, the corruption and the removed modality.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +30,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mmssl.architectures.encoder import Encoder
 from mmssl.architectures.modalities import get_modality
+from mmssl.data_pipelines.batch import Batch
 from mmssl.data_pipelines.shards import resolve_shards
 from mmssl.data_pipelines.stream import read_once
 from mmssl.objectives.base import fused_summary, fusion_view
-from mmssl.tools.exported_model import CONFIG, ITM_HEAD, WEIGHTS, LoadedModel
-from mmssl.tools.features import CACHE_DIR, cache_key
+from mmssl.tools.export.model import CONFIG, ITM_HEAD, WEIGHTS, LoadedModel
 
+CACHE_DIR = "feature_cache"
 FUSED = "fused"
 FEATURES_FORMAT = 2  # part of the cache key: bump when what a feature holds changes (2: fused summary, fusion view)
 
@@ -84,6 +92,109 @@ def _pad_cat(chunks: list[Tensor]) -> Tensor:
     return torch.cat(padded)
 
 
+def cache_key(source: Path, weight_files: tuple[str, ...], urls: list[str], *settings: object) -> str:
+    """Cache key of features: the weight files' sizes and mtimes, the shards (and their mtimes), ``settings``."""
+    h = hashlib.sha1()
+    for name in weight_files:
+        path = source / name
+        if path.exists():
+            st = path.stat()
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for url in urls:
+        h.update(url.encode())
+        if os.path.exists(url):
+            h.update(str(os.stat(url).st_mtime_ns).encode())
+    h.update(repr(settings).encode())
+    return h.hexdigest()[:20]
+
+
+Read = tuple[dict[str, Tensor], list[str], dict[str, list[Any]], dict[str, int]]  # tensors, keys, meta, errors
+
+
+def read_features(urls: list[str], *, fields: dict[str, list[str]], decoders: dict[str, Any], batch_size: int,
+                  where: str, encode: Callable[[Batch], dict[str, Tensor]]) -> Read:
+    """One pass over ``urls``: ``encode(batch)``'s named ``[b, ...]`` tensors concatenated over the batches (token
+    sequences right-padded to the longest), with the samples' keys, metadata (absent fields None) and the data
+    errors the stream counted."""
+    parts: dict[str, list[Tensor]] = {}
+    keys: list[str] = []
+    meta: dict[str, list[Any]] = {}
+    errors: dict[str, int] = {}
+    count = 0
+    for batch in read_once(urls, fields=fields, decoders=decoders, batch_size=batch_size, where=where):
+        for k, v in batch.stats.items():
+            errors[k] = errors.get(k, 0) + v
+        for name, value in encode(batch).items():
+            parts.setdefault(name, []).append(value)
+        n = len(batch)
+        keys.extend(batch.keys)
+        for k in set(meta) | set(batch.meta):
+            meta.setdefault(k, [None] * count).extend(batch.meta.get(k, [None] * n))
+        count += n
+    return {k: _pad_cat(v) for k, v in parts.items()}, keys, meta, errors
+
+
+def cached(cache_file: Path, compute: Callable[[], Read], *, cache: bool = True) -> Read:
+    """``compute()``, or what an earlier call stored in ``cache_file`` (safetensors + a JSON sidecar, written
+    atomically); boolean tensors round-trip as bool."""
+    if cache and cache_file.exists():
+        tensors = load_file(str(cache_file))
+        side = json.loads(cache_file.with_suffix(".json").read_text())
+        bools = set(side.get("bool", []))
+        return ({k: v.bool() if k in bools else v for k, v in tensors.items()}, side["keys"], side["meta"],
+                side["data_errors"])
+    tensors, keys, meta, errors = compute()
+    if cache:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(cache_file.name + ".part")
+        save_file({k: (v.to(torch.uint8) if v.dtype == torch.bool else v).contiguous() for k, v in tensors.items()},
+                  str(tmp))
+        cache_file.with_suffix(".json").write_text(json.dumps({
+            "keys": keys, "meta": meta, "data_errors": errors,
+            "bool": sorted(k for k, v in tensors.items() if v.dtype == torch.bool)}))
+        os.replace(tmp, cache_file)
+    return tensors, keys, meta, errors
+
+
+@dataclass
+class Features:
+    """One encoder's features over a shard set."""
+
+    pooled: torch.Tensor  # [N, D] tower features (what a linear probe reads)
+    embeddings: torch.Tensor  # [N, E] projected embeddings (what retrieval compares)
+    keys: list[str]
+    meta: dict[str, list[Any]]
+    present: torch.Tensor  # bool [N]: the sample carried this modality and it decoded
+    data_errors: dict[str, int]
+
+
+@torch.no_grad()
+def extract(encoder_dir: str | Path, shards: str | list[str], *, where: str = "--shards", random_init: bool = False,
+            seed: int = 0, batch_size: int = 64, field_exts: list[str] | None = None, cache: bool = True) -> Features:
+    """Encode every sample of ``shards`` with the exported encoder (or its random-init twin)."""
+    src = Path(encoder_dir)
+    urls = resolve_shards(shards, where=where)
+    key = cache_key(src, ("model.safetensors", "head.safetensors", "config.json"), urls, random_init, seed)
+
+    def compute() -> Read:
+        encoder = Encoder.from_dir(src, random_init=random_init, seed=seed)
+        m = encoder.modality
+
+        def encode(batch: Batch) -> dict[str, Tensor]:
+            n = len(batch)
+            if m in batch.inputs:
+                pooled, emb = encoder(batch.inputs[m])
+            else:
+                pooled, emb = torch.zeros(n, encoder.tower.num_features), torch.zeros(n, encoder.embed_dim)
+            return {"pooled": pooled.float(), "embeddings": emb.float(), "present": batch.present[m]}
+
+        return read_features(urls, fields={m: field_exts or list(get_modality(m).extensions)},
+                             decoders={m: encoder.decoder()}, batch_size=batch_size, where=where, encode=encode)
+
+    tensors, keys, meta, errors = cached(src / CACHE_DIR / f"{key}.safetensors", compute, cache=cache)
+    return Features(tensors["pooled"], tensors["embeddings"], keys, meta, tensors["present"].bool(), errors)
+
+
 @torch.no_grad()
 def extract_model_features(loaded: LoadedModel, shards: str | list[str], *, where: str = "--shards",
                            modalities: list[str] | None = None, random_init: bool = False, seed: int = 0,
@@ -98,61 +209,42 @@ def extract_model_features(loaded: LoadedModel, shards: str | list[str], *, wher
     urls = resolve_shards(shards, where=where)
     key = cache_key(loaded.source, (WEIGHTS, ITM_HEAD, CONFIG), urls, FEATURES_FORMAT, random_init, seed, names,
                     keep_tokens, corruption.tag() if corruption else "clean")
-    cache_file = loaded.source / CACHE_DIR / f"{key}.safetensors"
-    if cache and cache_file.exists():
-        return _read_cache(cache_file, names)
     decoders = loaded.decoders(names)
     if corruption is not None and corruption.kind != "removed":
         plugin = get_modality(corruption.modality)
         decoders[corruption.modality] = plugin.corrupted_decoder(loaded.config.towers[corruption.modality],
                                                                  corruption.kind, corruption.level)
     query = fusion_query(loaded)
-    parts: dict[str, list[Tensor]] = {}
-    keys: list[str] = []
-    meta: dict[str, list[Any]] = {}
-    errors: dict[str, int] = {}
-    count = 0
-    for batch in read_once(urls, fields=loaded.fields(names), decoders=decoders, batch_size=batch_size,
-                           where=where):
-        for k, v in batch.stats.items():
-            errors[k] = errors.get(k, 0) + v
+
+    def encode(batch: Batch) -> dict[str, Tensor]:
         n = len(batch)
         present = {m: batch.present[m].clone() for m in names}
         if corruption is not None and corruption.kind == "removed":
             present[corruption.modality][:] = False
         inputs = {m: batch.inputs[m] for m in names if m in batch.inputs}
         out = loaded.model(inputs, {m: present[m] for m in inputs})
+        parts: dict[str, Tensor] = {}
         for m in names:
             if m in out.embeddings:
-                pooled, emb = out.pooled[m].float(), out.embeddings[m].float()
-                pooled = pooled * present[m][:, None]
-                emb = emb * present[m][:, None]
+                pooled = out.pooled[m].float() * present[m][:, None]
+                emb = out.embeddings[m].float() * present[m][:, None]
             else:
                 pooled = torch.zeros(n, loaded.model.spec.feature_dims[m])
                 emb = torch.zeros(n, loaded.model.spec.embed_dim)
-            parts.setdefault(f"pooled.{m}", []).append(pooled)
-            parts.setdefault(f"embeddings.{m}", []).append(emb)
-            parts.setdefault(f"present.{m}", []).append(present[m])
+            parts.update({f"pooled.{m}": pooled, f"embeddings.{m}": emb, f"present.{m}": present[m]})
             if keep_tokens and m in out.tokens:  # as `fuse` takes them, for ITM re-ranking
                 states, mask = fusion_view(out, m)
-                parts.setdefault(f"tokens.{m}", []).append(states.float())
-                parts.setdefault(f"token_mask.{m}", []).append(mask)
+                parts.update({f"tokens.{m}": states.float(), f"token_mask.{m}": mask})
         fused, fused_present = _fused(loaded.model, out, query, names, present, n)
         if fused is not None:
-            parts.setdefault(FUSED, []).append(fused)
-            parts.setdefault("fused_present", []).append(fused_present)
-        keys.extend(batch.keys)
-        for k in set(meta) | set(batch.meta):
-            meta.setdefault(k, [None] * count).extend(batch.meta.get(k, [None] * n))
-        count += n
-    tensors = {k: _pad_cat(v) for k, v in parts.items()}
-    if cache:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(cache_file.name + ".part")
-        save_file({k: (v.to(torch.uint8) if v.dtype == torch.bool else v).contiguous() for k, v in tensors.items()},
-                  str(tmp))
-        cache_file.with_suffix(".json").write_text(json.dumps({"keys": keys, "meta": meta, "data_errors": errors}))
-        os.replace(tmp, cache_file)
+            parts.update({FUSED: fused, "fused_present": fused_present})
+        return parts
+
+    def compute() -> Read:
+        return read_features(urls, fields=loaded.fields(names), decoders=decoders, batch_size=batch_size,
+                             where=where, encode=encode)
+
+    tensors, keys, meta, errors = cached(loaded.source / CACHE_DIR / f"{key}.safetensors", compute, cache=cache)
     return _assemble(tensors, keys, meta, errors, names)
 
 
@@ -171,14 +263,6 @@ def _fused(model: Any, out: Any, query: str | None, names: list[str], present: d
             return None, None
         return torch.cat(pooled, -1), all_present
     return None, None
-
-
-def _read_cache(cache_file: Path, names: list[str]) -> ModelFeatures:
-    tensors = load_file(str(cache_file))
-    side = json.loads(cache_file.with_suffix(".json").read_text())
-    tensors = {k: (v.bool() if k.startswith(("present.", "token_mask.")) or k == "fused_present" else v)
-               for k, v in tensors.items()}
-    return _assemble(tensors, side["keys"], side["meta"], side["data_errors"], names)
 
 
 def _assemble(tensors: dict[str, Tensor], keys: list[str], meta: dict[str, list[Any]], errors: dict[str, int],

@@ -7,7 +7,7 @@ from the module weights, or, in bf16, from the fp32 master weights matched to na
 and not saved fall back to the weights the recipe loaded them from (their sha256 checked against the run's
 ``frozen.json``). Written:
 
-* ``DIR/model/``: the whole model (`tools.exported_model`): the unified encoder, the late-fusion towers + fusion
+* ``DIR/model/``: the whole model (`tools.export.model`): the unified encoder, the late-fusion towers + fusion
   (+ ITM head), or a stitched model's bridge and heads with references to its frozen towers. Every family.
 * ``DIR/<modality>/``: one encoder per tower (tower + projection head + tokenizer) where the family has separate
   towers (fusion_free, late_fusion), written by `architectures.encoder.save_encoder` in the tower library's own
@@ -34,7 +34,7 @@ from mmssl.pretrain.precision import compute_dtype
 from mmssl.pretrain.recipe import Recipe, RecipeError, load_recipe
 from mmssl.pretrain.rundir import RECIPE
 from mmssl.tools.errors import ToolError
-from mmssl.tools.exported_model import check_state, save_model
+from mmssl.tools.export.model import check_state, save_model
 
 EXPORT_INDEX = "export.json"
 MODEL_DIR = "model"

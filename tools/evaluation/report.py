@@ -10,8 +10,8 @@ from typing import Any
 from mmssl.data_pipelines.shards import atomic_write_text
 from mmssl.pretrain.rundir import EVAL
 from mmssl.tools.errors import ToolError
-from mmssl.tools.plots import plot_bars, plot_curves, plot_probe_sweep
-from mmssl.tools.probe import fmt_pct
+from mmssl.tools.evaluation.plots import plot_bars, plot_curves, plot_probe_sweep
+from mmssl.tools.evaluation.probe import fmt_pct
 
 RESULTS = "results.json"
 

@@ -1,6 +1,6 @@
 """Robustness curves of an exported model (MultiBench protocol, Liang et al. 2021; thesis ch. 7).
 
-Classifiers are fitted on clean features (the linear probes of `tools.evaluation`), then the *test* shards are
+Classifiers are fitted on clean features (the linear probes of `tools.evaluation.evaluate`), then the *test* shards are
 re-decoded with one modality corrupted at each noise level (`ModalityPlugin.corrupted_decoder`: blur, occlusion,
 token drop, typos, audio noise, time-series gaps, ...) and scored again:
 
@@ -9,8 +9,8 @@ token drop, typos, audio noise, time-series gaps, ...) and scored again:
 * ``R@1:<q>-<t>``: retrieval Recall@1 (mean of both directions) under noise on either side.
 
 Each modality is also removed entirely (its ``present`` mask all False: the models' missing-modality path) and the
-fused probe scored again. The robustness score is `tools.robustness.robustness_score` over all curves (relative
-robustness: the normalised area under the metric-vs-level curve).
+fused probe scored again. The robustness score is `tools.evaluation.robustness.robustness_score` over all curves
+(relative robustness: the normalised area under the metric-vs-level curve).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import torch
 
 from mmssl.architectures.modalities import get_modality
 from mmssl.tools.errors import ToolError
-from mmssl.tools.exported_model import LoadedModel
-from mmssl.tools.model_features import Corruption, ModelFeatures, extract_model_features
-from mmssl.tools.probe import ProbeResult, labels_of
-from mmssl.tools.retrieval import group_ids, recall_both_ways
-from mmssl.tools.robustness import modality_removal_drop, robustness_score
+from mmssl.tools.evaluation.features import Corruption, ModelFeatures, extract_model_features
+from mmssl.tools.evaluation.probe import ProbeResult, labels_of
+from mmssl.tools.evaluation.retrieval import group_ids, recall_both_ways
+from mmssl.tools.evaluation.robustness import modality_removal_drop, robustness_score
+from mmssl.tools.export.model import LoadedModel
 
 
 def _probe_accuracy(result: ProbeResult, x: torch.Tensor, usable: torch.Tensor, meta: dict[str, list[Any]],

@@ -3,12 +3,12 @@ Pre-training via Masking") at 0 / 50 / 75 % on the CLIP model of ``mmssl bench -
 
 One process, one rank: for each rate the same recipe with ``model.image.patch_dropout`` set builds mmssl's trainer
 (model, objectives, DeepSpeed engine at ZeRO-0), and each step is the trainer's step on the same pre-decoded
-Fashion-MNIST batches (`tools.bench.MmsslSide`). Trials alternate between the rates; the first is warm-up; samples/s
-is the median of the others. Two speed-ups are reported against rate 0: the whole step (image + text towers,
-loss, optimizer), and the image tower alone (its forward + backward on the same batch, timed in isolation), the
-part FLIP shortens.
+Fashion-MNIST batches (`tools.bench.open_clip.MmsslSide`). Trials alternate between the rates; the first is
+warm-up; samples/s is the median of the others. Two speed-ups are reported against rate 0: the whole step
+(image + text towers, loss, optimizer), and the image tower alone (its forward + backward on the same batch, timed in
+isolation), the part FLIP shortens.
 
-    python -m mmssl.tools.bench_flip [--rates 0 0.5 0.75] [--steps 5] [--trials 6] [--batch 64] [--json out.json]
+    mmssl bench flip [--rates 0 0.5 0.75] [--steps 5] [--trials 6] [--batch 64] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import yaml
 
-from mmssl.tools.bench import ClipSize, MmsslSide, decoded_batches, prepare, run_and_report
-from mmssl.tools.bench_device import bench_device, timed
+from mmssl.tools.bench.device import bench_device, timed
+from mmssl.tools.bench.open_clip import ClipSize, MmsslSide, decoded_batches, prepare, run_and_report
 from mmssl.tools.errors import ToolError
 
 

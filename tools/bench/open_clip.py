@@ -25,7 +25,7 @@ its growth over the RSS at that point, i.e. what the model, optimizer and steps 
 ``Trainer.fit`` end to end on the shards (mmssl's real loader, ``data.num_workers=1``) against the same open_clip
 median (pre-decoded).
 
-    python -m mmssl.tools.bench --compare open_clip [--steps 5] [--trials 6] [--batch 64] [--json out.json] [--profile]
+    mmssl bench --compare open_clip [--steps 5] [--trials 6] [--batch 64] [--json out.json] [--profile]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import yaml
 
-from mmssl.tools.bench_device import bench_device, matmul_peak, peak_memory, reset_peak_memory, step_flops, timed
+from mmssl.tools.bench.device import bench_device, matmul_peak, peak_memory, reset_peak_memory, step_flops, timed
 from mmssl.tools.errors import ToolError
 
 OPEN_CLIP_NAME = "mmssl-bench-clip"
@@ -277,7 +277,7 @@ def memory_child(framework: str, recipe_path: Path, size: ClipSize, vocab: int, 
 
 
 def measure_memory(framework: str, precision: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "mmssl.tools.bench", "--memory-child", framework, "--precision", precision,
+    cmd = [sys.executable, "-m", "mmssl.tools.bench.open_clip", "--memory-child", framework, "--precision", precision,
            "--workdir", str(workdir), *_size_argv(args)]
     env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # the parent's process group holds it
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -11,10 +11,10 @@ import torch
 from mmssl.architectures.encoder import read_meta
 from mmssl.data_pipelines.shards import atomic_write_text
 from mmssl.tools.errors import ToolError
-from mmssl.tools.export import EXPORT_INDEX
-from mmssl.tools.features import extract
-from mmssl.tools.probe import fmt_pct, labels_of, linear_probe
-from mmssl.tools.retrieval import group_ids, recall_both_ways
+from mmssl.tools.evaluation.features import extract
+from mmssl.tools.evaluation.probe import fmt_pct, labels_of, linear_probe
+from mmssl.tools.evaluation.retrieval import group_ids, recall_both_ways
+from mmssl.tools.export.run import EXPORT_INDEX
 
 FLOOR_SEED = 0
 

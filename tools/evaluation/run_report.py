@@ -9,7 +9,7 @@ from typing import Any
 from mmssl.data_pipelines.shards import atomic_write_text
 from mmssl.pretrain.rundir import SUMMARY
 from mmssl.tools.errors import ToolError
-from mmssl.tools.probe import fmt_pct
+from mmssl.tools.evaluation.probe import fmt_pct
 
 EVAL_DIR = "eval"
 PROBE_JSON = "probe.json"

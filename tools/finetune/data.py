@@ -33,11 +33,11 @@ from mmssl.data_pipelines.batch import Batch, collate
 from mmssl.data_pipelines.shards import resolve_shards
 from mmssl.data_pipelines.stream import read_once
 from mmssl.tools.errors import ToolError
-from mmssl.tools.probe import stratified_split
+from mmssl.tools.evaluation.probe import stratified_split
 
 if TYPE_CHECKING:
     from mmssl.architectures.encoder import Encoder
-    from mmssl.tools.finetune import FinetuneConfig
+    from mmssl.tools.finetune.config import FinetuneConfig
 
 Decoder = Callable[[bytes, np.random.Generator], Any]
 
@@ -119,8 +119,8 @@ class Splits:
 def make_splits(train: LabelledSet, val: LabelledSet | None, test: LabelledSet | None, *, val_fraction: float,
                 seed: int) -> Splits:
     """Classes from the training shards (sorted); without ``val`` a stratified ``val_fraction`` of ``train``
-    (`tools.probe.stratified_split`, deterministic by ``seed``). `ToolError` for < 2 classes, an empty split, or
-    validation / test labels the training split never has."""
+    (`tools.evaluation.probe.stratified_split`, deterministic by ``seed``). `ToolError` for < 2 classes, an empty
+    split, or validation / test labels the training split never has."""
     classes = sorted(set(train.labels))
     if len(classes) < 2:
         raise ToolError(f"--shards: fine-tuning needs at least 2 classes, got {classes}")

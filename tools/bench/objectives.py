@@ -1,12 +1,12 @@
 """Benchmark of the objective library: forward+backward time and peak memory per objective on one fixed batch,
 and the contrastive loss's memory as the batch grows on 2 real ranks.
 
-    python tools/bench_objectives.py [--batch 32] [--repeat 5] [--sizes 256 512 1024] [--json out.json]
+    mmssl bench objectives [--batch 32] [--repeat 5] [--sizes 256 512 1024] [--json out.json]
 
 Part 1 builds one late-fusion model (timm ViT on spectrograms + BERT text tower + cross-attention fusion, small
 but real) and times ``model forward + objective + backward`` for each registered objective kind on the same random
 batch, with ratios against the plain contrastive objective measured in the same process. Peak memory is the
-additional tensor memory of that region (`tools.memory.PeakMemory`: CUDA's allocator counters on a GPU, tracked
+additional tensor memory of that region (`tools.bench.memory.PeakMemory`: CUDA's allocator counters on a GPU, tracked
 tensor storages on CPU).
 
 Part 2 runs the contrastive loss alone on 2 gloo ranks with ``B_local`` rows per rank and reports each rank's
@@ -23,13 +23,14 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from mmssl.tools.memory import PeakMemory
+from mmssl.tools.bench.memory import PeakMemory
 
 SENTENCES = [
     "please enter your password followed by the pound key", "thank you for calling goodbye",
@@ -204,13 +205,13 @@ def scaling_table(sizes: list[int], dim: int = 256) -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mmssl bench objectives", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     objectives = objective_table(args.batch, args.repeat, device)

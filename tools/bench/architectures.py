@@ -1,7 +1,7 @@
 """Benchmark of the architecture families: forward+backward samples/s, peak memory and parameter counts per family
 at one fixed size, every model built through the recipe path (`architectures.config.build_model`).
 
-    python tools/bench_architectures.py [--batch 16] [--repeat 5] [--device cpu|cuda] [--threads N] [--json out.json]
+    mmssl bench architectures [--batch 16] [--repeat 5] [--device cpu|cuda] [--threads N] [--json out.json]
         [--only fusion_free late_cross_attention ...]
 
 Families measured (audio ViT + text BERT towers of width 64, depth 2, unless stitched):
@@ -16,7 +16,7 @@ Families measured (audio ViT + text BERT towers of width 64, depth 2, unless sti
 
 The timed step is ``loss = Σ_m ||embeddings[m]||² + Σ_q mean(fused[q])`` then ``loss.backward()`` (no optimizer):
 it backpropagates through everything forward produced. Time is the median over ``--repeat`` iterations after one
-warm-up; peak memory is measured on one further iteration under `tools.memory.PeakMemory` (CUDA allocator counters
+warm-up; peak memory is measured on one further iteration under `tools.bench.memory.PeakMemory` (CUDA allocator counters
 on a GPU; tracked tensor storages on CPU, whose dispatch hook would distort the timing, hence the separate
 iteration). Ratios are against the ``fusion_free`` row measured in the same process.
 """
@@ -39,7 +39,7 @@ import torch
 from mmssl.architectures.config import FusionConfig, ModelConfig, StitchConfig, UnifiedConfig, build_model
 from mmssl.architectures.modalities import AudioConfig, ImageConfig, TextConfig, get_modality
 from mmssl.architectures.outputs import ModelOutput
-from mmssl.tools.memory import PeakMemory
+from mmssl.tools.bench.memory import PeakMemory
 
 REFERENCE = "fusion_free"
 WIDTH, DEPTH, HEADS = 64, 2, 2

@@ -1,10 +1,10 @@
-"""One fine-tuning rank: ``python -m mmssl.tools.finetune_rank --config OUT/finetune_config.json`` under torchrun.
+"""One fine-tuning rank: ``python -m mmssl.tools.finetune.rank --config OUT/finetune_config.json`` under torchrun.
 
-Per epoch: the steps of `tools.finetune_data.epoch_order` on a DeepSpeed engine (forward, ``engine.backward``,
+Per epoch: the steps of `tools.finetune.data.epoch_order` on a DeepSpeed engine (forward, ``engine.backward``,
 ``engine.step``), the epoch's mean train loss reduced over ranks; validation top-1 on all ranks (correct / total
 counts summed); on a strict improvement the consolidated fp32 weights are written atomically; ``patience`` epochs
 without one stop the run. The test top-1 is measured with the best weights reloaded from disk. The protocol is
-described in `tools.finetune`.
+described in `tools.finetune.command`.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from mmssl.pretrain.recipe import TrainConfig
 from mmssl.pretrain.runlog import setup_text_logs
 from mmssl.pretrain.trainer import init_distributed
 from mmssl.pretrain.worker import run_and_teardown
-from mmssl.tools.finetune import CURVE_FILE, RESULTS_FILE, FinetuneConfig, load_config, plot_curve
-from mmssl.tools.finetune_data import EvalCache, decode_batch, epoch_order, load_splits, rank_rows, steps_per_epoch
-from mmssl.tools.finetune_model import (
+from mmssl.tools.finetune.config import CURVE_FILE, RESULTS_FILE, FinetuneConfig, load_config
+from mmssl.tools.finetune.data import EvalCache, decode_batch, epoch_order, load_splits, rank_rows, steps_per_epoch
+from mmssl.tools.finetune.model import (
     WEIGHTS_FILE,
     Classifier,
     apply_freeze,
@@ -50,6 +50,37 @@ from mmssl.tools.finetune_model import (
 ENCODER_SUBDIR = "encoder"
 BETAS = (0.9, 0.999)  # AdamW as in BEiT / MAE fine-tuning
 EPS = 1e-8
+
+
+def plot_curve(results: dict[str, Any], path: Path) -> Path:
+    """Train loss and validation top-1 against the epoch (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [e["epoch"] for e in results["epochs"]]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(epochs, [e["train_loss"] for e in results["epochs"]], marker="o", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss (mean over the epoch)")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [100 * e["val_top1"] for e in results["epochs"]], marker="s", color="tab:orange",
+             label="val top-1")
+    ax2.set_ylabel("validation top-1 (%)")
+    if results.get("best_epoch"):
+        ax2.axvline(results["best_epoch"], color="gray", ls="--", lw=0.8)
+    ax.set_title(f"fine-tuning on '{results['config']['label']}'")
+    handles, labels = ax.get_legend_handles_labels()
+    handles2, labels2 = ax2.get_legend_handles_labels()
+    ax.legend(handles + handles2, labels + labels2, loc="center right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def _seed_everything(seed: int) -> None:
@@ -197,7 +228,7 @@ def run_rank(cfg: FinetuneConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mmssl.tools.finetune_rank")
+    parser = argparse.ArgumentParser(prog="python -m mmssl.tools.finetune.rank")
     parser.add_argument("--config", required=True, help="finetune_config.json written by `launch_finetune`")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

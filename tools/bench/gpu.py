@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from mmssl.pretrain.rundir import EXPORT, METRICS, SUMMARY
-from mmssl.tools.bench_device import matmul_peak
+from mmssl.tools.bench.device import matmul_peak
 from mmssl.tools.errors import ToolError
 
 FAMILIES = {

@@ -1,0 +1,2 @@
+"""``mmssl export``: a run's checkpoint consolidated (`run`) and written as the whole model plus one encoder per
+tower (`model`: the whole-model format and `load_model`, which rebuilds any family without training code)."""
