@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mmssl.data_pipelines.batch import Batch
 from mmssl.pretrain.accumulation import cached_accumulation_step
 
 PHASES = ("data_wait", "forward", "backward", "optimizer")
@@ -101,9 +100,15 @@ class NonFiniteGuard:
         return not bool(flags.any())
 
 
-def optimizer_step(engine: Any, fetch: Callable[[], Batch], *, grad_accum: int, cached: bool,
-                   guard: NonFiniteGuard, timer: PhaseTimer) -> StepResult:
-    """One optimizer step over ``grad_accum`` micro-batches from ``fetch`` (which times its own waiting)."""
+def optimizer_step(engine: Any, fetch: Callable[[], Any], *, grad_accum: int, cached: bool,
+                   guard: NonFiniteGuard, timer: PhaseTimer,
+                   forward: Callable[[Any], Any] | None = None) -> StepResult:
+    """One optimizer step over ``grad_accum`` micro-batches from ``fetch`` (which times its own waiting).
+
+    ``forward(batch)`` returns the micro-batch's loss output (``.loss``, ``.terms``, ``.metrics``); the default is
+    ``engine(batch)`` (a `PretrainTask`). Fine-tuning passes its classifier's cross-entropy. The gradient cache
+    (``cached``) needs the default: it re-runs the task's towers itself."""
+    forward = forward or engine
     skipped = False
     if grad_accum > 1 and cached:
         batches = [fetch() for _ in range(grad_accum)]
@@ -123,7 +128,7 @@ def optimizer_step(engine: Any, fetch: Callable[[], Batch], *, grad_accum: int, 
         for _ in range(grad_accum):
             batch = fetch()
             timer.mark("forward")
-            out = engine(batch)
+            out = forward(batch)
             loss = loss + out.loss.detach().float() / grad_accum
             if guard.host_check and not guard.finite_everywhere(out.loss):
                 timer.mark(None)

@@ -26,38 +26,31 @@ Faults:
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import random
-import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from mmssl.architectures.config import build_model, model_summary
 from mmssl.data_pipelines.batch import Batch
-from mmssl.data_pipelines.shards import atomic_write_text
 from mmssl.objectives.registry import build_objectives
 from mmssl.pretrain import checkpoint
-from mmssl.pretrain.accounting import DataAccount, KeyLog, merge_reports
+from mmssl.pretrain.accounting import DataAccount, KeyLog
 from mmssl.pretrain.data import batches_per_epoch, build_loader, device_transforms, feature_source
+from mmssl.pretrain.distributed import init_distributed, seed_everything, set_threads
 from mmssl.pretrain.engine import build_engine
-from mmssl.pretrain.frozen import frozen_reference, frozen_state_sha256, optimizer_memory
+from mmssl.pretrain.frozen import frozen_reference, frozen_state_sha256
 from mmssl.pretrain.precision import compute_dtype, configure_numerics, input_dtype
 from mmssl.pretrain.recipe import Recipe, RecipeError
-from mmssl.pretrain.rundir import SUMMARY
-from mmssl.pretrain.runlog import MetricsWriter, hardware_summary, plot_loss_curve, setup_text_logs
-from mmssl.pretrain.step import PHASES, NonFiniteGuard, PhaseTimer, StepResult, optimizer_step
+from mmssl.pretrain.runlog import MetricsWriter, setup_text_logs
+from mmssl.pretrain.step import NonFiniteGuard, PhaseTimer, StepResult, optimizer_step
 from mmssl.pretrain.storage import RunStorage, probe_storage
+from mmssl.pretrain.summary import StepClock, write_summary
 from mmssl.pretrain.task import PretrainTask
 from mmssl.pretrain.transfer import DeviceFeed
 
@@ -79,55 +72,6 @@ class TrainingDivergedError(RecipeError):
     """More than ``train.max_nonfinite_steps`` consecutive steps had a NaN/inf loss on some rank."""
 
 
-def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
-    """Initialise torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU. Works under torchrun, the
-    deepspeed launcher, or a bare process (then it is a world of one). ``timeout_s`` (``train.collective_timeout_s``)
-    bounds every collective: one still waiting on a dead or hung rank after that long raises on the waiting ranks.
-    A process group that already exists is kept as it is (with the timeout it was created with)."""
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    import deepspeed
-
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local_rank)
-        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
-    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _comm_seconds() -> float:
-    """Seconds spent in DeepSpeed's collectives so far on this rank (its comms logger; 0 when it is off)."""
-    from deepspeed import comm as ds_comm
-
-    logger = ds_comm.comms_logger
-    if not logger.enabled:
-        return 0.0
-    # each op's logged latency is its timer's running total (DeepSpeed stops it with elapsed(reset=False)), so
-    # an op's time so far is the largest value logged under its name, over every message size
-    return sum(max(max(record[1]) for record in sizes.values()) for sizes in logger.comms_dict.values()) / 1000.0
-
-
 class Trainer:
     """One rank of a pretraining run: ``Trainer(recipe, run_dir).fit()`` trains (or resumes) and returns the
     summary. ``model`` is the live model (full parameters at ZeRO 0-2); `step` runs one optimizer step."""
@@ -139,10 +83,9 @@ class Trainer:
         self.rank, self.world, self.device = init_distributed(cfg.collective_timeout_s)
         self.storage = storage or probe_storage(run_dir)
         self.log = setup_text_logs(run_dir, self.rank)
-        threads = cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        torch.set_num_threads(threads)
+        set_threads(cfg.threads)
         self.deterministic = configure_numerics(cfg, self.device)
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         self.dtype = compute_dtype(cfg.precision)
         self.model = build_model(recipe.model, seed=cfg.seed, frozen_dtype=self.dtype)
         objectives, weights = build_objectives(recipe.objectives, self.model.spec)
@@ -152,7 +95,7 @@ class Trainer:
         self.engine, _, self.scheduler = build_engine(task, cfg, recipe.data.batch_size, self.world,
                                                       node_local=self.storage.node_local)
         self.objectives = list(self.engine.module.objectives.items())
-        _seed_everything(cfg.seed + self.rank)
+        seed_everything(cfg.seed + self.rank)
         self.positions: dict[int, Any] = {}  # virtual stream -> its position after the last batch consumed
         self.state = self._resume() if cfg.resume else TrainerState(world_size=self.world)
         self.from_shards = batches is None
@@ -312,7 +255,7 @@ class Trainer:
                 self.log.info("exact epochs: %d batches per rank per epoch = %.2f steps (train.steps=%d is %.2f "
                               "epochs)", epoch_batches, epoch_batches / cfg.grad_accum, cfg.steps,
                               cfg.steps * cfg.grad_accum / epoch_batches)
-        clock = _Clock(first_step=state.step, profile_comms=cfg.profile_comms)
+        clock = StepClock(first_step=state.step, profile_comms=cfg.profile_comms)
         pending: list[dict[str, Any]] = []  # per-step records, written at the next log step
         recent_losses: list[float] = []
         while state.step < stop:
@@ -331,92 +274,7 @@ class Trainer:
                     self._save()
         writer.close()
         self.keylog.close()
-        return self._summary(clock, recent_losses, epoch_batches)
-
-    def _summary(self, clock: _Clock, recent_losses: list[float], epoch_batches: int | None) -> dict[str, Any]:
-        recipe, cfg, state, world = self.recipe, self.recipe.train, self.state, self.world
-        global_batch = recipe.data.batch_size * world * cfg.grad_accum
-        per_rank: list[Any] = [None] * world
-        dist.all_gather_object(per_rank, {"peak_rss_mb": round(_peak_rss_mb(), 1), "comm_s": clock.comm_per_step(),
-                                          **self.account.report(), **optimizer_memory(self.engine)})
-        timed = clock.timed_steps
-        summary = {
-            "recipe": recipe.name,
-            "steps": state.step,
-            "samples_per_s": round(clock.rate(global_batch), 2) if timed else None,
-            "final_loss": round(sum(recent_losses) / len(recent_losses), 5) if recent_losses else None,
-            "final_loss_window_steps": len(recent_losses),
-            "world_size": world,
-            "global_batch": global_batch,
-            "zero_stage": cfg.zero_stage,
-            "precision": cfg.precision,
-            "deterministic": self.deterministic,
-            "device": self.device.type,
-            "hardware": hardware_summary(self.device.type),
-            "samples_seen": state.samples_seen,
-            "steps_per_exact_epoch": epoch_batches / cfg.grad_accum if epoch_batches else None,
-            "timed_steps": timed,
-            # seconds per micro-batch and phase (CPU clocks; on CUDA only with train.profile_steps, else null)
-            "step_time_split_s": ({k: round(v / max(1, timed * cfg.grad_accum), 5) for k, v in clock.phases.items()}
-                                  if self.timer.enabled else None),
-            "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in per_rank],
-            "peak_device_memory_mb": (round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
-                                      if self.device.type == "cuda" else None),
-            # train.profile_comms: seconds per timed step in DeepSpeed's collectives (inside backward / optimizer)
-            "communication_s_per_step": [r["comm_s"] for r in per_rank] if cfg.profile_comms else None,
-            **merge_reports(per_rank),
-            "nonfinite_steps": state.nonfinite_steps,
-            **self.sizes,
-            "frozen_parameters": self.frozen["parameters"] if self.frozen else 0,
-            "memory_bytes_per_rank": {k: [r[k] for r in per_rank] for k in
-                                      ("optimizer_state_bytes", "master_weight_bytes")},
-            "checkpoint": str(self.run_dir / checkpoint.CHECKPOINTS / checkpoint.tag_for(state.step)),
-        }
-        if self.rank == 0:
-            curve = plot_loss_curve(self.run_dir)
-            summary["loss_curve"] = str(curve) if curve else None
-            atomic_write_text(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
-            self.log.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "samples_per_s", "final_loss")}))
-        return summary
-
-
-class _Clock:
-    """Throughput and phase time over the timed steps: every step after the run's first (which pays one-off costs:
-    worker start-up, allocation), checkpoint saves excluded."""
-
-    def __init__(self, *, first_step: int, profile_comms: bool) -> None:
-        self.first_step, self.profile_comms = first_step, profile_comms
-        self.start: float | None = None
-        self.excluded_s = 0.0
-        self.timed_steps = 0
-        self.phases = dict.fromkeys(PHASES, 0.0)
-        self.comm_start = self.comm_end = 0.0
-
-    def stepped(self, step: int, phases: dict[str, float]) -> None:
-        if self.profile_comms:  # snapshots between steps: checkpoint saves' collectives are left out
-            self.comm_end = _comm_seconds()
-        if step == self.first_step + 1:
-            self.start = time.perf_counter()
-            self.comm_start = self.comm_end
-            return
-        self.timed_steps += 1
-        for phase, seconds in phases.items():
-            self.phases[phase] = self.phases.get(phase, 0.0) + seconds
-
-    def rate(self, global_batch: int) -> float:
-        elapsed = time.perf_counter() - self.start - self.excluded_s if self.start else 0.0
-        return self.timed_steps * global_batch / elapsed if elapsed > 0 and self.timed_steps else float("nan")
-
-    def comm_per_step(self) -> float | None:
-        return (self.comm_end - self.comm_start) / self.timed_steps if self.profile_comms and self.timed_steps else None
-
-    @contextlib.contextmanager
-    def excluded(self) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        if self.start is not None:
-            self.excluded_s += time.perf_counter() - t0
-
+        return write_summary(self, clock, recent_losses, epoch_batches)
 
 def train(recipe: Recipe, run_dir: Path, *, batches: BatchSource | None = None,
           storage: RunStorage | None = None) -> dict[str, Any]:

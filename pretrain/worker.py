@@ -50,10 +50,11 @@ def train_job(source: str, overrides: Sequence[str], run_dir: Path, *, prepare: 
     each copy, so node-local run directories get their recipe too); then train on every rank."""
     import torch.distributed as dist
 
+    from mmssl.pretrain.distributed import init_distributed
     from mmssl.pretrain.launch import prepare_run_dir
     from mmssl.pretrain.recipe import load_recipe
     from mmssl.pretrain.storage import probe_storage
-    from mmssl.pretrain.trainer import init_distributed, train
+    from mmssl.pretrain.trainer import train
     from mmssl.pretrain.validate import validate_recipe
 
     recipe = load_recipe(source, overrides)

@@ -308,7 +308,7 @@ def test_killed_rank_ends_the_job_with_a_clear_error(asterisk_data: Path, tmp_pa
 HUNG_RANK = """
 import os, sys, time
 import torch, torch.distributed as dist
-from mmssl.pretrain.trainer import init_distributed
+from mmssl.pretrain.distributed import init_distributed
 rank, _, _ = init_distributed({timeout})
 if rank == 1:
     time.sleep(120)  # alive but hung: only the collective timeout can end rank 0's wait

@@ -223,3 +223,59 @@ def test_bf16_zero3_under_an_external_launcher_keeps_frozen_groups_exact(encoder
             assert _sha256(tuned[f"tower.model.{k}"]) == _sha256(v), k
         else:
             assert float((tuned[f"tower.model.{k}"] - v).abs().max()) > 1e-4, k
+
+
+NONFINITE_SCRIPT = '''
+import json, os
+import torch
+from torch import nn
+from mmssl.pretrain.distributed import init_distributed
+from mmssl.pretrain.engine import build_engine
+from mmssl.pretrain.recipe import TrainConfig
+from mmssl.pretrain.step import NonFiniteGuard
+from mmssl.tools.finetune.rank import train_epoch
+
+rank, world, device = init_distributed()
+out = {}
+for stage in (0, 2):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    cfg = TrainConfig(steps=10, lr=0.1, warmup_steps=0, zero_stage=stage, precision="fp32", grad_clip=1.0)
+    engine, _, _ = build_engine(model, cfg, 2, world)
+    guard = NonFiniteGuard(engine, rank=rank, world=world, device=device)
+    g = torch.Generator().manual_seed(rank)
+    records, weights = [], []
+    for step in range(3):
+        x, y = torch.randn(2, 4, generator=g), torch.tensor([0, 2])
+        if step == 1 and rank == 1:
+            x[0, 0] = float("nan")  # this rank's loss is NaN: no rank may update
+        expected = float(nn.functional.cross_entropy(engine.module(x).float(), y))
+        records.append({**train_epoch(engine, iter([(x, y)]), 1, guard), "own_loss": expected})
+        weights.append(engine.module.weight.detach().clone().flatten().tolist())
+    out[stage] = {"records": records, "weights": weights}
+print("RESULT" + str(rank) + " " + json.dumps(out), flush=True)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+os._exit(0)  # gloo may abort in its teardown (see pretrain.worker)
+'''
+
+
+def test_finetuning_steps_through_the_pretraining_step_and_its_nonfinite_guard(tmp_path: Path) -> None:
+    """`train_epoch` runs `pretrain.step.optimizer_step` (2 ranks, ZeRO-0 and ZeRO-2): a step whose loss is NaN on
+    one rank changes no weight on any rank and is counted; the reported loss is the mean of the finite losses."""
+    script = tmp_path / "nonfinite.py"
+    script.write_text(NONFINITE_SCRIPT)
+    proc = run_ranks(2, [str(script)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    found = dict(re.findall(r"RESULT(\d) (\{.*\})", proc.stdout))
+    ranks = [json.loads(found[r]) for r in ("0", "1")]
+    for stage in ("0", "2"):
+        a, b = (r[stage] for r in ranks)
+        assert a["weights"] == b["weights"]  # the ranks agree after every step
+        w0, w1, w2 = a["weights"]
+        assert w1 == w0 and w2 != w1  # the NaN step updated nothing, the next finite one did
+        assert [r["nonfinite_steps"] for r in a["records"]] == [0, 1, 0]
+        for step in (0, 2):  # the mean over both ranks' finite losses
+            mean = (a["records"][step]["own_loss"] + b["records"][step]["own_loss"]) / 2
+            assert a["records"][step]["train_loss"] == pytest.approx(mean, rel=1e-5)
+        assert a["records"][1]["train_loss"] == pytest.approx(a["records"][1]["own_loss"], rel=1e-5)

@@ -25,9 +25,10 @@ from safetensors.torch import save_file
 from mmssl.data_pipelines.shards import resolve_shards
 from mmssl.data_pipelines.stream import read_once
 from mmssl.pretrain.data import eval_decoders, modality_fields
+from mmssl.pretrain.distributed import init_distributed
 from mmssl.pretrain.launch import prepare_run_dir
 from mmssl.pretrain.recipe import load_recipe
-from mmssl.pretrain.trainer import Trainer, init_distributed
+from mmssl.pretrain.trainer import Trainer
 
 
 def train_fixed(recipe_path: str, run_dir: Path, global_batch: int, out_file: str) -> None:

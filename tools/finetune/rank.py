@@ -1,7 +1,9 @@
 """One fine-tuning rank: ``python -m mmssl.tools.finetune.rank --config OUT/finetune_config.json`` under torchrun.
 
-Per epoch: the steps of `tools.finetune.data.epoch_order` on a DeepSpeed engine (forward, ``engine.backward``,
-``engine.step``), the epoch's mean train loss reduced over ranks; validation top-1 on all ranks (correct / total
+Per epoch: the steps of `tools.finetune.data.epoch_order`, each one `pretrain.step.optimizer_step` on a DeepSpeed
+engine (the pretraining loop's step: forward, ``engine.backward``, ``engine.step``, and its non-finite guard, so a
+step whose loss is NaN/inf on any rank updates no rank and is counted), the epoch's mean train loss (over the steps
+whose loss was finite) reduced over ranks; validation top-1 on all ranks (correct / total
 counts summed); on a strict improvement the consolidated fp32 weights are written atomically; ``patience`` epochs
 without one stop the run. The test top-1 is measured with the best weights reloaded from disk. The protocol is
 described in `tools.finetune.command`.
@@ -12,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -27,10 +27,12 @@ from torch import Tensor, nn
 from mmssl.architectures.encoder import Encoder, save_encoder
 from mmssl.architectures.modalities import get_modality
 from mmssl.data_pipelines.shards import atomic_write_text
+from mmssl.objectives.base import LossOutput
+from mmssl.pretrain.distributed import init_distributed, seed_everything, set_threads
 from mmssl.pretrain.engine import build_engine
 from mmssl.pretrain.recipe import TrainConfig
 from mmssl.pretrain.runlog import setup_text_logs
-from mmssl.pretrain.trainer import init_distributed
+from mmssl.pretrain.step import NonFiniteGuard, PhaseTimer, optimizer_step
 from mmssl.pretrain.worker import run_and_teardown
 from mmssl.tools.finetune.config import CURVE_FILE, RESULTS_FILE, FinetuneConfig, load_config
 from mmssl.tools.finetune.data import EvalCache, decode_batch, epoch_order, load_splits, rank_rows, steps_per_epoch
@@ -83,12 +85,6 @@ def plot_curve(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def train_config(cfg: FinetuneConfig, total_steps: int) -> TrainConfig:
     """The engine's optimisation settings: warmup + cosine to 0 over every step of every epoch."""
     return TrainConfig(steps=total_steps, lr=cfg.lr, min_lr_ratio=0.0, warmup_steps=cfg.warmup_steps,
@@ -110,19 +106,44 @@ def top1(model: nn.Module, cache: EvalCache, targets: Tensor, *, batch_size: int
     return float(counts[0] / counts[1])
 
 
+def train_epoch(engine: Any, batches: Iterator[tuple[Any, Tensor]], steps: int,
+                guard: NonFiniteGuard) -> dict[str, Any]:
+    """``steps`` steps of the pretraining loop's `optimizer_step` with the classifier's cross-entropy
+    ``-(1/B) Σ_i log softmax(logits_i)[y_i]``; returns the mean finite train loss over ranks, the head's learning
+    rate of the last step and the number of steps whose loss was NaN/inf (no update on any rank)."""
+    timer = PhaseTimer(guard.device, profile=False)
+
+    def classify(batch: tuple[Any, Tensor]) -> LossOutput:
+        inputs, targets = batch
+        loss = F.cross_entropy(engine(inputs).float(), targets)
+        return LossOutput(loss=loss, terms={"ce": loss.detach()}, metrics={})
+
+    loss_sum = torch.zeros(2, device=guard.device)  # finite losses summed, their count
+    lr_used, skipped = 0.0, 0
+    for _ in range(steps):
+        lr_used = max(float(g["lr"]) for g in engine.optimizer.param_groups)  # the head's, this step
+        result = optimizer_step(engine, batches.__next__, grad_accum=1, cached=False, guard=guard, timer=timer,
+                                forward=classify)
+        finite = torch.isfinite(result.loss)
+        loss_sum += torch.stack([torch.where(finite, result.loss, 0.0), finite.float()])
+        skipped += not result.applied
+    dist.all_reduce(loss_sum)
+    return {"train_loss": float(loss_sum[0] / loss_sum[1].clamp_min(1)), "lr": lr_used, "nonfinite_steps": skipped}
+
+
 def fit(cfg: FinetuneConfig) -> dict[str, Any] | None:
     """Fine-tune as one rank of the current process group; rank 0 returns (and writes) the results."""
     rank, world, device = init_distributed()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = setup_text_logs(out, rank)
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    set_threads(cfg.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False
     encoder = Encoder.from_dir(cfg.encoder_dir)
     modality = encoder.modality
     splits = load_splits(cfg, encoder)
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     model = Classifier(encoder.tower, len(splits.classes))
     trainable = apply_freeze(model, cfg.freeze)
     global_batch = cfg.batch_size * world
@@ -144,25 +165,22 @@ def fit(cfg: FinetuneConfig) -> dict[str, Any] | None:
                  len(splits.val), world, cfg.batch_size, steps, cfg.zero_stage, cfg.precision, trainable)
     records: list[dict[str, Any]] = []
     best, best_epoch, since_best, stopped_early = -1.0, 0, 0, False
-    for epoch in range(1, cfg.epochs + 1):
-        set_train_mode(engine, True)
+    guard = NonFiniteGuard(engine, rank=rank, world=world, device=device)
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[Any, Tensor]]:
+        """This rank's ``(inputs, targets)`` for every step of ``epoch``, on the device."""
         order = epoch_order(n_train, global_batch, epoch, cfg.seed)
-        loss_sum = torch.zeros((), device=device)
-        lr_used = 0.0
         for step in range(steps):
             rows = rank_rows(order, step, cfg.batch_size, rank, world)
             batch = decode_batch(splits.train, rows, modality, train_decoder, seed=cfg.seed, epoch=epoch)
-            batch = batch.to(device, float_dtype=dtype)
-            loss = F.cross_entropy(engine(batch.inputs[modality]).float(), y_train[rows].to(device))
-            engine.backward(loss)
-            lr_used = max(float(g["lr"]) for g in engine.optimizer.param_groups)  # the head's, this step
-            engine.step()
-            loss_sum += loss.detach().float()
-        dist.all_reduce(loss_sum)
+            yield batch.to(device, float_dtype=dtype).inputs[modality], y_train[rows].to(device)
+
+    for epoch in range(1, cfg.epochs + 1):
+        set_train_mode(engine, True)
+        trained = train_epoch(engine, epoch_batches(epoch), steps, guard)
         set_train_mode(engine, False)
         val = top1(engine, val_cache, y_val, **evaluate)
-        records.append({"epoch": epoch, "train_loss": float(loss_sum) / (steps * world), "val_top1": val,
-                        "lr": lr_used})
+        records.append({"epoch": epoch, **trained, "val_top1": val})
         if val > best:
             best, best_epoch, since_best = val, epoch, 0
             state = full_fp32_state(engine.module, frozen)  # collective: every rank
@@ -171,8 +189,10 @@ def fit(cfg: FinetuneConfig) -> dict[str, Any] | None:
         else:
             since_best += 1
         if rank == 0:
-            log.info("epoch %d: train loss %.4f, val top-1 %.4f%s", epoch, records[-1]["train_loss"], val,
-                     " (best)" if best_epoch == epoch else "")
+            log.info("epoch %d: train loss %.4f, val top-1 %.4f%s%s", epoch, records[-1]["train_loss"], val,
+                     " (best)" if best_epoch == epoch else "",
+                     f"; {trained['nonfinite_steps']} step(s) had a NaN/inf loss and updated nothing"
+                     if trained["nonfinite_steps"] else "")
         if cfg.patience and since_best >= cfg.patience and epoch < cfg.epochs:
             stopped_early = True
             break
