@@ -20,7 +20,7 @@ from mmssl.architectures.outputs import ModelSpec
 from mmssl.architectures.stitching.bridges import build_bridge
 from mmssl.architectures.stitching.lm import FrozenLM
 from mmssl.architectures.stitching.model import StitchedModel
-from mmssl.architectures.towers import ArchitectureError, TimmTower
+from mmssl.architectures.towers import ArchitectureError
 from mmssl.architectures.unified import UnifiedModel
 
 FAMILIES = ("fusion_free", "late_fusion", "unified", "stitched")
@@ -152,6 +152,7 @@ def build_model(cfg: ModelConfig, *, seed: int | None = None,
     widths = {m: int(t.num_features) for m, t in towers.items()}
     model.spec = model_spec(cfg, widths, fusion_dim=cfg.fusion.width if cfg.family == "late_fusion" else None,
                             towers=towers)
+    model.tower_configs = dict(cfg.towers)
     return _cast_frozen(model, frozen_dtype)
 
 
@@ -174,6 +175,7 @@ def build_unified(cfg: ModelConfig) -> UnifiedModel:
         model.set_grad_checkpointing(True)
     widths = dict.fromkeys(cfg.towers, u.width)
     model.spec = model_spec(cfg, widths, fusion_dim=u.width if u.fusion_depth > 0 else None)
+    model.tower_configs = dict(cfg.towers)
     return model
 
 
@@ -189,6 +191,8 @@ def build_stitched(cfg: ModelConfig, frozen_dtype: torch.dtype | None = None) ->
     model = StitchedModel(vision, lm, bridge, embed_dim=cfg.embed_dim, head=cfg.head,
                           special_tokens=tok.special_ids(), vocab_size=tok.vocab_size, fuse_text=s.fuse_text)
     model.spec = model.model_spec()
+    model.spec.mask_kinds.update(mask_kinds(cfg))
+    model.tower_configs = dict(cfg.towers)
     return model
 
 
@@ -200,10 +204,16 @@ def build_late_fusion(f: FusionConfig, towers: dict[str, Any]) -> torch.nn.Modul
     return build_fusion(f.kind, {m: t.num_features for m, t in towers.items()}, f.width, **common, **f.options)
 
 
+def mask_kinds(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """The mask kinds each modality's plug-in draws (modalities that draw none left out)."""
+    kinds = {m: get_modality(m).mask_kinds(tower_cfg) for m, tower_cfg in cfg.towers.items()}
+    return {m: k for m, k in kinds.items() if k}
+
+
 def model_spec(cfg: ModelConfig, widths: dict[str, int], *, fusion_dim: int | None,
                towers: dict[str, Any] | None = None) -> ModelSpec:
-    """Sizes objectives build their heads from: widths, vocabularies and special tokens, maskable patch shapes
-    (towers that encode masked views)."""
+    """Sizes objectives build their heads from: widths, vocabularies and special tokens, and masked prediction's
+    facts (every plug-in's mask kinds; the token grid and target width of each tower that encodes masked views)."""
     spec = ModelSpec(
         family=cfg.family,
         modalities=tuple(widths),
@@ -220,8 +230,10 @@ def model_spec(cfg: ModelConfig, widths: dict[str, int], *, fusion_dim: int | No
             spec.vocab_sizes[m] = int(tok.vocab_size)
             spec.special_tokens[m] = tok.special_ids()
         tower = (towers or {}).get(m)
-        if isinstance(tower, TimmTower) and tower.patch_shape() is not None:
-            spec.patch_shapes[m] = tower.patch_shape()
+        view = plugin.masked_view(tower_cfg, tower) if tower is not None and tower.encodes_masked_views() else None
+        if view is not None:
+            spec.mask_grids[m], spec.mask_targets[m] = tuple(view.grid), int(view.target_dim)
+    spec.mask_kinds.update(mask_kinds(cfg))
     return spec
 
 

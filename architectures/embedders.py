@@ -42,17 +42,6 @@ def learned_positions(length: int, width: int) -> nn.Parameter:
     return nn.Parameter(nn.init.trunc_normal_(torch.empty(1, length, width), std=0.02))
 
 
-def patchify(x: Tensor, patch: tuple[int, int]) -> Tensor:
-    """``[B, C, H, W] -> [B, (H/ph)·(W/pw), C·ph·pw]``, row-major patches, channel-last within a patch (the MAE
-    reconstruction target layout)."""
-    b, c, h, w = x.shape
-    ph, pw = patch
-    if h % ph or w % pw:
-        raise ArchitectureError(f"input {h}x{w} is not divisible into {ph}x{pw} patches")
-    x = x.reshape(b, c, h // ph, ph, w // pw, pw)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // ph) * (w // pw), ph * pw * c)
-
-
 class PatchEmbedder(TokenEmbedder):
     """``[B, C, H, W]`` (an image, or a log-mel spectrogram as a 1-channel image) -> non-overlapping patches,
     each linearly projected (a stride-``patch`` convolution, as ViT's patch embedding) plus a learned position."""

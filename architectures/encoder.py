@@ -4,7 +4,8 @@ Layout written by `save_encoder` (format version 1)::
 
     <dir>/model.safetensors   the tower, in its library's own key space
     <dir>/config.json         the library's config (timm: architecture/model_args; transformers: its config),
-                              plus an "mmssl" section: modality, tower config, embed_dim, head kind
+                              plus an "mmssl" section: modality, tower config, embed_dim, head kind,
+                              param_layout (`architectures.layers.legacy`; a tower's own keys are its library's)
     <dir>/head.safetensors    the projection head (``proj.*``)
     <dir>/tokenizer.model | tokenizer.json   for text encoders
 
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mmssl.architectures.heads import ProjectionHead
+from mmssl.architectures.layers.legacy import PARAM_LAYOUT
 from mmssl.architectures.modalities import get_modality
 from mmssl.architectures.modalities.base import DecoderFn, TowerConfig
 from mmssl.architectures.towers import ArchitectureError, Tower
@@ -42,6 +44,7 @@ def save_encoder(out_dir: str | Path, modality: str, cfg: TowerConfig, tower: To
     tower_cfg = {**dataclasses.asdict(cfg), **overrides, "pretrained": None}
     extra = {
         "format_version": FORMAT_VERSION,
+        "param_layout": PARAM_LAYOUT,
         "modality": modality,
         "embed_dim": embed_dim,
         "head": head.kind,

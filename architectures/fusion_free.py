@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmssl.architectures.masked_views import MaskedViews
 from mmssl.architectures.outputs import ModelOutput, ModelSpec, tower_name
 from mmssl.architectures.towers import ArchitectureError, Tower
 
@@ -51,7 +52,7 @@ def scatter_rows(values: Tensor, rows: Tensor, batch: int) -> Tensor:
     return full.index_copy(0, rows, values)
 
 
-class FusionFreeModel(nn.Module):
+class FusionFreeModel(MaskedViews, nn.Module):
     family = "fusion_free"
 
     def __init__(self, towers: Mapping[str, Tower], heads: Mapping[str, nn.Module]) -> None:

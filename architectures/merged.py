@@ -4,7 +4,7 @@ of METER, Dou et al. 2022).
 
 Each modality's tokens are projected to the fusion width ``F`` by a per-modality linear map whose bias is the
 learned modality-type embedding, concatenated in sorted modality order and passed through ``depth`` pre-norm ViT
-blocks with a key padding mask (`architectures.mome.MomeBlock` with one shared FFN), then a final LayerNorm::
+blocks with a key padding mask (`architectures.layers.blocks.Block`), then a final LayerNorm::
 
     z = LN(Blocks([W_1 x_1 + t_1; ...; W_k x_k + t_k], keep))
 
@@ -12,8 +12,8 @@ blocks with a key padding mask (`architectures.mome.MomeBlock` with one shared F
 masked-token objectives predict at the query's positions, and ``fused[:, 0]`` is the query's own first token, e.g.
 the text [CLS], which matching heads read; FLAVA adds a separate fusion [CLS] instead); `joint` returns every
 modality's states. A modality absent for a row contributes only masked keys, and a modality not given contributes
-nothing, so each row's output depends on its real tokens only; a row with no real token at all attends to every
-key (finite, meaningless outputs, never NaN).
+nothing, so each row's output depends on its real tokens only; a row with no real token at all gets no attention
+update (finite, meaningless outputs, never NaN).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mmssl.architectures.errors import ArchitectureError
-from mmssl.architectures.mome import SHARED_EXPERT, MomeBlock, init_vit_weights
+from mmssl.architectures.layers.blocks import Block, init_vit_weights
 from mmssl.architectures.outputs import tower_name
 
 
@@ -42,7 +42,7 @@ class MergedAttentionFusion(nn.Module):
             raise ArchitectureError(f"model.fusion.depth must be >= 1, got {depth}")
         self.width = width
         self.inputs = nn.ModuleDict({m: nn.Linear(d, width) for m, d in sorted(token_dims.items())})
-        self.blocks = nn.ModuleList(MomeBlock(width, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.apply(init_vit_weights)
 
@@ -59,9 +59,8 @@ class MergedAttentionFusion(nn.Module):
                  torch.ones(tokens[m].shape[:2], dtype=torch.bool, device=ref.device) for m in names]
         lengths = [p.shape[1] for p in parts]
         x, keep = torch.cat(parts, dim=1), torch.cat(keeps, dim=1)
-        route = [(SHARED_EXPERT, x.shape[1])]
         for block in self.blocks:
-            x = block(x, keep, route)
+            x = block(x, keep)
         return dict(zip(names, self.norm(x).split(lengths, dim=1), strict=True))
 
     def forward(self, tokens: Mapping[str, Tensor], token_mask: Mapping[str, Tensor], query: str) -> Tensor:

@@ -3,7 +3,8 @@ Sequences"), generalised to N modalities, plus the token-input checks every fusi
 
 Each modality ``m``'s tokens are projected to the fusion width ``F`` and given learned 1D positions:
 ``Z_m = X_m W_m + b_m + P_m[:T_m]``. For the query (target) modality ``β`` and every source ``α ≠ β`` a crossmodal
-transformer ``CM_{α→β}`` of ``depth`` pre-norm layers refines the target stream ``Z = Z_β``::
+transformer ``CM_{α→β}`` of ``depth`` pre-norm layers (`architectures.layers.blocks.Block`, cross-attention only)
+refines the target stream ``Z = Z_β``::
 
     Z = Z + CrossAttn(LN(Z), LN(Z_α))        (queries from β, keys/values from α's tokens; α's padding masked)
     Z = Z + MLP(LN(Z))
@@ -16,9 +17,9 @@ Padding tokens are zeroed before the input projection and masked as attention ke
 never reach a real position's output.
 
 Absent convention: a source that is absent for a row (its token mask all False) contributes no attention update
-for that row (the update is zeroed, never NaN): that row's ``Z_{α→β}`` is β's stream passed through the layers'
-MLPs only. A source modality that is not given at all is treated as absent for every row, so a row's output with an
-absent source equals its output computed without that source.
+for that row (the attention's zero update for a row without keys, never NaN): that row's ``Z_{α→β}`` is β's stream
+passed through the layers' MLPs only. A source modality that is not given at all is treated as absent for every
+row, so a row's output with an absent source equals its output computed without that source.
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
-from timm.layers import Mlp
 from torch import Tensor, nn
 
 from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.layers.blocks import Block
 from mmssl.architectures.outputs import tower_name
 
 FusionInputs = dict[str, tuple[Tensor, Tensor]]  # tower name -> (tokens [B, T, D], real-token mask bool[B, T])
@@ -79,51 +79,6 @@ def check_positive(**values: float | None) -> None:
             raise ArchitectureError(f"model.fusion.{key} must be >= 1, got {value}")
 
 
-class MaskedAttention(nn.Module):
-    """Multi-head scaled dot-product attention whose rows with no real key get a zero update (never NaN)."""
-
-    def __init__(self, width: int, heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.query, self.key, self.value, self.proj = (nn.Linear(width, width) for _ in range(4))
-
-    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
-        """``x`` [B, T, F] attends to ``context`` [B, S, F] where ``context_mask`` [B, S] is True."""
-        (b, t, width), s = x.shape, context.shape[1]
-        has_key = context_mask.any(dim=1)
-        allowed = context_mask | ~has_key[:, None]  # a keyless row attends everywhere (finite), then is zeroed
-
-        def split(y: Tensor, n: int) -> Tensor:
-            return y.view(b, n, self.heads, width // self.heads).transpose(1, 2)
-
-        q, k, v = split(self.query(x), t), split(self.key(context), s), split(self.value(context), s)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None, :],
-                                             dropout_p=self.dropout if self.training else 0.0)
-        out = self.proj(out.transpose(1, 2).reshape(b, t, width))
-        return out * has_key[:, None, None].to(out.dtype)
-
-
-class TransformerLayer(nn.Module):
-    """Pre-norm layer: ``x += Attn(LN(x), LN(ctx))`` (``ctx = x`` when not ``cross``), then ``x += MLP(LN(x))``."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float, cross: bool) -> None:
-        super().__init__()
-        self.cross = cross
-        self.norm_attn, self.norm_mlp = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.norm_context = nn.LayerNorm(width) if cross else None
-        self.attn = MaskedAttention(width, heads, dropout)
-        self.mlp = Mlp(width, int(width * mlp_ratio), act_layer=nn.GELU, drop=dropout)
-
-    def forward(self, x: Tensor, context: Tensor | None, context_mask: Tensor) -> Tensor:
-        """``context`` is None for a cross layer whose source is not given: no attention update at all."""
-        if self.norm_context is None:
-            h = self.norm_attn(x)
-            x = x + self.attn(h, h, context_mask)
-        elif context is not None:
-            x = x + self.attn(self.norm_attn(x), self.norm_context(context), context_mask)
-        return x + self.mlp(self.norm_mlp(x))
-
-
 class MulT(nn.Module):
     """``forward(tokens, token_mask, query) -> [B, T_query, width]`` (see the module docstring).
 
@@ -151,14 +106,15 @@ class MulT(nn.Module):
         self.positions = nn.ParameterDict({m: nn.Parameter(torch.zeros(max_len, width)) for m in self.modalities})
         for table in self.positions.values():
             nn.init.trunc_normal_(table, std=0.02)
+        drops = {"attn_drop": dropout, "mlp_drop": dropout}
         self.crossmodal = nn.ModuleDict({
-            self.pair_key(a, b): nn.ModuleList(TransformerLayer(width, heads, mlp_ratio, dropout, cross=True)
-                                               for _ in range(depth))
+            self.pair_key(a, b): nn.ModuleList(Block(width, heads, mlp_ratio, self_attention=False, context_dim=width,
+                                                     **drops) for _ in range(depth))
             for b in self.queries for a in self.modalities if a != b})
         memory_width = (len(self.modalities) - 1) * width
         self.memory = nn.ModuleDict({
-            b: nn.ModuleList(TransformerLayer(memory_width, heads, mlp_ratio, dropout, cross=False)
-                             for _ in range(self_depth)) for b in self.queries})
+            b: nn.ModuleList(Block(memory_width, heads, mlp_ratio, **drops) for _ in range(self_depth))
+            for b in self.queries})
         self.norm = nn.ModuleDict({b: nn.LayerNorm(memory_width) for b in self.queries})
         self.output = nn.ModuleDict({b: nn.Linear(memory_width, width) for b in self.queries})
 
@@ -193,9 +149,9 @@ class MulT(nn.Module):
                 context_mask = inputs[source][1]
                 context = self.embed(source, inputs[source][0], context_mask)
             for layer in self.crossmodal[self.pair_key(source, target)]:
-                z = layer(z, context, context_mask)
+                z = layer(z, context=context, context_mask=context_mask)  # no context: the MLP only
             streams.append(z)
         h = torch.cat(streams, dim=-1)
         for layer in self.memory[target]:
-            h = layer(h, None, target_mask)
+            h = layer(h, target_mask)
         return self.output[target](self.norm[target](h))

@@ -1,11 +1,15 @@
-"""Typed model outputs keyed by modality, and the model's spec (what objectives may size their heads from)."""
+"""Typed model outputs keyed by modality, and the model's spec (what objectives may size their heads from, and the
+block they build their decoders from)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from torch import Tensor
+from torch import Tensor, nn
+
+from mmssl.architectures.layers.blocks import Block
 
 VIEW_SEP = "@"  # "audio@1": a second augmented view of "audio", encoded by the audio tower
 
@@ -64,7 +68,9 @@ def _fresh(value: dict[str, Tensor] | None) -> dict[str, Tensor]:
 
 @dataclass
 class ModelSpec:
-    """Static facts about a built model (satisfies ``objectives.base.ModelSpec``)."""
+    """Static facts about a built model (satisfies ``objectives.base.ModelSpec``). ``block`` is the factory of the
+    transformer block objectives build their decoders from: `architectures.layers.blocks.Block`, called as
+    ``block(width, heads, mlp_ratio, **options)``, so that attention is written once, in architectures."""
 
     family: str
     modalities: tuple[str, ...]
@@ -74,4 +80,9 @@ class ModelSpec:
     fusion_dim: int | None = None
     vocab_sizes: dict[str, int] = field(default_factory=dict)
     special_tokens: dict[str, dict[str, int]] = field(default_factory=dict)
-    patch_shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # masked prediction (`architectures.masked_views`): the mask kinds each modality's plug-in draws (default first);
+    # for each modality whose tower encodes a masked view, its token grid and the width P of its target [B, T, P]
+    mask_kinds: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    mask_grids: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    mask_targets: dict[str, int] = field(default_factory=dict)
+    block: Callable[..., nn.Module] = Block  # the decoder block factory (see the class docstring)

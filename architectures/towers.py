@@ -42,9 +42,27 @@ class Tower(nn.Module):
 
     def forward(self, x: Any) -> TowerOutput:
         """Token states and the pooled vector in one call. Callers go through ``tower(x)`` (not the methods), so
-        module hooks, which ZeRO-3 uses to gather parameters, always fire."""
+        module hooks, which ZeRO-3 uses to gather parameters, always fire.
+
+        Towers that encode masked views (`encodes_masked_views`) also take the masked-forward contract shared by
+        masked prediction: ``tower(x, mask=mask, mask_token=token, visible=v)`` with ``mask`` ``bool[B, T]`` (True =
+        masked) over the ``T`` tokens of the plug-in's `mask` / `target` (its `MaskedView` grid, row-major):
+
+        * replace mode (``mask_token`` ``[D]`` given; BEiT / SimMIM / HuBERT): masked tokens are replaced by it before
+          the encoder; features ``[B, prefix + T, D]``, the last ``T`` aligned with the mask's tokens;
+        * drop mode (no ``mask_token``; MAE): only unmasked tokens are encoded; features ``[B, prefix + v, D]``, the
+          ``v`` slots after the prefix holding each row's unmasked tokens in token order (``v``: ``visible``, at
+          least any row's unmasked count; where a row has fewer, its last slots are filler that callers must not
+          read, and towers that cannot hide filler need the same count in every row).
+
+        ``prefix``: the tower's leading tokens that stand for no masked token (class / register tokens, a video
+        tower's frame states); ``features.shape[1] - T`` (replace) or ``- v`` (drop) of them."""
         features = self.forward_features(x)
         return TowerOutput(features, self.forward_head(features))
+
+    def encodes_masked_views(self) -> bool:
+        """Whether ``forward`` takes the masked-forward contract (``mask``, ``mask_token``, ``visible``)."""
+        return False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         raise NotImplementedError
@@ -119,15 +137,19 @@ class TimmTower(Tower):
     def forward(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None,
                 visible: int | None = None) -> TowerOutput:
         """Without ``mask``: the plain forward. With ``mask`` (``bool[B, N]`` over patches, True = masked; ViTs
-        only, see `patch_shape`): with ``mask_token`` (``[D]``) masked patch embeddings are replaced by it
-        (BEiT / SimMIM / HuBERT); without, masked patches are dropped before the blocks and only the visible
-        ones are encoded (MAE; every row must mask the same number of patches: ``visible`` of them, when the
-        caller knows it, else counted on the device, which waits for it). Returned token states are
-        ``[B, prefix + N or N_visible, D]``, prefix tokens (class / register) first."""
+        only, see `patch_shape`): the masked-forward contract of `Tower.forward`. With ``mask_token`` (``[D]``)
+        masked patch embeddings are replaced by it (BEiT / SimMIM / HuBERT); without, masked patches are dropped
+        before the blocks and only the visible ones are encoded (MAE; timm's blocks take no padding mask, so every
+        row must mask the same number of patches: ``visible`` of them, when the caller knows it, else counted on the
+        device, which waits for it). Returned token states are ``[B, prefix + N or N_visible, D]``, prefix tokens
+        (class / register) first."""
         if mask is None:
             return super().forward(x)
         features = self._forward_masked(x, mask, mask_token, visible)
         return TowerOutput(features, self.forward_head(features))
+
+    def encodes_masked_views(self) -> bool:
+        return self.patch_shape() is not None
 
     def patch_shape(self) -> tuple[int, int, int] | None:
         """``(in_chans, patch_h, patch_w)`` for towers that can encode a masked view (timm ViTs), else None."""

@@ -66,9 +66,12 @@ from torch.utils.checkpoint import checkpoint
 from mmssl.architectures.embedders import TokenEmbedder
 from mmssl.architectures.errors import ArchitectureError
 from mmssl.architectures.heads import ProjectionHead
-from mmssl.architectures.mome import FUSION_EXPERT, MomeBlock, Route, init_vit_weights
+from mmssl.architectures.layers.blocks import Block, Route, init_vit_weights
+from mmssl.architectures.layers.perceiver import Perceiver
+from mmssl.architectures.masked_views import MaskedViews
 from mmssl.architectures.outputs import ModelOutput, ModelSpec, tower_name
-from mmssl.architectures.perceiver import PerceiverEncoder
+
+FUSION_EXPERT = "fusion"  # the FFN expert of the fusion blocks with experts=True (VLMo's "VL" expert)
 
 
 class _Encoded(NamedTuple):
@@ -117,7 +120,7 @@ def drop_tokens(tokens: Tensor, keep: Tensor, rate: float) -> tuple[Tensor, Tens
     return tokens.gather(1, index[..., None].expand(-1, -1, d)), keep.gather(1, index)
 
 
-class UnifiedModel(nn.Module):
+class UnifiedModel(MaskedViews, nn.Module):
     """The model of the module docstring. ``embedders``: one `TokenEmbedder` per modality, all ``width`` wide."""
 
     family = "unified"
@@ -129,23 +132,23 @@ class UnifiedModel(nn.Module):
         super().__init__()
         self.drop_token_rates = {m: float(r) for m, r in (drop_token_rates or {}).items() if r}
         _validate(embedders, width=width, depth=depth, heads=heads, fusion_depth=fusion_depth, latents=latents,
-                  drop_path=drop_path, query=query, drop_token_rates=self.drop_token_rates)
+                  latent_depth=latent_depth, drop_path=drop_path, query=query, drop_token_rates=self.drop_token_rates)
         self.width, self.depth, self.fusion_depth, self.query, self.experts = width, depth, fusion_depth, query, experts
         self.num_features = width
         self.tokens_align_with_inputs = latents == 0  # False: tokens are latent states (no per-input-token loss)
         self.embedders = nn.ModuleDict(dict(embedders))
         self.cls_tokens = ClassTokens(list(embedders), width)
         self.type_embeds = TypeEmbeddings(list(embedders), width)
-        self.perceiver = PerceiverEncoder(width, heads, latents, latent_depth, mlp_ratio) if latents > 0 else None
+        self.perceiver = Perceiver(width, heads, latents, latent_depth, mlp_ratio) if latents > 0 else None
         total = depth + fusion_depth  # drop-path rates rise linearly (plain floats: builds on the meta device too)
         rates = [drop_path * i / max(1, total - 1) for i in range(total)]
         modality_experts = list(embedders) if experts else None
-        self.blocks = nn.ModuleList(MomeBlock(width, heads, mlp_ratio, modality_experts, rates[i])
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, experts=modality_experts, drop_path=rates[i])
                                     for i in range(depth))
         self.norm = nn.LayerNorm(width)
         fusion_experts = [FUSION_EXPERT] if experts else None
-        self.fusion_blocks = nn.ModuleList(MomeBlock(width, heads, mlp_ratio, fusion_experts, rates[depth + i])
-                                           for i in range(fusion_depth))
+        self.fusion_blocks = nn.ModuleList(Block(width, heads, mlp_ratio, experts=fusion_experts,
+                                                 drop_path=rates[depth + i]) for i in range(fusion_depth))
         self.fusion_norm = nn.LayerNorm(width) if fusion_depth > 0 else None
         for p in (*self.cls_tokens.parameters(), *self.type_embeds.parameters()):
             nn.init.trunc_normal_(p, std=0.02)
@@ -189,9 +192,9 @@ class UnifiedModel(nn.Module):
     def _run(self, blocks: nn.ModuleList, x: Tensor, keep: Tensor, route: Route) -> Tensor:
         for block in blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, keep, route, use_reentrant=False)
+                x = checkpoint(block, x, keep, route=route, use_reentrant=False)
             else:
-                x = block(x, keep, route)
+                x = block(x, keep, route=route)
         return x
 
     def _encode(self, inputs: Mapping[str, Any]) -> dict[str, _Encoded]:
@@ -301,7 +304,8 @@ class UnifiedModel(nn.Module):
 
 
 def _validate(embedders: Mapping[str, TokenEmbedder], *, width: int, depth: int, heads: int, fusion_depth: int,
-              latents: int, drop_path: float, query: str, drop_token_rates: Mapping[str, float]) -> None:
+              latents: int, latent_depth: int, drop_path: float, query: str,
+              drop_token_rates: Mapping[str, float]) -> None:
     if not embedders:
         raise ArchitectureError("the unified model needs at least one modality embedder")
     if heads < 1 or width % heads:
@@ -312,6 +316,8 @@ def _validate(embedders: Mapping[str, TokenEmbedder], *, width: int, depth: int,
         raise ArchitectureError(f"model.unified.fusion_depth must be >= 0, got {fusion_depth}")
     if latents < 0:
         raise ArchitectureError(f"model.unified.latents must be >= 0, got {latents}")
+    if latents > 0 and latent_depth < 1:
+        raise ArchitectureError(f"model.unified.latent_depth must be >= 1, got {latent_depth}")
     if not 0.0 <= drop_path < 1.0:
         raise ArchitectureError(f"model.unified.drop_path must be in [0, 1), got {drop_path}")
     for m, rate in drop_token_rates.items():

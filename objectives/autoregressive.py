@@ -12,8 +12,9 @@ the next-token cross-entropy over the non-prefix text positions::
     L = 1/|S| Σ_{(b,t) ∈ S} -log softmax(W h_{b,t-1})[x_{b,t}],   S = {(b,t): t >= max(P_b, 1), x_{b,t} not pad,
                                                                          context and text present in row b}
 
-with ``h`` the final-layer text states (pre-norm transformer, final LayerNorm) and ``W`` a linear head (or the
-embedding table when ``tie_embeddings``). ``|S|`` is counted over all ranks (`objectives.masking.global_mean`).
+with ``h`` the final-layer text states (the model's pre-norm blocks, ``spec.block``, then a final LayerNorm) and
+``W`` a linear head (or the embedding table when ``tie_embeddings``). ``|S|`` is counted over all ranks
+(`objectives.masking.global_mean`).
 """
 
 from __future__ import annotations
@@ -25,31 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmssl.objectives.base import LossOutput, ModelOutputs, ModelSpec, Objective, ObjectiveError, Requirements
+from mmssl.objectives.base import (
+    BlockFactory,
+    LossOutput,
+    ModelOutputs,
+    ModelSpec,
+    Objective,
+    ObjectiveError,
+    Requirements,
+    decoder_blocks,
+)
 from mmssl.objectives.ids import to_device
 from mmssl.objectives.masking import global_mean, presence, row_generators, upcast
-
-
-class TransformerBlock(nn.Module):
-    """Pre-norm transformer layer; ``allowed`` (``bool[B, S, S]``, True = may attend) masks attention."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        if width % heads:
-            raise ObjectiveError(f"width={width} must be divisible by heads={heads}")
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
-
-    def forward(self, x: Tensor, allowed: Tensor | None = None) -> Tensor:
-        b, s, w = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=None if allowed is None else allowed.unsqueeze(1))
-        x = x + self.proj(attn.transpose(1, 2).reshape(b, s, w))
-        return x + self.mlp(self.norm2(x))
 
 
 class TokenEmbedding(nn.Module):
@@ -79,14 +67,18 @@ def prefix_lm_attention(context_mask: Tensor, text_mask: Tensor, prefix_len: Ten
 
 
 class PrefixLMDecoder(nn.Module):
-    def __init__(self, context_dim: int, vocab_size: int, *, width: int = 256, depth: int = 2, heads: int = 4,
-                 mlp_ratio: float = 4.0, max_len: int = 512, tie_embeddings: bool = False) -> None:
+    """Context projection, text embeddings, ``depth`` blocks of ``block`` (the model's ``spec.block``) under the
+    prefix-LM pattern, final LayerNorm and output head (module docstring)."""
+
+    def __init__(self, context_dim: int, vocab_size: int, *, block: BlockFactory, width: int = 256,
+                 depth: int = 2, heads: int = 4, mlp_ratio: float = 4.0, max_len: int = 512,
+                 tie_embeddings: bool = False) -> None:
         super().__init__()
         self.context_proj = nn.Linear(context_dim, width)
         self.tokens = TokenEmbedding(vocab_size, width)
         self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)
         self.type_embed = nn.Parameter(torch.randn(2, width) * 0.02)  # 0: context, 1: text
-        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = decoder_blocks(block, depth, width, heads, mlp_ratio)
         self.norm = nn.LayerNorm(width)
         self.head = None if tie_embeddings else nn.Linear(width, vocab_size)
 
@@ -101,7 +93,7 @@ class PrefixLMDecoder(nn.Module):
         x = torch.cat([ctx.to(txt.dtype), txt], dim=1)
         allowed = prefix_lm_attention(context_mask, text_mask, prefix_len)
         for block in self.blocks:
-            x = block(x, allowed)
+            x = block(x, allowed=allowed)
         h = self.norm(x[:, context.shape[1]:])
         return self.tokens(h, unembed=True) if self.head is None else self.head(h)
 
@@ -159,8 +151,8 @@ class PrefixLMObjective(Objective):
         if cfg.prefix_text_len < 0:
             raise ObjectiveError(f"prefix_text_len must be >= 0, got {cfg.prefix_text_len}")
         self.cfg = cfg
-        self.decoder = PrefixLMDecoder(spec.token_dims[cfg.context], spec.vocab_sizes[cfg.target], width=cfg.width,
-                                       depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+        self.decoder = PrefixLMDecoder(spec.token_dims[cfg.context], spec.vocab_sizes[cfg.target], block=spec.block,
+                                       width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
                                        max_len=cfg.max_len, tie_embeddings=cfg.tie_embeddings)
         self.requires = Requirements(modalities=(cfg.context, cfg.target), needs_decoder=True,
                                      gathers_across_ranks=cfg.global_norm)

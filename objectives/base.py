@@ -7,10 +7,20 @@ model (for the extra forwards some objectives make: fusion of negative pairs, ma
 launch with a message naming both sides (`Objective.check` against the model's `ModelSpec`).
 
 Objectives see models only structurally (the `ModelOutputs`, `ModelSpec` and `MultimodalModel` protocols):
-nothing in ``objectives/`` imports an architecture.
+nothing in ``objectives/`` imports an architecture. Masked prediction asks the model for a modality's mask, target
+and masked encoding (`MultimodalModel.mask`, ``target``, ``encode_masked``), so the masks training uses are the
+modality plug-ins' own and "how many tokens a ratio masks" has one formula, the model's.
 
 Views: a batch may carry a second augmented view of a modality under ``"<modality>@1"`` (``"audio@1"``); models
 encode it with the tower of ``<modality>``. `base_modality` maps a view name back.
+
+Decoder blocks: an objective that owns a decoder (``prefix_lm``, ``mae``, ``joint_mae``) keeps its own embeddings,
+mask token, positions and heads, but takes its transformer blocks from the model's spec: ``spec.block(width, heads,
+mlp_ratio)`` (`decoder_blocks`) builds the architectures' one pre-norm block, called as ``block(x, key_mask=None, *,
+allowed=None)`` (masks True = may attend; a query with no key gets a zero update). Attention, with its mask
+convention and its parameter layout, is then written once, in ``architectures/layers``, while objectives still import
+no architecture: the spec hands them the block as it hands them the widths they size their heads from, and a spec
+built without a model (tests, tools) gets the same block by default.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ import torch
 from torch import Tensor, nn
 
 VIEW_SEP = "@"
+
+MaskGenerators = torch.Generator | Sequence[torch.Generator] | None  # one per row, one for all rows, or torch's
 
 
 def base_modality(name: str) -> str:
@@ -99,6 +111,11 @@ def fused_summary(model: Any, fused: Tensor, query_mask: Tensor) -> Tensor:
     return hook(fused, query_mask) if hook is not None else fused[:, 0]
 
 
+BlockFactory = Callable[..., nn.Module]
+"""``ModelSpec.block``: ``block(width, heads, mlp_ratio) -> module``, the module called as ``block(x, key_mask=None, *,
+allowed=None)`` on ``x`` ``[B, S, width]`` (module docstring)."""
+
+
 @runtime_checkable
 class ModelSpec(Protocol):
     """What an objective may know about a model when it is built (sizes of the heads it owns) and validated."""
@@ -110,9 +127,23 @@ class ModelSpec(Protocol):
     fusion_dim: int | None  # width of the fusion module's states; None: the model has no fusion module
     vocab_sizes: dict[str, int]  # per token-id modality (text)
     special_tokens: dict[str, dict[str, int]]  # per token-id modality: {"pad": .., "mask": .., "bos": .., "eos": ..}
-    # per patch modality whose tower can encode a masked view: (channels, patch_h, patch_w)
-    patch_shapes: dict[str, tuple[int, int, int]]
+    # masked prediction: the mask kinds `MultimodalModel.mask` draws per modality (its default first) ...
+    mask_kinds: dict[str, tuple[str, ...]]
+    # ... and, per modality whose tower encodes a masked view (`MultimodalModel.encode_masked`), the grid of the
+    # T tokens its mask and target run over (row-major: (rows, cols) patches, (groups, rows, cols) tubelets, (T,)
+    # steps) and the width P of its target [B, T, P]
+    mask_grids: dict[str, tuple[int, ...]]
+    mask_targets: dict[str, int]
     family: str
+    block: BlockFactory  # the model's pre-norm transformer block, for the decoders objectives own (module docstring)
+
+
+def decoder_blocks(block: BlockFactory, depth: int, width: int, heads: int, mlp_ratio: float) -> nn.ModuleList:
+    """``depth`` decoder blocks from the model's ``spec.block`` factory; `ObjectiveError` when ``width`` is not a
+    multiple of ``heads``."""
+    if heads < 1 or width % heads:
+        raise ObjectiveError(f"width={width} must be divisible by heads={heads}")
+    return nn.ModuleList(block(width, heads, mlp_ratio) for _ in range(depth))
 
 
 class MultimodalModel(Protocol):
@@ -124,6 +155,31 @@ class MultimodalModel(Protocol):
         """Fused states ``[B, T_query, fusion_dim]``: ``query``'s tokens attending to the other modalities'
         (each given as `fusion_view` reads it from the outputs). A model may also define
         ``fused_summary(fused, query_mask) -> [B, fusion_dim]`` (see `fused_summary`)."""
+        ...
+
+    def mask(self, modality: str, x: Any, ratio: float, generator: MaskGenerators = None, *,
+             kind: str | None = None, span_length: int = 1) -> Tensor:
+        """``bool[B, T]``, True = masked, over the ``T`` tokens of ``modality``'s masked view (its tower's tokens,
+        row-major over ``spec.mask_grids[modality]``; text: its ids): the modality plug-in's mask of ``kind``
+        (one of ``spec.mask_kinds[modality]``, default the first) at ``ratio`` (for ``span``: the share of steps
+        that start a span of ``span_length``). Drawn where ``x`` lives from ``generator`` (one per row, or one
+        for all, or None): give the host batch's ``x`` (``batch.host``) and nothing waits for the device. Every
+        count of "``ratio`` of ``n`` tokens" is the model's one formula; objectives read counts off the mask."""
+        ...
+
+    def target(self, modality: str, x: Any) -> Tensor:
+        """The per-token reconstruction target ``[B, T, P]`` (``P = spec.mask_targets[modality]``; text: the ids
+        ``[B, L]``), aligned with `mask`'s tokens."""
+        ...
+
+    def encode_masked(self, modality: str, x: Any, mask: Tensor, *, mask_token: Tensor | None = None,
+                      visible: int | None = None) -> Tensor:
+        """``modality``'s token states under ``mask`` (a modality in ``spec.mask_targets``). With ``mask_token``
+        (``[D]``, replace mode: BEiT, HuBERT): ``[B, prefix + T, D]``, the last ``T`` aligned with the mask; without
+        (drop mode: MAE): only unmasked tokens are encoded, ``[B, prefix + visible, D]``, each row's unmasked tokens
+        in token order in the slots after the prefix (``visible``: at least any row's unmasked count; a row with
+        fewer has filler slots at its end, not to be read). ``prefix``: leading states that stand for no masked
+        token (class tokens, a video tower's frame states)."""
         ...
 
 
@@ -206,8 +262,8 @@ class Objective(nn.Module):
                 "(use model.family: late_fusion)"
             )
         for m in self.requires.needs_masked_view:
-            if m not in spec.patch_shapes and m not in spec.vocab_sizes:
+            if m not in spec.mask_targets and m not in spec.vocab_sizes:
                 raise ObjectiveError(
                     f"{where} needs a masked view of {m!r}, which its tower cannot encode "
-                    f"(maskable: {sorted(set(spec.patch_shapes) | set(spec.vocab_sizes))})"
+                    f"(maskable: {sorted(set(spec.mask_targets) | set(spec.vocab_sizes))})"
                 )

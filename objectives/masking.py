@@ -1,35 +1,28 @@
-"""Mask generators for masked-prediction objectives, and their shared pieces: patch (un)folding, codebook
-targets, 2-D sin-cos positions, a row gather over ranks and the global token mean.
+"""Masked prediction's objective-side helpers: per-sample generators, BERT's replacement, reading counts off host
+masks, codebook targets, decoder positions, a row gather over ranks and the global token mean.
 
-Every generator takes either one seeded ``torch.Generator`` (used for the rows in order) or one generator per row
-(`row_generators`), and produces its masks on the CPU. Objectives seed one generator per row from
-``(seed, batch index, sample key)``, so a sample's mask does not depend on which rank or position it lands on, and a
-resumed run draws exactly the masks an uninterrupted one would have.
+The masks themselves are the model's (`objectives.base.MultimodalModel.mask`: the modality plug-ins' generators,
+with the one formula for how many of ``n`` tokens a ratio masks); objectives draw them from the host copy of the
+batch (`host_input`) with one CPU generator per row seeded from ``(seed, batch index, sample key)`` (`row_generators`),
+so a sample's mask does not depend on which rank or position it lands on, a resumed run draws exactly the masks an
+uninterrupted one would have, and nothing waits for the device. Counts an objective needs (visible tokens, selected
+slots) are read off those host masks (`host_row_counts`), never recomputed from a ratio.
 
-* `bert_mask` (Devlin et al. 2019): per row, ``k = max(1, ⌊ratio·n + ½⌋)`` of the ``n`` maskable tokens (real, not
-  a special id) are selected uniformly without replacement (BERT's ``create_pretraining_data`` count); a selected
-  token becomes ``[MASK]`` with probability ``replace_prob`` (0.8), a uniformly random non-special id with
-  probability ``random_prob`` (0.1, which may equal the original, as in BERT), and stays as it is otherwise.
-* `random_patch_mask` (MAE, He et al. 2022): exactly ``N - ⌊N·(1-ratio)⌋`` of ``N`` patches per row (MAE's
-  ``len_keep``), uniformly (argsort of uniform noise).
-* `span_mask` (wav2vec 2.0, Baevski et al. 2020; HuBERT, Hsu et al. 2021): ``s = max(min_spans, ⌊p·T + ½⌋)``
-  distinct start positions drawn from ``[0, T - L]``, each masking ``L`` consecutive steps (spans may overlap;
-  fairseq's ``mask_prob`` is ``p·L``). `time_span_mask` applies it to the time (column) axis of a patch grid,
-  masking whole columns, the AV-HuBERT / spectrogram form.
-* `block_mask` (BEiT, Bao et al. 2022): rectangles of random area ``≥ min_block`` and aspect ratio in
-  ``[1/max_aspect, max_aspect]`` (log-uniform) until at least ``⌊ratio·N + ½⌋`` patches are masked.
-
-`patchify` follows MAE's ``patchify``: patches row-major over the ``(H/ph) x (W/pw)`` grid (the order of timm's
-``patch_embed`` tokens), each flattened as ``(ph, pw, C)`` (channels last).
+* `bert_mask` (Devlin et al. 2019): the 80/10/10 replacement of the tokens the model's text mask selected (BERT's
+  ``max(1, ⌊ratio·n + ½⌋)`` of the ``n`` real, non-special tokens): a selected token becomes ``[MASK]`` with
+  probability ``replace_prob`` (0.8), a uniformly random non-special id with probability ``random_prob`` (0.1,
+  which may equal the original, as in BERT), and stays as it is otherwise.
+* `sincos_positions`: fixed sin-cos positions over a token grid for the MAE decoders: 2-D as MAE's (half the
+  channels for the row, half for the column), 1-D over steps, and for ``(groups, rows, cols)`` tubelets the 2-D
+  spatial code plus the 1-D code of the group (factorised, as the tubelet embedder's learned tables).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -68,26 +61,26 @@ class TokenMask(NamedTuple):
     action: Tensor  # int8 [B, L]: 0 not selected, 1 -> [MASK], 2 -> random id, 3 kept
 
 
-def bert_mask(input_ids: Tensor, attention_mask: Tensor, *, special_ids: Iterable[int], mask_id: int, vocab_size: int,
-              generator: Generators, ratio: float = 0.15, replace_prob: float = 0.8,
-              random_prob: float = 0.1, device: torch.device | str | None = None) -> TokenMask:
-    """BERT's 80/10/10 token masking (module docstring); specials and padding are never selected. Drawn on the
-    CPU from ``input_ids`` / ``attention_mask`` (pass the host batch's, so nothing is read back from a device)
-    and returned on ``device`` (default: the ids' device) by `to_device`."""
+def bert_mask(input_ids: Tensor, selected: Tensor, *, special_ids: Iterable[int], mask_id: int, vocab_size: int,
+              generator: Generators, replace_prob: float = 0.8, random_prob: float = 0.1,
+              device: torch.device | str | None = None) -> TokenMask:
+    """BERT's 80/10/10 replacement (module docstring) of the ``selected`` tokens (``bool[B, L]``, the model's text
+    mask: never a special id or padding). Drawn on the CPU from the host ``input_ids`` / ``selected`` (so nothing is
+    read back from a device), each row from its generator after the selection drew from it, and returned on
+    ``device`` (default: the ids' device) by `to_device`."""
     device = input_ids.device if device is None else device
-    ids = on_host(input_ids)
+    ids, chosen_rows = on_host(input_ids), on_host(selected).bool()
+    if chosen_rows.shape != ids.shape:
+        raise ValueError(f"selection shape {list(chosen_rows.shape)} is not the ids' {list(ids.shape)}")
     specials = torch.tensor(sorted({int(s) for s in special_ids} | {int(mask_id)}), dtype=ids.dtype)
-    maskable = on_host(attention_mask).bool() & ~torch.isin(ids, specials)
     vocab = torch.arange(vocab_size, dtype=ids.dtype)
     allowed = vocab[~torch.isin(vocab, specials)]
     out, action = ids.clone(), torch.zeros(ids.shape, dtype=torch.int8)
     for row, g in enumerate(_per_row(generator, ids.shape[0])):
-        where = maskable[row].nonzero().squeeze(1)
-        n = where.numel()
-        if n == 0:
+        chosen = chosen_rows[row].nonzero().squeeze(1)
+        k = chosen.numel()
+        if k == 0:
             continue
-        k = max(1, math.floor(ratio * n + 0.5))
-        chosen = where[torch.randperm(n, generator=g)[:k]]
         u = torch.rand(k, generator=g)
         random_ids = allowed[torch.randint(allowed.numel(), (k,), generator=g)]
         to_mask, to_random = u < replace_prob, (u >= replace_prob) & (u < replace_prob + random_prob)
@@ -97,15 +90,33 @@ def bert_mask(input_ids: Tensor, attention_mask: Tensor, *, special_ids: Iterabl
     return TokenMask(to_device(out, device), to_device(action > 0, device), to_device(action, device))
 
 
-def max_selected(ratio: float, length: int) -> int:
-    """The most tokens `bert_mask` selects in a row of ``length`` (``k = max(1, ⌊ratio·n + ½⌋)``, ``n <= length``)."""
-    return max(1, math.floor(ratio * length + 0.5))
+def host_input(batch: Any, modality: str) -> Any:
+    """``batch.inputs[modality]`` as the host holds it: from ``batch.host`` (the batch before its move to the
+    device), so masks drawn from it read nothing back from a device; the batch's own where it has no host copy."""
+    host = getattr(batch, "host", None)
+    return (host if host is not None else batch).inputs[modality]
+
+
+def host_row_counts(mask: Tensor) -> tuple[int, int]:
+    """``(fewest, most)`` True values in a row of the ``bool[B, T]`` ``mask``: read on the host (a mask the model
+    drew from `host_input` is there already; a device mask is copied back, which waits for the device)."""
+    counts = on_host(mask).bool().sum(1)
+    if counts.numel() == 0:
+        return 0, 0
+    return int(counts.min()), int(counts.max())
+
+
+def visible_slots(mask: Tensor, visible: int) -> Tensor:
+    """``bool[B, visible]``: which of the ``visible`` slots a tower's drop mode fills with an unmasked token (each
+    row's unmasked tokens in order, then filler where the row has fewer; `MultimodalModel.encode_masked`)."""
+    kept = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :visible]
+    return ~mask.gather(1, kept)
 
 
 def selected_slots(selected: Tensor, slots: int) -> tuple[Tensor, Tensor]:
     """``(index long[B, S], used bool[B, S])``: the positions of each row's selected tokens in order, padded to
-    ``S = slots`` (at least the most any row selects): a fixed-shape gather instead of ``x[selected]``, whose
-    shape depends on the data (so that nothing waits for the device)."""
+    ``S = slots`` (at least the most any row selects, `host_row_counts` of the host mask): a gather of ``S`` slots
+    instead of ``x[selected]``, whose size the device would have to be asked for."""
     slots = min(slots, selected.shape[1])
     index = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :slots]
     return index, selected.gather(1, index)
@@ -116,88 +127,19 @@ def on_host(t: Tensor) -> Tensor:
     return t.detach() if t.device.type == "cpu" else t.detach().cpu()
 
 
-def visible_patches(num_patches: int, ratio: float) -> int:
-    """Patches `random_patch_mask` leaves visible in each row: ``⌊N·(1-ratio)⌋`` (MAE's ``len_keep``)."""
-    return int(num_patches * (1 - ratio))
-
-
-def random_patch_mask(rows: int, num_patches: int, ratio: float, generator: Generators) -> Tensor:
-    """``bool[rows, N]``, True = masked, exactly ``N - ⌊N·(1-ratio)⌋`` per row."""
-    n_mask = num_patches - visible_patches(num_patches, ratio)
-    mask = torch.zeros(rows, num_patches, dtype=torch.bool)
-    for row, g in enumerate(_per_row(generator, rows)):
-        mask[row, torch.rand(num_patches, generator=g).argsort()[:n_mask]] = True
-    return mask
-
-
-def span_mask(rows: int, length: int, *, start_prob: float, span: int, generator: Generators,
-              min_spans: int = 1) -> Tensor:
-    """``bool[rows, T]``: ``max(min_spans, ⌊p·T + ½⌋)`` distinct starts in ``[0, T-L]``, each masking ``L`` steps."""
-    span = min(span, length)
-    positions = length - span + 1
-    n_starts = min(positions, max(min_spans, math.floor(start_prob * length + 0.5)))
-    mask = torch.zeros(rows, length, dtype=torch.bool)
-    for row, g in enumerate(_per_row(generator, rows)):
-        for s in torch.randperm(positions, generator=g)[:n_starts].tolist():
-            mask[row, s : s + span] = True
-    return mask
-
-
-def time_span_mask(rows: int, grid: tuple[int, int], *, start_prob: float, span: int, generator: Generators,
-                   min_spans: int = 1) -> Tensor:
-    """`span_mask` over the columns (time) of a ``(gh, gw)`` patch grid, every row of a masked column masked;
-    ``bool[rows, gh·gw]`` in patch order."""
-    gh, gw = grid
-    cols = span_mask(rows, gw, start_prob=start_prob, span=span, generator=generator, min_spans=min_spans)
-    return cols.unsqueeze(1).expand(rows, gh, gw).reshape(rows, gh * gw)
-
-
-def block_mask(rows: int, grid: tuple[int, int], ratio: float, generator: Generators, *, min_block: int = 4,
-               max_aspect: float = 3.0) -> Tensor:
-    """BEiT blockwise masking: ``bool[rows, gh·gw]`` with at least ``⌊ratio·N + ½⌋`` masked per row."""
-    gh, gw = grid
-    target = math.floor(ratio * gh * gw + 0.5)
-    log_aspect = math.log(max_aspect)
-    out = torch.zeros(rows, gh, gw, dtype=torch.bool)
-    for row, g in enumerate(_per_row(generator, rows)):
-        stalled = 0
-        while int(out[row].sum()) < target and stalled < 20:
-            area = min_block + float(torch.rand((), generator=g)) * max(0, target - min_block)
-            aspect = math.exp((2 * float(torch.rand((), generator=g)) - 1) * log_aspect)
-            h = min(gh, max(1, round(math.sqrt(area * aspect))))
-            w = min(gw, max(1, round(math.sqrt(area / aspect))))
-            top = int(torch.randint(gh - h + 1, (), generator=g))
-            left = int(torch.randint(gw - w + 1, (), generator=g))
-            before = int(out[row].sum())
-            out[row, top : top + h, left : left + w] = True
-            stalled = stalled + 1 if int(out[row].sum()) == before else 0
-    return out.reshape(rows, gh * gw)
-
-
-def patchify(x: Tensor, patch: tuple[int, int]) -> Tensor:
-    """``[B, C, H, W] -> [B, (H/ph)·(W/pw), ph·pw·C]`` (MAE order: grid row-major, channels last)."""
-    b, c, h, w = x.shape
-    ph, pw = patch
-    if h % ph or w % pw:
-        raise ValueError(f"input {h}x{w} is not divisible into {ph}x{pw} patches")
-    gh, gw = h // ph, w // pw
-    return x.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, ph * pw * c)
-
-
-def unpatchify(patches: Tensor, patch: tuple[int, int], grid: tuple[int, int], channels: int) -> Tensor:
-    """Inverse of `patchify`."""
-    (ph, pw), (gh, gw) = patch, grid
-    b = patches.shape[0]
-    return patches.reshape(b, gh, gw, ph, pw, channels).permute(0, 5, 1, 3, 2, 4).reshape(b, channels, gh * ph,
-                                                                                             gw * pw)
-
-
 def cluster_targets(patches: Tensor, codebook: Tensor) -> Tensor:
     """Masked cluster prediction's targets: ``argmin_k ||p - c_k||²`` for every patch ``[..., P]`` against the
     ``[K, P]`` codebook, in float64."""
     p, c = patches.double().flatten(0, -2), codebook.double()
     d = p.square().sum(-1, keepdim=True) - 2 * p @ c.T + c.square().sum(-1)[None]
     return d.argmin(-1).view(patches.shape[:-1])
+
+
+def _sincos_1d(positions: Tensor, width: int) -> Tensor:
+    """``[n, width]``: ``[sin(p·ω_k), cos(p·ω_k)]`` for ``ω_k = 10000^(-k/(width/2))``, ``k < width/2``."""
+    omega = 1.0 / 10000 ** (torch.arange(width // 2, dtype=torch.float64) / (width // 2))
+    angles = positions.to(torch.float64)[:, None] * omega
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
 @lru_cache(maxsize=16)
@@ -208,6 +150,22 @@ def sincos_2d(grid: tuple[int, int], width: int) -> Tensor:
     rows = torch.arange(gh, dtype=torch.float64).repeat_interleave(gw)[:, None] * omega
     cols = torch.arange(gw, dtype=torch.float64).repeat(gh)[:, None] * omega
     return torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1).float()
+
+
+@lru_cache(maxsize=16)
+def sincos_positions(grid: tuple[int, ...], width: int) -> Tensor:
+    """``[prod(grid), width]`` fixed positions of a row-major token grid (module docstring): ``(T,)`` 1-D,
+    ``(gh, gw)`` `sincos_2d`, ``(G, gh, gw)`` the spatial `sincos_2d` plus the 1-D code of the group."""
+    if len(grid) == 1:
+        return _sincos_1d(torch.arange(grid[0]), width).float()
+    if len(grid) == 2:
+        return sincos_2d((grid[0], grid[1]), width)
+    if len(grid) == 3:
+        groups, gh, gw = grid
+        spatial = sincos_2d((gh, gw), width).double().repeat(groups, 1)
+        temporal = _sincos_1d(torch.arange(groups).repeat_interleave(gh * gw), width)
+        return (spatial + temporal).float()
+    raise ValueError(f"sin-cos positions for a grid of 1 to 3 axes, got {list(grid)}")
 
 
 def presence(outputs: object, batch: object, modality: str, rows: int, device: torch.device) -> Tensor:

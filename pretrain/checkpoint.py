@@ -18,17 +18,21 @@ another still writes, and a tag directory is complete by construction: a kill at
 whole node) leaves ``latest`` naming a complete tag, and, because pruning waits for every copy to hold the new
 tag, every copy still holds the tag all copies last had in common. A resume takes the newest tag that every copy
 holds (`agree_resume`). The trainer's own state (step, next batch index, samples seen, world size) travels in
-DeepSpeed's ``client_state`` under ``"mmssl"``. Without ZeRO (stage 0) in bf16, DeepSpeed keeps the fp32 master
-weights as unnamed per-group lists; their parameter names travel under ``"mmssl_master_params"`` so that export
-can match them (`master_param_names`).
+DeepSpeed's ``client_state`` under ``"mmssl"``, the parameter layout it was written with under
+``"mmssl_param_layout"`` (`architectures.layers.legacy.PARAM_LAYOUT`): a checkpoint of an older layout whose
+parameter names this mmssl no longer has is refused in one line (`check_param_layout`) before DeepSpeed reads it.
+Without ZeRO (stage 0) in bf16, DeepSpeed keeps the fp32 master weights as unnamed per-group lists; their parameter
+names travel under ``"mmssl_master_params"`` so that export can match them (`master_param_names`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmssl.architectures.layers.legacy import PARAM_LAYOUT
 from mmssl.data_pipelines.shards import atomic_write_text
 from mmssl.pretrain.errors import PretrainError
 from mmssl.pretrain.frozen import check_reference, write_reference
@@ -43,6 +48,7 @@ from mmssl.pretrain.rundir import CHECKPOINTS
 from mmssl.pretrain.storage import RunStorage
 
 MASTER_PARAM_NAMES = "mmssl_master_params"
+PARAM_LAYOUT_KEY = "mmssl_param_layout"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 
@@ -108,7 +114,7 @@ def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], *, keep_l
     root = run_dir / CHECKPOINTS
     tag = tag_for(step)
     tmp_tag = TMP_PREFIX + tag
-    client_state: dict[str, Any] = {"mmssl": state}
+    client_state: dict[str, Any] = {"mmssl": state, PARAM_LAYOUT_KEY: PARAM_LAYOUT}
     master = master_param_names(engine)
     if master is not None:
         client_state[MASTER_PARAM_NAMES] = master
@@ -212,11 +218,57 @@ def agree_resume(run_dir: Path, resume: str) -> tuple[Path, str] | None:
     return run_dir / CHECKPOINTS, max(common)
 
 
+def deepspeed_globals() -> list[Any]:
+    """The DeepSpeed classes its checkpoint files pickle (loaded with ``weights_only=True`` all the same)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [fragment_address, LossScaler, ZeroStageEnum]
+
+
+def model_states(tag_dir: Path) -> dict[str, Any] | None:
+    """The first of a tag's DeepSpeed model-states files (the ranks' agree on names and client state),
+    memory-mapped so that no tensor is read; None when there is none or it cannot be read."""
+    files = sorted(tag_dir.glob("*model_states.pt"))
+    if not files:
+        return None
+    try:
+        with torch.serialization.safe_globals(deepspeed_globals()):
+            return torch.load(files[0], map_location="cpu", mmap=True, weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError):
+        return None
+
+
+def param_layout(tag_dir: Path) -> int:
+    """The parameter layout a tag was written with: 1 for a checkpoint without the stamp (an older mmssl), the
+    current one where the file cannot be read."""
+    states = model_states(tag_dir)
+    return PARAM_LAYOUT if states is None else int(states.get(PARAM_LAYOUT_KEY, 1))
+
+
+def check_param_layout(tag_dir: Path, names: Iterable[str]) -> None:
+    """`CheckpointError` when ``tag_dir`` was written with an older parameter layout and holds a name the task now
+    lacks (``names``: the task's parameters and buffers), instead of DeepSpeed's missing-keys traceback."""
+    states = model_states(tag_dir)
+    if states is None or int(states.get(PARAM_LAYOUT_KEY, 1)) >= PARAM_LAYOUT:
+        return
+    saved = set(states.get("module") or {}) | {n for group in states.get("param_shapes") or [] for n in group}
+    stale = sorted(saved - set(names))
+    if stale:
+        raise CheckpointError(
+            f"{tag_dir} was written before mmssl's attention layers were unified (param_layout "
+            f"{states.get(PARAM_LAYOUT_KEY, 1)}, e.g. {stale[0]!r}); resume it with the mmssl that wrote it or "
+            f"restart (`mmssl export` still reads it, and its export loads here)")
+
+
 def load(engine: Any, root: Path, tag: str, frozen: dict[str, Any] | None = None) -> dict[str, Any]:
     """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the trainer state. ``frozen``:
     the reference of the frozen weights built now, checked against the checkpoint's. The rank's stream position
     is read by `load_stream`."""
     excluded = check_reference(root / tag, frozen)
+    module = engine.module
+    check_param_layout(root / tag, [n for n, _ in (*module.named_parameters(), *module.named_buffers())])
     _, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=not excluded)
     if not client_state or "mmssl" not in client_state:
         raise CheckpointError(f"{root / tag} was not written by mmssl (no trainer state)")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mmssl.architectures.config import ModelConfig, build_model
+from mmssl.architectures.layers.blocks import Block
 from mmssl.architectures.modalities import AudioConfig, TextConfig
 from mmssl.architectures.modalities.tokenizers import load_tokenizer
 from mmssl.data_pipelines.batch import Batch
@@ -65,7 +66,8 @@ def test_attention_pattern_follows_the_definition() -> None:
 
 def _decoder(width: int = 16, vocab: int = 13, tie: bool = False) -> PrefixLMDecoder:
     torch.manual_seed(0)
-    return PrefixLMDecoder(8, vocab, width=width, depth=2, heads=2, max_len=16, tie_embeddings=tie).eval()
+    return PrefixLMDecoder(8, vocab, block=Block, width=width, depth=2, heads=2, max_len=16,
+                           tie_embeddings=tie).eval()
 
 
 @pytest.mark.parametrize("prefix_len", [0, 3])

@@ -242,7 +242,7 @@ def test_single_layer_mult_equals_hand_computed_attention() -> None:
         return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
 
     def attention(x: Tensor, ctx: Tensor, att: nn.Module) -> Tensor:
-        q, k, v = linear(x, att.query), linear(ctx, att.key), linear(ctx, att.value)
+        q, (k, v) = linear(x, att.q), linear(ctx, att.kv).chunk(2, dim=1)  # kv: the keys' rows, then the values'
         dh = q.shape[1] // heads
         outs = []
         for h in range(heads):
@@ -262,12 +262,12 @@ def test_single_layer_mult_equals_hand_computed_attention() -> None:
         zt = linear(xt, mult.inputs["text"]) + mult.positions["text"][: len(xt)]
         zi = linear(xi, mult.inputs["image"]) + mult.positions["image"][: len(xi)]
         cm = mult.crossmodal["image_to_text"][0]
-        z = zt + attention(norm(zt, cm.norm_attn), norm(zi, cm.norm_context), cm.attn)
-        z = z + mlp(norm(z, cm.norm_mlp), cm.mlp)
+        z = zt + attention(norm(zt, cm.norm_cross), norm(zi, cm.norm_context), cm.cross_attn)
+        z = z + mlp(norm(z, cm.norm2), cm.mlp)
         sa = mult.memory["text"][0]
-        h = norm(z, sa.norm_attn)
+        h = norm(z, sa.norm1)
         z = z + attention(h, h, sa.attn)
-        z = z + mlp(norm(z, sa.norm_mlp), sa.mlp)
+        z = z + mlp(norm(z, sa.norm2), sa.mlp)
         expected = linear(norm(z, mult.norm["text"]), mult.output["text"])
         with torch.no_grad():
             torch.testing.assert_close(out[b][masks["text"][b]], expected)

@@ -15,7 +15,16 @@ import timm
 import torch
 
 from mmssl.architectures.config import FusionConfig, ModelConfig, build_model
+from mmssl.architectures.layers.blocks import Block
 from mmssl.architectures.modalities import AudioConfig, TextConfig
+from mmssl.architectures.modalities.masking import (
+    block_mask,
+    patchify,
+    random_token_mask,
+    span_mask,
+    time_span_mask,
+    unpatchify,
+)
 from mmssl.architectures.modalities.tokenizers import load_tokenizer
 from mmssl.architectures.outputs import ModelSpec
 from mmssl.data_pipelines.batch import Batch
@@ -37,19 +46,7 @@ from mmssl.objectives.masked import (
     norm_pix_target,
     token_ce,
 )
-from mmssl.objectives.masking import (
-    KEPT,
-    MASKED,
-    RANDOM,
-    bert_mask,
-    block_mask,
-    patchify,
-    random_patch_mask,
-    row_generators,
-    span_mask,
-    time_span_mask,
-    unpatchify,
-)
+from mmssl.objectives.masking import KEPT, MASKED, RANDOM, bert_mask, row_generators
 from tests.conftest import PROMPT_WORDS
 from tests.helpers.spawn import spawn_ranks
 
@@ -79,6 +76,17 @@ def model(spm: Path):
 
 
 # ---------------------------------------------------------------- (a) mask generators
+def _bert(ids: torch.Tensor, am: torch.Tensor, *, special_ids: list[int], mask_id: int, vocab_size: int,
+          generator, ratio: float = 0.15):
+    """MLM's masking: the text plug-in's selection (`random_token_mask` over real, non-special tokens, at least one)
+    then `bert_mask`'s 80/10/10 replacement, from the same generators."""
+    specials = torch.tensor(sorted({*special_ids, mask_id}))
+    maskable = am.bool() & ~torch.isin(ids, specials)
+    selected = random_token_mask(ids.shape[0], ids.shape[1], ratio, generator, maskable=maskable, min_count=1)
+    return bert_mask(ids, selected, special_ids=special_ids, mask_id=mask_id, vocab_size=vocab_size,
+                     generator=generator)
+
+
 def test_bert_mask_counts_specials_and_determinism() -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 50, (64, 20), generator=g)
@@ -89,29 +97,28 @@ def test_bert_mask_counts_specials_and_determinism() -> None:
     ids[:, 0] = 2  # bos
     ids[torch.arange(64), (lengths - 1).clamp_min(0)] = 3  # eos
     kw = {"special_ids": [0, 2, 3], "mask_id": 4, "vocab_size": 50, "ratio": 0.15}
-    out = bert_mask(ids, am, generator=torch.Generator().manual_seed(1), **kw)
+    out = _bert(ids, am, generator=torch.Generator().manual_seed(1), **kw)
     for row in range(64):
         maskable = [t for t in range(20) if am[row, t] and int(ids[row, t]) not in (0, 2, 3)]
         sel = out.selected[row].nonzero().squeeze(1).tolist()
         assert set(sel) <= set(maskable)  # never a special or padding
         assert len(sel) == (max(1, math.floor(0.15 * len(maskable) + 0.5)) if maskable else 0)
-    again = bert_mask(ids, am, generator=torch.Generator().manual_seed(1), **kw)
-    other = bert_mask(ids, am, generator=torch.Generator().manual_seed(2), **kw)
+    again = _bert(ids, am, generator=torch.Generator().manual_seed(1), **kw)
+    other = _bert(ids, am, generator=torch.Generator().manual_seed(2), **kw)
     assert torch.equal(again.input_ids, out.input_ids) and torch.equal(again.selected, out.selected)
     assert not torch.equal(other.selected, out.selected)
     # per-row generators: a row's mask depends on its key, not its position
     keys = [f"k{i}" for i in range(64)]
-    a = bert_mask(ids, am, generator=row_generators(7, keys, 0), **kw)
+    a = _bert(ids, am, generator=row_generators(7, keys, 0), **kw)
     perm = torch.randperm(64, generator=g)
-    b = bert_mask(ids[perm], am[perm], generator=row_generators(7, [keys[i] for i in perm], 0), **kw)
+    b = _bert(ids[perm], am[perm], generator=row_generators(7, [keys[i] for i in perm], 0), **kw)
     assert torch.equal(a.selected[perm], b.selected) and torch.equal(a.input_ids[perm], b.input_ids)
 
 
 def test_bert_mask_80_10_10() -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 40, (2000, 40), generator=g)
-    out = bert_mask(ids, torch.ones_like(ids), special_ids=[0, 1, 2, 3], mask_id=4, vocab_size=40,
-                    generator=g)
+    out = _bert(ids, torch.ones_like(ids), special_ids=[0, 1, 2, 3], mask_id=4, vocab_size=40, generator=g)
     sel = out.selected
     n = int(sel.sum())
     assert n == 2000 * 6  # round(0.15 * 40) per row
@@ -127,9 +134,9 @@ def test_bert_mask_80_10_10() -> None:
 
 
 def test_patch_span_and_block_masks() -> None:
-    m = random_patch_mask(50, 48, 0.75, torch.Generator().manual_seed(0))
-    assert bool((m.sum(1) == 48 - int(48 * 0.25)).all())
-    assert torch.equal(m, random_patch_mask(50, 48, 0.75, torch.Generator().manual_seed(0)))
+    m = random_token_mask(50, 48, 0.75, torch.Generator().manual_seed(0))
+    assert bool((m.sum(1) == math.floor(0.75 * 48 + 0.5)).all())  # the one count: ratio·n rounded, halves up
+    assert torch.equal(m, random_token_mask(50, 48, 0.75, torch.Generator().manual_seed(0)))
     # spans: s = round(p·T) distinct starts in [0, T-L], L steps each; expected union from the hypergeometric law
     T, L, p, rows = 50, 5, 0.1, 3000
     s, positions = 5, T - L + 1
@@ -200,7 +207,7 @@ def test_mlm_objective_equals_float64_recomputation(model, spm: Path, cross: boo
         batch.present["audio"][4] = False
     out = model(batch.inputs, batch.present)
     loss = obj(out, batch, model).loss
-    tm = obj.make_mask(batch)
+    tm = obj.make_mask(batch, model)
     ids, am = batch.inputs["text"]["input_ids"], batch.inputs["text"]["attention_mask"]
     assert not torch.equal(tm.input_ids, ids)
     with torch.no_grad():
@@ -223,7 +230,7 @@ def test_configuration_errors(model, spm: Path) -> None:
     nomask = ModelSpec(**{**free.__dict__, "special_tokens": {"text": {"pad": 0}}})
     with pytest.raises(ObjectiveError, match="no mask token"):
         MLMObjective.from_config(MLMConfig(), nomask)
-    with pytest.raises(ObjectiveError, match="modality='text' has no ViT patch tower"):
+    with pytest.raises(ObjectiveError, match="modality='text' has no tower that encodes a masked view"):
         MAEObjective.from_config(MAEConfig(modality="text"), free)
     with pytest.raises(ObjectiveError, match="grid"):
         MAEObjective.from_config(MAEConfig(pos_embed="learned"), free)
@@ -276,8 +283,8 @@ def test_norm_pix_target_and_mae_loss_formula() -> None:
 
 def test_mae_decoder_puts_tokens_at_their_grid_positions() -> None:
     torch.manual_seed(0)
-    dec = MAEDecoder(6, 4, width=8, depth=1, heads=2, mlp_ratio=2.0, grid=None)
-    mask = random_patch_mask(3, 12, 0.5, torch.Generator().manual_seed(0))
+    dec = MAEDecoder(6, 4, block=Block, width=8, depth=1, heads=2, mlp_ratio=2.0, grid=None)
+    mask = random_token_mask(3, 12, 0.5, torch.Generator().manual_seed(0))
     features = torch.randn(3, 1 + 6, 6)  # one prefix token + 6 visible
     seen = []
     dec.blocks[0].register_forward_pre_hook(lambda _, a: seen.append(a[0].detach()))
@@ -308,7 +315,7 @@ def test_mae_objective_encodes_visible_patches_only(model, spm: Path, pos_embed:
     loss = obj(out, batch, model).loss
     handle.remove()
     assert seen[-1] == (6, 1 + 4, 32)  # class token + 16 - 12 visible patches
-    mask = obj.make_mask(batch)
+    mask = obj.make_mask(batch, model)
     assert bool((mask.sum(1) == 12).all())
     with torch.no_grad():
         pred = obj.decoder(model.towers["audio"](batch.inputs["audio"], mask=mask).features, mask, (4, 4), 4)
@@ -340,7 +347,7 @@ def test_masked_cluster_objective(model, spm: Path) -> None:
     patches = patchify(batch.inputs["audio"], (8, 8))
     assert int(obj.codebook_fits[0]) == 1
     torch.testing.assert_close(obj.codebook, kmeans(patches[1:].flatten(0, 1), 8, 20, 0)[0])
-    mask = obj.make_mask(batch)
+    mask = obj.make_mask(batch, model)
     with torch.no_grad():
         states = model.towers["audio"](batch.inputs["audio"], mask=mask, mask_token=obj.mask_token).features[:, 1:]
     keep = [(b, n) for b in range(1, 6) for n in range(16) if mask[b, n]]
@@ -392,7 +399,8 @@ def _ranks(rank: int, world: int) -> dict:
     loss, _ = token_ce(mine, targets[rows])
     loss.backward()
     spec = ModelSpec(family="fusion_free", modalities=("audio",), embed_dim=8, feature_dims={"audio": 8},
-                     token_dims={"audio": 8}, patch_shapes={"audio": (1, 2, 2)})
+                     token_dims={"audio": 8}, mask_kinds={"audio": ("random", "span", "block")},
+                     mask_grids={"audio": (2, 2)}, mask_targets={"audio": 4})
     obj = MaskedClusterObjective(MaskedClusterConfig(num_clusters=3), spec)
     obj.fit_codebook(torch.randn(20, 4, generator=torch.Generator().manual_seed(rank))[: 20 if rank == 0 else 13])
     return {"loss": loss.detach(), "grad": mine.grad, "codebook": obj.codebook}

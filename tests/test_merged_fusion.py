@@ -34,11 +34,10 @@ def test_merged_fusion_equals_torch_transformer_encoder_layer() -> None:
         ref.self_attn.in_proj_bias.copy_(torch.cat([block.attn.q.bias, block.attn.kv.bias]))
         ref.self_attn.out_proj.weight.copy_(block.attn.proj.weight)
         ref.self_attn.out_proj.bias.copy_(block.attn.proj.bias)
-        expert = block.ffn["shared"]
-        ref.norm1.load_state_dict(block.norm.state_dict())
-        ref.norm2.load_state_dict(expert.norm.state_dict())
-        ref.linear1.load_state_dict(expert.mlp.fc1.state_dict())
-        ref.linear2.load_state_dict(expert.mlp.fc2.state_dict())
+        ref.norm1.load_state_dict(block.norm1.state_dict())
+        ref.norm2.load_state_dict(block.norm2.state_dict())
+        ref.linear1.load_state_dict(block.mlp.fc1.state_dict())
+        ref.linear2.load_state_dict(block.mlp.fc2.state_dict())
     tokens = _tokens()
     mask = {"audio": torch.tensor([[1, 1, 1, 0, 0], [1] * 5, [1, 1, 0, 0, 0]]).bool(),
             "image": torch.ones(3, 4, dtype=torch.bool)}
@@ -95,9 +94,9 @@ def cav_mae_model(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
 
 
 def test_joint_mae_loss_is_the_masked_mse_of_present_rows(cav_mae_model: torch.nn.Module) -> None:
+    from mmssl.architectures.modalities.masking import patchify
     from mmssl.data_pipelines.batch import Batch
     from mmssl.objectives.joint_mae import JointMAEConfig, JointMAEObjective
-    from mmssl.objectives.masking import patchify
 
     model = cav_mae_model
     objective = JointMAEObjective(JointMAEConfig(modalities=["audio", "image"], mask_ratio=0.5, decoder_width=16,
@@ -108,7 +107,7 @@ def test_joint_mae_loss_is_the_masked_mse_of_present_rows(cav_mae_model: torch.n
     batch = Batch(inputs=inputs, present=present, keys=[f"k{i}" for i in range(4)])
     out = objective(model(batch.inputs, present), batch, model)
 
-    masks = objective.make_masks(batch)
+    masks = objective.make_masks(batch, model)
     assert masks["audio"].sum(1).tolist() == [4] * 4 and masks["image"].sum(1).tolist() == [2] * 4
     assert not torch.equal(masks["audio"][:, :4], masks["image"])  # each modality draws its own mask
     # the predictions the objective scored, recomputed through the same modules

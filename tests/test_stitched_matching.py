@@ -50,8 +50,8 @@ def build(vision, kind: str, options: dict, lm: FrozenLM | None = None) -> Stitc
     if kind == "flamingo":  # open the gates, so that the image changes the LM's states
         with torch.no_grad():
             for block in model.bridge.xattn:
-                block.attn_gate.fill_(0.5)
-                block.ffn_gate.fill_(0.5)
+                block.cross_gate.fill_(0.5)
+                block.mlp_gate.fill_(0.5)
     return model
 
 

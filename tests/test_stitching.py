@@ -196,11 +196,11 @@ def test_gated_cross_attention_starts_as_the_frozen_lm_and_trains_only_the_bridg
         if step == 0:
             assert all(p.grad is None for p in model.vision.parameters())
             assert all(p.grad is None for p in model.lm.parameters())
-            assert bridge.xattn[0].attn_gate.grad.abs().item() > 0
+            assert bridge.xattn[0].cross_gate.grad.abs().item() > 0
         optimizer.step()
         if step == 0:
-            assert torch.equal(bridge.xattn[0].attn.out_proj.weight, before["bridge.xattn.0.attn.out_proj.weight"])
-            assert not torch.equal(bridge.xattn[0].attn_gate, before["bridge.xattn.0.attn_gate"])
+            assert torch.equal(bridge.xattn[0].cross_attn.proj.weight, before["bridge.xattn.0.cross_attn.proj.weight"])
+            assert not torch.equal(bridge.xattn[0].cross_gate, before["bridge.xattn.0.cross_gate"])
     assert frozen_digests(model) == frozen_before
     unchanged = [n for n, p in trainable.items() if torch.equal(p.detach(), before[n])]
     assert unchanged == []
@@ -220,7 +220,7 @@ def test_flamingo_hooks_follow_a_deep_copy(vision, images) -> None:
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for block in twin.bridge.xattn:
-            block.attn_gate.fill_(1.0)
+            block.cross_gate.fill_(1.0)
         original, copied = model(batch), twin(batch)
     assert torch.equal(original.fused["text"], original.tokens["text"])  # the copy's gates do not reach the original
     assert (copied.fused["text"] - copied.tokens["text"]).abs().max() > 1e-4
@@ -301,8 +301,8 @@ def test_bridge_shapes_lm_space_missing_modalities_and_gradients(name: str, visi
     if kind == "flamingo":  # open the gates so that every bridge parameter is on the gradient path
         with torch.no_grad():
             for block in bridge.xattn:
-                block.attn_gate.fill_(0.5)
-                block.ffn_gate.fill_(0.5)
+                block.cross_gate.fill_(0.5)
+                block.mlp_gate.fill_(0.5)
     model.train()
     out = model(batch)
     loss = out.embeddings["image"].square().sum() + out.embeddings["text"].square().sum() + out.fused["text"].sum()
@@ -353,7 +353,7 @@ def _zero3_task() -> torch.nn.Module:
     bridge = FlamingoBridge(24, 32, num_lm_layers=2, width=16, num_latents=4, depth=1, heads=2, xattn_heads=2)
     with torch.no_grad():
         for block in bridge.xattn:
-            block.attn_gate.fill_(0.3)
+            block.cross_gate.fill_(0.3)
     model = StitchedModel(vision, tiny_gpt2(), bridge, embed_dim=8)
 
     class Task(torch.nn.Module):
@@ -415,12 +415,12 @@ def test_flamingo_trains_under_zero3_as_on_one_process() -> None:
 def test_inner_attention_equals_the_formula_in_float64() -> None:
     """Flamingo's attention with key/value size independent of the width (``head_dim``): against the formula
     ``W_o concat_h softmax(q_h k_hᵀ/√d) v_h`` written out per head, in float64."""
-    from mmssl.architectures.stitching.flamingo import InnerAttention
+    from mmssl.architectures.layers.attention import Attention
 
     torch.manual_seed(0)
-    attn = InnerAttention(12, 20, heads=3, head_dim=5).double()
+    attn = Attention(12, 3, context_dim=20, head_dim=5, bias=False).double()  # as FlamingoBridge builds it
     x, c = torch.randn(2, 4, 12, dtype=torch.float64), torch.randn(2, 7, 20, dtype=torch.float64)
-    wq, wkv, wo = attn.q.weight, attn.kv.weight, attn.out.weight
+    wq, wkv, wo = attn.q.weight, attn.kv.weight, attn.proj.weight
     heads = []
     for h in range(3):
         q = x @ wq[h * 5:(h + 1) * 5].T

@@ -13,9 +13,8 @@ from timm.models import group_parameters
 
 from mmssl.architectures.embedders import PatchEmbedder, TokenIdEmbedder
 from mmssl.architectures.errors import ArchitectureError
-from mmssl.architectures.mome import FUSION_EXPERT, SHARED_EXPERT
-from mmssl.architectures.perceiver import PerceiverEncoder
-from mmssl.architectures.unified import UnifiedModel
+from mmssl.architectures.layers.perceiver import Perceiver
+from mmssl.architectures.unified import FUSION_EXPERT, UnifiedModel
 
 WIDTH, VOCAB, MAX_LEN = 32, 50, 16
 # (experts, fusion_depth, latents): plain early fusion, MoME early fusion, fusion blocks, MoME + fusion expert,
@@ -144,13 +143,13 @@ def test_padding_tokens_change_no_output(experts: bool, fusion_depth: int, laten
 
 def test_modality_experts_route_by_modality() -> None:
     model = _model(experts=True)
-    assert all(list(b.ffn) == ["image", "text"] for b in model.blocks)
-    assert all(list(b.ffn) == [SHARED_EXPERT] for b in _model().blocks)
+    assert all(list(b.mlp) == list(b.norm2) == ["image", "text"] for b in model.blocks)
+    assert all(b.experts is None for b in _model().blocks)  # one shared FFN
     x = _batch(3)
     with torch.no_grad():
         before = model(x)
         for block in model.blocks:
-            for p in block.ffn["image"].parameters():
+            for p in (*block.norm2["image"].parameters(), *block.mlp["image"].parameters()):
                 p.add_(0.5 * torch.randn_like(p))
         after = model(x)
         text_only = model({"text": x["text"]})
@@ -163,11 +162,12 @@ def test_modality_experts_route_by_modality() -> None:
 
 def test_fusion_expert_is_used_only_in_the_joint_pass() -> None:
     model = _model(experts=True, fusion_depth=1)
-    assert list(model.fusion_blocks[0].ffn) == [FUSION_EXPERT]
+    assert list(model.fusion_blocks[0].mlp) == list(model.fusion_blocks[0].norm2) == [FUSION_EXPERT]
     x = _batch(3)
     with torch.no_grad():
         before = model(x)
-        for p in model.fusion_blocks[0].ffn[FUSION_EXPERT].parameters():
+        block = model.fusion_blocks[0]
+        for p in (*block.norm2[FUSION_EXPERT].parameters(), *block.mlp[FUSION_EXPERT].parameters()):
             p.add_(0.5 * torch.randn_like(p))
         after = model(x)
     for field in ("tokens", "pooled", "embeddings"):
@@ -229,31 +229,32 @@ def test_tokens_and_fused_states_align_with_the_input_tokens_for_mlm(experts: bo
     assert _differs(other_image[selected], fused[selected])  # the selected states read the image
 
 
-def _perceiver_layer_by_formula(enc: PerceiverEncoder, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _perceiver_layer_by_formula(enc: Perceiver, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """One cross-attention layer written out: z + W_o softmax(Q K^T / sqrt(d) + M) V, then z + MLP(LN(z))."""
     layer = enc.layers[0]
     z = enc.latents.expand(x.shape[0], -1, -1)
-    q_in = F.layer_norm(z, (WIDTH,), layer.norm_q.weight, layer.norm_q.bias)
-    kv_in = F.layer_norm(x, (WIDTH,), layer.norm_kv.weight, layer.norm_kv.bias)
-    q = q_in @ layer.attn.q.weight.T + layer.attn.q.bias
-    kv = kv_in @ layer.attn.kv.weight.T + layer.attn.kv.bias
+    q_in = F.layer_norm(z, (WIDTH,), layer.norm_cross.weight, layer.norm_cross.bias)
+    kv_in = F.layer_norm(x, (WIDTH,), layer.norm_context.weight, layer.norm_context.bias)
+    attn = layer.cross_attn
+    q = q_in @ attn.q.weight.T + attn.q.bias
+    kv = kv_in @ attn.kv.weight.T + attn.kv.bias
     k, v = kv[..., :WIDTH], kv[..., WIDTH:]
-    heads, d = layer.attn.heads, WIDTH // layer.attn.heads
+    heads, d = attn.heads, WIDTH // attn.heads
     outs = []
     for h in range(heads):
         sl = slice(h * d, (h + 1) * d)
         scores = torch.einsum("bld,btd->blt", q[..., sl], k[..., sl]) / math.sqrt(d)
         scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
         outs.append(torch.einsum("blt,btd->bld", scores.softmax(-1), v[..., sl]))
-    z = z + torch.cat(outs, -1) @ layer.attn.proj.weight.T + layer.attn.proj.bias
-    h = F.layer_norm(z, (WIDTH,), layer.norm_mlp.weight, layer.norm_mlp.bias)
+    z = z + torch.cat(outs, -1) @ attn.proj.weight.T + attn.proj.bias
+    h = F.layer_norm(z, (WIDTH,), layer.norm2.weight, layer.norm2.bias)
     h = F.gelu(h @ layer.mlp.fc1.weight.T + layer.mlp.fc1.bias) @ layer.mlp.fc2.weight.T + layer.mlp.fc2.bias
     return z + h
 
 
 def test_perceiver_layer_matches_the_cross_attention_formula_and_ignores_token_order() -> None:
     torch.manual_seed(0)
-    enc = PerceiverEncoder(WIDTH, heads=2, num_latents=3, depth=1).eval()
+    enc = Perceiver(WIDTH, heads=2, num_latents=3, depth=1).eval()
     x = torch.randn(2, 9, WIDTH)
     keep = torch.ones(2, 9, dtype=torch.bool)
     keep[1, 5:] = False
@@ -338,8 +339,8 @@ def test_timm_contract() -> None:
     layer_of = group_parameters(model, model.group_matcher(), reverse=True)
     assert set(layer_of) == set(names)
     assert layer_of["embedders.image.proj.weight"] == layer_of["perceiver.latents"] == layer_of["cls_tokens.text"] == 0
-    order = ["blocks.0.attn.q.weight", "blocks.1.ffn.text.mlp.fc1.weight", "fusion_blocks.0.attn.kv.weight",
-             "fusion_blocks.1.ffn.fusion.norm.weight", "heads.text.proj.weight"]
+    order = ["blocks.0.attn.q.weight", "blocks.1.mlp.text.fc1.weight", "fusion_blocks.0.attn.kv.weight",
+             "fusion_blocks.1.norm2.fusion.weight", "heads.text.proj.weight"]
     assert [layer_of[n] for n in order] == sorted({layer_of[n] for n in order})  # strictly increasing
     assert layer_of["norm.weight"] == layer_of["blocks.1.attn.q.weight"]  # final norm joins the last block
     assert model.family == "unified" and model.spec is None and model.modalities == ["image", "text"]

@@ -34,11 +34,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmssl.architectures.embedders import PatchEmbedder, patchify
+from mmssl.architectures.embedders import PatchEmbedder
 from mmssl.architectures.modalities import corruptions
-from mmssl.architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
-from mmssl.architectures.modalities.masking import Generators, random_token_mask
-from mmssl.architectures.towers import ArchitectureError, TimmTower
+from mmssl.architectures.modalities.base import DecoderFn, MaskedView, ModalityPlugin, TowerConfig, timm_tower
+from mmssl.architectures.modalities.image import vit_masked_view
+from mmssl.architectures.modalities.masking import (
+    Generators,
+    block_mask,
+    patchify,
+    random_token_mask,
+    time_span_mask,
+)
+from mmssl.architectures.towers import ArchitectureError, TimmTower, Tower
 
 
 @dataclass
@@ -216,15 +223,33 @@ class AudioPlugin(ModalityPlugin):
     def build_embedder(self, cfg: AudioConfig, width: int) -> PatchEmbedder:
         return PatchEmbedder(1, (cfg.n_mels, cfg.frames), _patch(cfg), width)
 
-    def mask(self, cfg: AudioConfig, x: Tensor, ratio: float, generator: Generators = None) -> Tensor:
-        """MAE's uniform patch masking over the spectrogram patches: exactly ``⌊ratio·N + ½⌋`` per row."""
+    def mask_kinds(self, cfg: AudioConfig) -> tuple[str, ...]:
+        return ("random", "span", "block")
+
+    def mask(self, cfg: AudioConfig, x: Tensor, ratio: float, generator: Generators = None, *,
+             kind: str | None = None, span_length: int = 1) -> Tensor:
+        """Over the ``(mels/ph) x (frames/pw)`` spectrogram patches: ``random``, MAE's uniform masking of exactly
+        ``⌊ratio·N + ½⌋`` per row (AudioMAE, CAV-MAE); ``span``, whole time columns in spans of ``span_length``
+        columns, ``⌊ratio·columns + ½⌋`` starts (AV-HuBERT's audio masking, HuBERT's spans over frames); ``block``,
+        BEiT's blockwise masking."""
+        kind = self.check_mask_kind(cfg, kind)
         ph, pw = _patch(cfg)
-        return random_token_mask(x.shape[0], (x.shape[-2] // ph) * (x.shape[-1] // pw), ratio, generator,
-                                 device=x.device)
+        grid = (x.shape[-2] // ph, x.shape[-1] // pw)
+        if kind == "span":
+            return time_span_mask(x.shape[0], grid, start_prob=ratio, span=span_length, generator=generator,
+                                  device=x.device)
+        if kind == "block":
+            return block_mask(x.shape[0], grid, ratio, generator, device=x.device)
+        return random_token_mask(x.shape[0], grid[0] * grid[1], ratio, generator, device=x.device)
 
     def target(self, cfg: AudioConfig, x: Tensor) -> Tensor:
         """The spectrogram patches ``[B, N, ph·pw]`` (`patchify` order, the embedder's token order)."""
         return patchify(x, _patch(cfg))
+
+    def masked_view(self, cfg: AudioConfig, tower: Tower) -> MaskedView | None:
+        """A timm ViT encodes the ``(mels/ph, frames/pw)`` patch grid (`TimmTower`'s masked forward)."""
+        ph, pw = _patch(cfg)
+        return vit_masked_view("audio", tower, (1, ph, pw), (cfg.n_mels // ph, cfg.frames // pw))
 
     def random_example(self, cfg: AudioConfig, batch_size: int) -> Tensor:
         return torch.randn(batch_size, 1, cfg.n_mels, cfg.frames)

@@ -8,8 +8,11 @@ A plug-in owns everything that is specific to one modality:
 * ``export_assets(cfg, out_dir)``: files an exported encoder needs besides its weights (a tokenizer),
 * ``build_embedder(cfg, width)``: the modality's tokeniser for the unified encoder (`architectures.embedders`):
   input -> ``[B, T, width]`` tokens with positional encoding, and a ``bool[B, T]`` real-token mask,
-* ``mask(cfg, x, ratio, generator)``: a masking function over those ``T`` tokens (``bool[B, T]``, True = masked),
-* ``target(cfg, x)``: the per-token reconstruction target for masked prediction (``[B, T, ...]``),
+* ``mask(cfg, x, ratio, generator, kind=...)``: a mask over those ``T`` tokens (``bool[B, T]``, True = masked) of
+  one of the ``mask_kinds(cfg)`` (the first is the default), drawn by `architectures.modalities.masking`,
+* ``target(cfg, x)``: the per-token reconstruction target for masked prediction (``[B, T, P]``; text: the ids),
+* ``masked_view(cfg, tower)``: the token ``grid`` and target width ``P`` of the masked view when ``tower`` can encode
+  one (its ``forward(x, mask=..., mask_token=..., visible=...)``, `architectures.towers.Tower`), else None,
 * ``corruptions`` and ``corrupted_decoder(cfg, kind, level)``: the modality's noise topology for robustness
   evaluation (MultiBench, Liang et al. 2021): the evaluation decoder with corruption ``kind`` applied at strength
   ``level ∈ [0, 1]`` at the stage it belongs to (`architectures.modalities.corruptions`); level 0 is the clean
@@ -27,14 +30,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from mmssl.architectures.embedders import TokenEmbedder
 from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.modalities.masking import Generators
 from mmssl.architectures.towers import TimmTower, Tower
 
 Decoded = Tensor | dict[str, Tensor]
@@ -93,6 +96,13 @@ def timm_tower(cfg: TowerConfig, *, in_chans: int, img_size: list[int], patch_si
 DeviceTransform = Callable[[Tensor], Tensor]
 
 
+class MaskedView(NamedTuple):
+    """What a tower that encodes masked views offers masked prediction (`ModalityPlugin.masked_view`)."""
+
+    grid: tuple[int, ...]  # the T tokens of `mask` / `target` as a row-major grid: (gh, gw), (G, gh, gw), (T,)
+    target_dim: int  # P: the width of `target`'s [B, T, P]
+
+
 class ModalityPlugin(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type[TowerConfig]]
@@ -119,11 +129,34 @@ class ModalityPlugin(ABC):
     def build_embedder(self, cfg: Any, width: int) -> TokenEmbedder:
         raise NotImplementedError(f"modality {self.name!r} has no token embedder")
 
-    def mask(self, cfg: Any, x: Decoded, ratio: float, generator: torch.Generator | None = None) -> Tensor:
+    def mask_kinds(self, cfg: Any) -> tuple[str, ...]:
+        """The mask kinds `mask` draws for this configuration, the default first (none: no masking)."""
+        return ()
+
+    def check_mask_kind(self, cfg: Any, kind: str | None) -> str:
+        """``kind`` (None: the default), checked against `mask_kinds`."""
+        kinds = self.mask_kinds(cfg)
+        if not kinds:
+            raise ArchitectureError(f"modality {self.name!r} has no masking function")
+        if kind is None:
+            return kinds[0]
+        if kind not in kinds:
+            raise ArchitectureError(f"modality {self.name!r} has no {kind!r} mask (mask kinds: {list(kinds)})")
+        return kind
+
+    def mask(self, cfg: Any, x: Decoded, ratio: float, generator: Generators = None, *, kind: str | None = None,
+             span_length: int = 1) -> Tensor:
+        """``bool[B, T]`` (True = masked) over the modality's ``T`` tokens: ``kind`` (default: the first of
+        `mask_kinds`) at ``ratio`` (for ``span``: the share of steps that start a span of ``span_length``), drawn
+        from ``generator`` on ``x``'s device (pass the host batch's ``x``: nothing is read from a device)."""
         raise NotImplementedError(f"modality {self.name!r} has no masking function")
 
     def target(self, cfg: Any, x: Decoded) -> Tensor:
         raise NotImplementedError(f"modality {self.name!r} has no reconstruction target")
+
+    def masked_view(self, cfg: Any, tower: Tower) -> MaskedView | None:
+        """The grid and target width of the view ``tower`` encodes under a `mask`, or None when it encodes none."""
+        return None
 
     def random_example(self, cfg: Any, batch_size: int) -> Decoded:
         """A batch of valid random inputs (for shape checks, benchmarks and meta-device builds)."""

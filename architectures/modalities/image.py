@@ -26,11 +26,12 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from mmssl.architectures.embedders import PatchEmbedder, patchify
+from mmssl.architectures.embedders import PatchEmbedder
+from mmssl.architectures.errors import ArchitectureError
 from mmssl.architectures.modalities import corruptions
-from mmssl.architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
-from mmssl.architectures.modalities.masking import Generators, random_token_mask
-from mmssl.architectures.towers import TimmTower
+from mmssl.architectures.modalities.base import DecoderFn, MaskedView, ModalityPlugin, TowerConfig, timm_tower
+from mmssl.architectures.modalities.masking import Generators, block_mask, patchify, random_token_mask
+from mmssl.architectures.towers import TimmTower, Tower
 
 
 @dataclass
@@ -153,14 +154,42 @@ class ImagePlugin(ModalityPlugin):
         size, patch = (cfg.image_size, cfg.image_size), (cfg.patch_size, cfg.patch_size)
         return PatchEmbedder(cfg.in_chans, size, patch, width)
 
-    def mask(self, cfg: ImageConfig, x: Tensor, ratio: float, generator: Generators = None) -> Tensor:
-        """MAE's uniform patch masking: exactly ``⌊ratio·N + ½⌋`` of the ``N`` patches of every row."""
-        tokens = (x.shape[-2] // cfg.patch_size) * (x.shape[-1] // cfg.patch_size)
-        return random_token_mask(x.shape[0], tokens, ratio, generator, device=x.device)
+    def mask_kinds(self, cfg: ImageConfig) -> tuple[str, ...]:
+        return ("random", "block")
+
+    def mask(self, cfg: ImageConfig, x: Tensor, ratio: float, generator: Generators = None, *,
+             kind: str | None = None, span_length: int = 1) -> Tensor:
+        """Over the ``N`` patches: ``random``, MAE's uniform masking of exactly ``⌊ratio·N + ½⌋`` per row;
+        ``block``, BEiT's blockwise masking of at least that many."""
+        kind = self.check_mask_kind(cfg, kind)
+        grid = (x.shape[-2] // cfg.patch_size, x.shape[-1] // cfg.patch_size)
+        if kind == "block":
+            return block_mask(x.shape[0], grid, ratio, generator, device=x.device)
+        return random_token_mask(x.shape[0], grid[0] * grid[1], ratio, generator, device=x.device)
 
     def target(self, cfg: ImageConfig, x: Tensor) -> Tensor:
         """The patches' pixels ``[B, N, ph·pw·C]`` (`patchify` order, the embedder's token order)."""
         return patchify(x, (cfg.patch_size, cfg.patch_size))
 
+    def masked_view(self, cfg: ImageConfig, tower: Tower) -> MaskedView | None:
+        """A timm ViT encodes the ``(H/p, W/p)`` patch grid (`TimmTower`'s masked forward)."""
+        p = cfg.patch_size
+        return vit_masked_view("image", tower, (cfg.in_chans, p, p), (cfg.image_size // p, cfg.image_size // p))
+
     def random_example(self, cfg: ImageConfig, batch_size: int) -> Tensor:
         return torch.randn(batch_size, cfg.in_chans, cfg.image_size, cfg.image_size)
+
+
+def vit_masked_view(modality: str, tower: Tower, patch: tuple[int, int, int],
+                    grid: tuple[int, int]) -> MaskedView | None:
+    """The masked view of a timm ViT tower cutting ``patch = (C, ph, pw)`` patches over ``grid``, or None for
+    other towers; the tower's own patches must be the plug-in's (a ``model_args.patch_size`` that differs is an
+    error: the masks and targets are cut from the plug-in's)."""
+    shape = tower.patch_shape() if isinstance(tower, TimmTower) else None
+    if shape is None:
+        return None
+    if tuple(shape) != tuple(patch):
+        raise ArchitectureError(f"model.{modality}: the tower cuts (channels, height, width) = {tuple(shape)} patches "
+                                f"but the {modality} plug-in {tuple(patch)} (set model.{modality}.patch_size, not "
+                                "model_args.patch_size)")
+    return MaskedView(grid, patch[0] * patch[1] * patch[2])

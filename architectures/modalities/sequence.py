@@ -17,8 +17,15 @@ Decoded value: ``{"values": float [L, C], "mask": bool [L]}`` (``L = length``, o
 Tower (`SequenceTower`): a transformers encoder built by config (``AutoConfig.for_model(arch)``, BERT by default,
 with a one-entry vocabulary since ids are never read) fed ``inputs_embeds = [CLS; tokens]`` with attention mask
 ``[1; token mask]``; pooled output: the CLS state (``pool="cls"``) or the mean over real tokens (``pool="mean"``).
-Token embedder (`SequenceEmbedder`): the same tokenizer plus a learned position. Masking: ``⌊ratio·n + ½⌋`` of a
-row's ``n`` real tokens, uniformly; target: the token's values (``[B, T, P·C]`` patches, ``[B, C, 1]`` features).
+Token embedder (`SequenceEmbedder`): the same tokenizer plus a learned position. Masking: ``random``,
+``⌊ratio·n + ½⌋`` of a row's ``n`` real tokens, uniformly; ``span`` (``layout: time``), wav2vec 2.0 / HuBERT spans
+of ``span_length`` patches over time, ``max(1, ⌊p·n + ½⌋)`` starts within the real tokens. Target: the token's values
+(``[B, T, P·C]`` patches, ``[B, C, 1]`` features).
+
+Masked view (`SequenceTower`, the towers' masked-forward contract, `Tower.forward`): masked value tokens are replaced
+by the mask token before [CLS] is prepended (replace mode), or dropped (drop mode: each row's unmasked tokens, in
+order, keep their own position ids, ``1 + n`` for token ``n``; a row with fewer than ``visible`` of them fills the
+rest with slots the attention mask hides, so rows of different real lengths drop together).
 
 Corruptions (robustness evaluation, `SequencePlugin.corrupted_decoder`), applied to the normalised real steps after
 cropping, before zero-padding, at ``level ∈ [0, 1]``:
@@ -48,8 +55,8 @@ from torch import Tensor, nn
 from mmssl.architectures.embedders import EmbeddedTokens, TokenEmbedder, learned_positions
 from mmssl.architectures.errors import ArchitectureError
 from mmssl.architectures.modalities import corruptions
-from mmssl.architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig
-from mmssl.architectures.modalities.masking import Generators, random_token_mask
+from mmssl.architectures.modalities.base import DecoderFn, MaskedView, ModalityPlugin, TowerConfig
+from mmssl.architectures.modalities.masking import Generators, random_token_mask, span_mask
 from mmssl.architectures.towers import HFTextTower, Tower, TowerOutput
 
 LAYOUTS = ("time", "features")
@@ -271,15 +278,17 @@ class SequenceTower(Tower):
         real = self.token_mask(x)
         return torch.cat([torch.ones_like(real[:, :1]), real], dim=1)
 
-    def _encode(self, x: dict[str, Tensor], real: Tensor) -> Tensor:
-        tokens = self.tokenizer(x["values"])
+    def _encode(self, tokens: Tensor, real: Tensor, positions: Tensor | None = None) -> Tensor:
+        """``[CLS; tokens]`` through the encoder, attending to [CLS] and the ``real`` tokens; ``positions``: the
+        encoder's position ids (default: their order)."""
         cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
         attention = torch.cat([torch.ones_like(real[:, :1]), real], dim=1).long()
-        out = self.encoder.model(inputs_embeds=torch.cat([cls, tokens], dim=1), attention_mask=attention)
+        extra = {} if positions is None else {"position_ids": positions}
+        out = self.encoder.model(inputs_embeds=torch.cat([cls, tokens], dim=1), attention_mask=attention, **extra)
         return out.last_hidden_state
 
     def forward_features(self, x: dict[str, Tensor]) -> Tensor:
-        return self._encode(x, self.token_mask(x))
+        return self._encode(self.tokenizer(x["values"]), self.token_mask(x))
 
     def forward_head(self, x: Tensor, pre_logits: bool = True, token_mask: Tensor | None = None,
                      **kwargs: Any) -> Tensor:
@@ -290,10 +299,41 @@ class SequenceTower(Tower):
         weight = weight.to(x.dtype).unsqueeze(-1)
         return (tokens * weight).sum(1) / weight.sum(1).clamp_min(1.0)
 
-    def forward(self, x: dict[str, Tensor]) -> TowerOutput:
+    def forward(self, x: dict[str, Tensor], mask: Tensor | None = None, mask_token: Tensor | None = None,
+                visible: int | None = None) -> TowerOutput:
+        """Without ``mask``: the plain forward. With ``mask`` (``bool[B, T]`` over the value tokens): the masked
+        view of the module docstring under the towers' masked-forward contract (`Tower.forward`); features
+        ``[B, 1 + T or 1 + visible, D]``, [CLS] first; pooled as the plain forward, over the real tokens encoded."""
         real = self.token_mask(x)
-        features = self._encode(x, real)
+        tokens = self.tokenizer(x["values"])
+        if mask is None:
+            features = self._encode(tokens, real)
+            return TowerOutput(features, self.forward_head(features, token_mask=real))
+        if mask.shape != real.shape:
+            raise ArchitectureError(f"sequence mask shape {list(mask.shape)} does not match the {list(real.shape)} "
+                                    "value tokens")
+        mask = mask.bool()
+        if mask_token is not None:
+            tokens, positions = torch.where(mask.unsqueeze(-1), mask_token.to(tokens.dtype), tokens), None
+        else:
+            if visible is None:
+                visible = int((~mask).sum(1).max())  # waits for the device: callers pass it
+            kept = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :visible]  # unmasked first, in order
+            tokens = tokens.gather(1, kept.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+            real = real.gather(1, kept) & ~mask.gather(1, kept)  # filler slots (a row with fewer kept) attend nowhere
+            positions = torch.cat([torch.zeros_like(kept[:, :1]), kept + 1], dim=1) + self._position_offset()
+        features = self._encode(tokens, real, positions)
         return TowerOutput(features, self.forward_head(features, token_mask=real))
+
+    def encodes_masked_views(self) -> bool:
+        return True
+
+    def _position_offset(self) -> int:
+        """The encoder's first position id: 0, or ``padding_idx + 1`` for RoBERTa-style position tables."""
+        embeddings = getattr(self.encoder.model, "embeddings", None)
+        if hasattr(embeddings, "create_position_ids_from_inputs_embeds"):
+            return int(embeddings.padding_idx) + 1
+        return 0
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
@@ -358,16 +398,33 @@ class SequencePlugin(ModalityPlugin):
     def build_embedder(self, cfg: SequenceConfig, width: int) -> SequenceEmbedder:
         return SequenceEmbedder(cfg, width)
 
-    def mask(self, cfg: SequenceConfig, x: dict[str, Tensor], ratio: float, generator: Generators = None) -> Tensor:
-        """``⌊ratio·n + ½⌋`` of each row's ``n`` real patch / feature tokens, uniformly; ``bool[B, T]``."""
+    def mask_kinds(self, cfg: SequenceConfig) -> tuple[str, ...]:
+        return ("random", "span") if cfg.layout == "time" else ("random",)
+
+    def mask(self, cfg: SequenceConfig, x: dict[str, Tensor], ratio: float, generator: Generators = None, *,
+             kind: str | None = None, span_length: int = 1) -> Tensor:
+        """``bool[B, T]`` over each row's ``n`` real patch / feature tokens: ``random``, ``⌊ratio·n + ½⌋`` of them
+        uniformly; ``span`` (``layout: time``), wav2vec 2.0's spans over time: ``max(1, ⌊ratio·n + ½⌋)`` distinct
+        starts in ``[0, n - span_length]``, each masking ``span_length`` consecutive patches."""
+        kind = self.check_mask_kind(cfg, kind)
         real = token_mask(cfg, x["mask"])
+        if kind == "span":  # the real tokens come first: the decoder pads at the end
+            return span_mask(real.shape[0], real.shape[1], start_prob=ratio, span=span_length, generator=generator,
+                             lengths=real.sum(1), device=real.device)
         return random_token_mask(real.shape[0], real.shape[1], ratio, generator, maskable=real,
                                  device=real.device)
 
     def target(self, cfg: SequenceConfig, x: dict[str, Tensor]) -> Tensor:
+        """The tokens' values: ``[B, L/P, P·C]`` patches (steps, channels last) or ``[B, C, 1]`` features."""
         if cfg.layout == "features":
             return x["values"][:, 0, :, None]
         return patch_values(x["values"], cfg.patch_len)
+
+    def masked_view(self, cfg: SequenceConfig, tower: Tower) -> MaskedView | None:
+        """`SequenceTower` encodes its ``T`` value tokens (``length / patch_len`` patches, or ``channels``)."""
+        if not isinstance(tower, SequenceTower):
+            return None
+        return MaskedView((num_tokens(cfg),), cfg.patch_len * cfg.channels if cfg.layout == "time" else 1)
 
     def random_example(self, cfg: SequenceConfig, batch_size: int) -> dict[str, Tensor]:
         steps = 1 if cfg.layout == "features" else cfg.length

@@ -124,8 +124,13 @@ class TextPlugin(ModalityPlugin):
         tok = self.tokenizer(cfg)
         return TokenIdEmbedder(tok.vocab_size, cfg.max_len, width, pad_id=tok.pad_id)
 
-    def mask(self, cfg: TextConfig, x: dict[str, Tensor], ratio: float, generator: Generators = None) -> Tensor:
-        """BERT's selection over real, non-special tokens (module docstring); ``bool[B, L]``."""
+    def mask_kinds(self, cfg: TextConfig) -> tuple[str, ...]:
+        return ("random",)
+
+    def mask(self, cfg: TextConfig, x: dict[str, Tensor], ratio: float, generator: Generators = None, *,
+             kind: str | None = None, span_length: int = 1) -> Tensor:
+        """``random``: BERT's selection over real, non-special tokens (module docstring); ``bool[B, L]``."""
+        self.check_mask_kind(cfg, kind)
         ids = x["input_ids"]
         specials = torch.tensor(self.special_ids(cfg), dtype=ids.dtype, device=ids.device)
         maskable = x["attention_mask"].bool() & ~torch.isin(ids, specials)

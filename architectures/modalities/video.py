@@ -25,6 +25,19 @@ each linearly projected (a Conv3d with kernel = stride), plus a factorised learn
 (``g·gh·gw + s``). Masking is tube masking (VideoMAE, Tong et al. 2022): the same ``⌊ratio·S + ½⌋`` spatial
 positions in every group. Target: the tubelet pixels ``[B, G·gh·gw, tubelet·ph·pw·C]`` (channels last).
 
+Masked view (`VideoTower` over a ViT frame model; the towers' masked-forward contract, `Tower.forward`): the mask
+over the ``G·gh·gw`` tubelet tokens is given to each of a group's ``tubelet`` frames; the frame ViT encodes every
+frame with its masked patches replaced by the mask token (replace mode) or dropped (drop mode, ``visible / G`` kept
+per frame: a tube mask); a tubelet token's state is the mean over its frames of the patch states ``z_{t,s}``; and
+the temporal transformer's states of the masked frames' pooled features lead as prefix tokens::
+
+    features = [h_1, ..., h_T ; mean_{t ∈ g} z_{t,s} for the (g, s) kept]      [B, T + G·gh·gw (or + visible), D]
+
+so masked prediction trains the frame model through the patch tokens and the temporal transformer through the
+prefix (MAE's decoder attends to it). Known difference from VideoMAE, whose encoder is a joint space-time ViT over
+the tubelets: here space and time are factorised, so a patch state sees its own frame only and temporal context
+reaches the decoder through the frame states.
+
 Corruptions (robustness evaluation, `VideoPlugin.corrupted_decoder`), applied to the sampled, resized ``[0, 1]``
 frames ``[T, C, H, W]`` before normalisation, at ``level ∈ [0, 1]``:
 
@@ -52,9 +65,9 @@ from torchvision.transforms.v2 import functional as TF
 from mmssl.architectures.embedders import EmbeddedTokens, TokenEmbedder, learned_positions
 from mmssl.architectures.errors import ArchitectureError
 from mmssl.architectures.modalities import corruptions
-from mmssl.architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, timm_tower
-from mmssl.architectures.modalities.image import pixel_corruption
-from mmssl.architectures.modalities.masking import Generators, tube_mask
+from mmssl.architectures.modalities.base import DecoderFn, MaskedView, ModalityPlugin, TowerConfig, timm_tower
+from mmssl.architectures.modalities.image import pixel_corruption, vit_masked_view
+from mmssl.architectures.modalities.masking import Generators, tube_mask, tubeletify
 from mmssl.architectures.modalities.video_cnn import VIDEO_RESNETS, VideoCNNTower
 from mmssl.architectures.towers import Tower, TowerOutput, prefixed_matcher
 
@@ -150,17 +163,6 @@ class VideoDecoder:
         return ((x - self.mean) / self.std).transpose(0, 1).contiguous()  # [C, T, H, W]
 
 
-def tubeletify(x: Tensor, tubelet: int, patch: tuple[int, int]) -> Tensor:
-    """``[B, C, T, H, W] -> [B, G·gh·gw, tubelet·ph·pw·C]``: group-major, row-major patches, channels last."""
-    b, c, t, h, w = x.shape
-    ph, pw = patch
-    if t % tubelet or h % ph or w % pw:
-        raise ArchitectureError(f"video {t}x{h}x{w} is not divisible into {tubelet}x{ph}x{pw} tubelets")
-    g, gh, gw = t // tubelet, h // ph, w // pw
-    x = x.reshape(b, c, g, tubelet, gh, ph, gw, pw).permute(0, 2, 4, 6, 3, 5, 7, 1)
-    return x.reshape(b, g * gh * gw, tubelet * ph * pw * c)
-
-
 class TubeletEmbedder(TokenEmbedder):
     """ViViT tubelet embedding with factorised learned positions (module docstring)."""
 
@@ -207,7 +209,7 @@ class VideoTower(Tower):
         if heads < 1 or dim % heads:
             raise ArchitectureError(f"model.video.temporal_heads={heads} (default: heads) must divide the frame "
                                     f"feature width {dim} of {cfg.arch!r}")
-        self.max_frames = cfg.frames
+        self.max_frames, self.tubelet = cfg.frames, cfg.tubelet
         self.temporal_embed = learned_positions(cfg.frames, dim)
         self.temporal_blocks = nn.Sequential(*(
             Block(dim, heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, proj_drop=cfg.dropout, attn_drop=cfg.dropout,
@@ -228,12 +230,13 @@ class VideoTower(Tower):
                                     f"{sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)})")
         self.load_state_dict(state, strict=False)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def _check(self, x: Tensor) -> None:
         if x.ndim != 5 or x.shape[2] > self.max_frames:
             raise ArchitectureError(f"video tower expects [B, C, T <= {self.max_frames}, H, W], got {list(x.shape)}")
-        b, t = x.shape[0], x.shape[2]
-        pooled = self.frame(x.transpose(1, 2).flatten(0, 1)).pooled.view(b, t, -1)
-        h = pooled + self.temporal_embed[:, :t]
+
+    def _temporal(self, pooled: Tensor) -> Tensor:
+        """``[B, T, D]`` frame features -> ``LN(Blocks(f + e))`` (module docstring)."""
+        h = pooled + self.temporal_embed[:, : pooled.shape[1]]
         if self.grad_checkpointing and torch.is_grad_enabled():
             from timm.models import checkpoint_seq
 
@@ -242,12 +245,51 @@ class VideoTower(Tower):
             h = self.temporal_blocks(h)
         return self.temporal_norm(h)
 
+    def forward_features(self, x: Tensor) -> Tensor:
+        self._check(x)
+        b, t = x.shape[0], x.shape[2]
+        return self._temporal(self.frame(x.transpose(1, 2).flatten(0, 1)).pooled.view(b, t, -1))
+
     def forward_head(self, x: Tensor, pre_logits: bool = True, **kwargs: Any) -> Tensor:
         return x.mean(1)
 
-    def forward(self, x: Tensor) -> TowerOutput:
-        features = self.forward_features(x)
-        return TowerOutput(features, self.forward_head(features))
+    def forward(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None,
+                visible: int | None = None) -> TowerOutput:
+        """Without ``mask``: the plain forward. With ``mask`` (``bool[B, G·gh·gw]`` over the tubelet tokens): the
+        masked view of the module docstring under the towers' masked-forward contract (`Tower.forward`); features
+        ``[B, T + G·gh·gw or T + visible, D]``, the ``T`` frame states first; pooled: their mean."""
+        if mask is None:
+            features = self.forward_features(x)
+            return TowerOutput(features, self.forward_head(features))
+        features = self._forward_masked(x, mask, mask_token, visible)
+        return TowerOutput(features, self.forward_head(features[:, : x.shape[2]]))
+
+    def encodes_masked_views(self) -> bool:
+        return self.frame.encodes_masked_views()
+
+    def _forward_masked(self, x: Tensor, mask: Tensor, mask_token: Tensor | None, visible: int | None) -> Tensor:
+        self._check(x)
+        if not self.encodes_masked_views():
+            raise ArchitectureError(f"model.video.arch={self.frame.arch!r}: a masked video view needs a ViT frame "
+                                    "model (e.g. vit_tiny_patch16_224)")
+        b, t = x.shape[0], x.shape[2]
+        if t % self.tubelet:
+            raise ArchitectureError(f"a masked video view needs whole tubelets: {t} frames, "
+                                    f"model.video.tubelet={self.tubelet}")
+        groups = t // self.tubelet
+        if mask.ndim != 2 or mask.shape[0] != b or mask.shape[1] % groups:
+            raise ArchitectureError(f"video mask shape {list(mask.shape)} is not [{b}, {groups} groups x patches]")
+        spatial = mask.shape[1] // groups
+        frame_mask = mask.view(b, groups, 1, spatial).expand(b, groups, self.tubelet, spatial).reshape(b * t, spatial)
+        if visible is not None:
+            if visible % groups:
+                raise ArchitectureError(f"dropping masked tubelets keeps the same patches in every frame group (a tube "
+                                        f"mask): visible={visible} is not a multiple of the {groups} groups")
+            visible //= groups
+        out = self.frame(x.transpose(1, 2).flatten(0, 1), mask=frame_mask, mask_token=mask_token, visible=visible)
+        patches = out.features[:, self.frame.num_prefix_tokens :]
+        patches = patches.reshape(b, groups, self.tubelet, patches.shape[1], -1).mean(2).flatten(1, 2)
+        return torch.cat([self._temporal(out.pooled.view(b, t, -1)), patches], dim=1)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.frame.set_grad_checkpointing(enable)
@@ -303,14 +345,34 @@ class VideoPlugin(ModalityPlugin):
         size, patch = (cfg.image_size, cfg.image_size), (cfg.patch_size, cfg.patch_size)
         return TubeletEmbedder(cfg.in_chans, cfg.frames, size, cfg.tubelet, patch, width)
 
-    def mask(self, cfg: VideoConfig, x: Tensor, ratio: float, generator: Generators = None) -> Tensor:
-        """Tube masking over the embedder's tokens: ``bool[B, G·gh·gw]``, identical in every group."""
+    def mask_kinds(self, cfg: VideoConfig) -> tuple[str, ...]:
+        return ("tube",)
+
+    def mask(self, cfg: VideoConfig, x: Tensor, ratio: float, generator: Generators = None, *,
+             kind: str | None = None, span_length: int = 1) -> Tensor:
+        """``tube``: tube masking over the tubelet tokens, ``bool[B, G·gh·gw]``, the same ``⌊ratio·gh·gw + ½⌋``
+        spatial positions in every group (VideoMAE)."""
+        self.check_mask_kind(cfg, kind)
         groups = x.shape[2] // cfg.tubelet
         spatial = (x.shape[3] // cfg.patch_size) * (x.shape[4] // cfg.patch_size)
         return tube_mask(x.shape[0], groups, spatial, ratio, generator, device=x.device)
 
     def target(self, cfg: VideoConfig, x: Tensor) -> Tensor:
+        """The tubelets' pixels ``[B, G·gh·gw, tubelet·ph·pw·C]`` (`tubeletify`, the embedder's token order)."""
         return tubeletify(x, cfg.tubelet, (cfg.patch_size, cfg.patch_size))
+
+    def masked_view(self, cfg: VideoConfig, tower: Tower) -> MaskedView | None:
+        """`VideoTower` over ViT frames encodes the ``(frames/tubelet, size/p, size/p)`` tubelet grid."""
+        if not isinstance(tower, VideoTower):
+            return None
+        p = cfg.patch_size
+        if vit_masked_view("video", tower.frame, (cfg.in_chans, p, p), (cfg.image_size // p,) * 2) is None:
+            return None
+        if cfg.frames % cfg.tubelet:
+            raise ArchitectureError(f"model.video.frames={cfg.frames} is not divisible by model.video.tubelet="
+                                    f"{cfg.tubelet}")
+        return MaskedView((cfg.frames // cfg.tubelet, cfg.image_size // p, cfg.image_size // p),
+                          cfg.tubelet * p * p * cfg.in_chans)
 
     def random_example(self, cfg: VideoConfig, batch_size: int) -> Tensor:
         return torch.randn(batch_size, cfg.in_chans, cfg.frames, cfg.image_size, cfg.image_size)

@@ -2,7 +2,8 @@
 
 * `bridges`: the bridge contract, `LinearBridge` / `MLPBridge` (Frozen, LiMBeR), `PrefixMapper` (ClipCap), and
   `build_bridge` by kind name;
-* `qformer`: `QFormer` (BLIP-2); `flamingo`: `PerceiverResampler`, `GatedCrossAttention`, `FlamingoBridge`;
+* `qformer`: `QFormer` (BLIP-2); `flamingo`: `FlamingoBridge` (a Perceiver resampler and gated cross-attention
+  blocks, built from `architectures.layers`);
 * `lm`: `FrozenLM`, a frozen transformers encoder or causal LM; `model`: `StitchedModel`;
 * `pretrained`: local pretrained weights (EfficientNet-Lite0 converted to safetensors, MiniLM) and `sha256_file`.
 """
@@ -17,7 +18,7 @@ from mmssl.architectures.stitching.bridges import (
     PrefixMapper,
     build_bridge,
 )
-from mmssl.architectures.stitching.flamingo import FlamingoBridge, GatedCrossAttention, PerceiverResampler
+from mmssl.architectures.stitching.flamingo import FlamingoBridge
 from mmssl.architectures.stitching.lm import FrozenLM
 from mmssl.architectures.stitching.model import StitchedModel
 from mmssl.architectures.stitching.qformer import QFormer
@@ -27,10 +28,8 @@ __all__ = [
     "BridgeOutput",
     "FlamingoBridge",
     "FrozenLM",
-    "GatedCrossAttention",
     "LinearBridge",
     "MLPBridge",
-    "PerceiverResampler",
     "PrefixMapper",
     "QFormer",
     "StitchedModel",

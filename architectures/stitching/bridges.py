@@ -16,7 +16,8 @@ Maps here (every ``W``, ``b`` trainable):
 * `MLPBridge`: the same with ``W2 GELU(W1 x + b1) + b2`` in place of ``W x + b``.
 * `PrefixMapper` — ClipCap (Mokady et al. 2021): ``mapping="mlp"``:
   ``P = reshape(W2 tanh(W1 p + b1) + b2, [k, d])`` with hidden width ``k·d/2``; ``mapping="transformer"``:
-  ``X = reshape(W p + b, [k, d])``, ``P = Transformer([X; C])[k:]`` with ``C`` ``[k, d]`` learned constants.
+  ``X = reshape(W p + b, [k, d])``, ``P = Transformer([X; C])[k:]`` with ``C`` ``[k, d]`` learned constants and
+  ``Transformer`` ``depth`` pre-norm self-attention blocks (`architectures.layers.blocks.Block`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.layers.blocks import Block
 
 SOURCES = ("pooled", "tokens")
 PREFIX_MAPPINGS = ("mlp", "transformer")
@@ -130,9 +133,7 @@ class PrefixMapper(Bridge):
                 raise ArchitectureError(f"model.stitched.options.heads={heads} must divide the LM width {lm_dim}")
             self.expand = nn.Linear(vision_dim, k * lm_dim)
             self.prefix_const = nn.Parameter(torch.randn(k, lm_dim))  # ClipCap: torch.randn
-            layer = nn.TransformerEncoderLayer(lm_dim, heads, int(lm_dim * mlp_ratio), dropout=0.0,
-                                               activation="gelu", batch_first=True, norm_first=True)
-            self.transformer = nn.TransformerEncoder(layer, check_positive("depth", depth), enable_nested_tensor=False)
+            self.layers = nn.ModuleList(Block(lm_dim, heads, mlp_ratio) for _ in range(check_positive("depth", depth)))
 
     def forward(self, tokens: Tensor, pooled: Tensor) -> BridgeOutput:
         b, k = pooled.shape[0], self.num_prompts
@@ -141,10 +142,11 @@ class PrefixMapper(Bridge):
         else:
             x = self.expand(pooled).view(b, k, self.lm_dim)
             seq = torch.cat([x, self.prefix_const.to(x.dtype).expand(b, -1, -1)], dim=1)
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                seq = torch.utils.checkpoint.checkpoint(self.transformer, seq, use_reentrant=False)
-            else:
-                seq = self.transformer(seq)
+            for layer in self.layers:
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    seq = checkpoint(layer, seq, use_reentrant=False)
+                else:
+                    seq = layer(seq)
             prompts = seq[:, k:]
         return BridgeOutput(prompts, prompts)
 

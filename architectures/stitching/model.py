@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from mmssl.architectures.errors import ArchitectureError
 from mmssl.architectures.fusion_free import as_tokens
 from mmssl.architectures.heads import ProjectionHead
+from mmssl.architectures.masked_views import MaskedViews
 from mmssl.architectures.outputs import ModelOutput, ModelSpec
 from mmssl.architectures.stitching.bridges import Bridge, BridgeOutput
 from mmssl.architectures.stitching.flamingo import FlamingoBridge
@@ -41,7 +42,7 @@ from mmssl.architectures.stitching.lm import FrozenLM
 from mmssl.architectures.towers import Tower
 
 
-class StitchedModel(nn.Module):
+class StitchedModel(MaskedViews, nn.Module):
     """See the module docstring.
 
     Args:
@@ -226,5 +227,5 @@ class StitchedModel(nn.Module):
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return {"stem": r"^vision\.|^lm\.",
-                "blocks": [(r"^bridge\.(?:layers|resampler\.layers|xattn|transformer\.layers)\.(\d+)", None),
+                "blocks": [(r"^bridge\.(?:layers|resampler\.layers|xattn)\.(\d+)", None),
                            (r"^bridge\.|^heads\.", (99999,))]}

@@ -1,11 +1,12 @@
 """Q-Former (BLIP-2, Li et al. 2023): learned queries that read a frozen image encoder.
 
-``n`` learned queries ``Q_0`` (``[n, d_q]``, normal(0, 0.02) init as BERT's) pass through ``depth`` layers of::
+``n`` learned queries ``Q_0`` (``[n, d_q]``, normal(0, 0.02) init as BERT's) pass through ``depth`` pre-norm layers
+(`architectures.layers.blocks.Block`) of::
 
     Q = Q + SelfAttn(LN(Q))                          (queries attend to each other)
     Q = Q + CrossAttn(LN(Q), LN(V))                  (keys/values: the frozen vision tokens V, width D_v;
                                                       every ``cross_every``-th layer, BLIP-2 uses 2)
-    Q = Q + FFN(LN(Q))                               (FFN = W2 GELU(W1 x))
+    Q = Q + FFN(LN(Q))                               (FFN = W2 GELU(W1 x + b1) + b2)
 
 then a final LN, giving the query outputs ``Z`` ``[B, n, d_q]`` (pre-norm; BLIP-2's Q-Former is a post-norm BERT).
 
@@ -23,28 +24,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.layers.blocks import Block
 from mmssl.architectures.stitching.bridges import Bridge, BridgeOutput, check_positive
-
-
-class QFormerLayer(nn.Module):
-    def __init__(self, width: int, vision_dim: int, heads: int, mlp_ratio: float, cross: bool) -> None:
-        super().__init__()
-        self.norm_self, self.norm_ffn = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.self_attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.cross = cross
-        if cross:
-            self.norm_cross, self.norm_vision = nn.LayerNorm(width), nn.LayerNorm(vision_dim)
-            self.cross_attn = nn.MultiheadAttention(width, heads, kdim=vision_dim, vdim=vision_dim, batch_first=True)
-        hidden = int(width * mlp_ratio)
-        self.ffn = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
-
-    def forward(self, q: Tensor, vision: Tensor) -> Tensor:
-        h = self.norm_self(q)
-        q = q + self.self_attn(h, h, h, need_weights=False)[0]
-        if self.cross:
-            v = self.norm_vision(vision)
-            q = q + self.cross_attn(self.norm_cross(q), v, v, need_weights=False)[0]
-        return q + self.ffn(self.norm_ffn(q))
 
 
 class QFormer(Bridge):
@@ -63,7 +44,7 @@ class QFormer(Bridge):
         self.width, self.num_queries = check_positive("width", width), check_positive("num_queries", num_queries)
         every = check_positive("cross_every", cross_every)
         self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)
-        self.layers = nn.ModuleList(QFormerLayer(width, vision_dim, heads, mlp_ratio, cross=i % every == 0)
+        self.layers = nn.ModuleList(Block(width, heads, mlp_ratio, context_dim=vision_dim if i % every == 0 else None)
                                     for i in range(check_positive("depth", depth)))
         self.norm = nn.LayerNorm(width)
         self.to_lm = nn.Linear(width, lm_dim)
@@ -72,10 +53,11 @@ class QFormer(Bridge):
     def forward(self, tokens: Tensor, pooled: Tensor) -> BridgeOutput:
         q = self.queries.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
         for layer in self.layers:
+            vision = tokens if layer.cross_attn is not None else None  # every cross_every-th layer reads the image
             if self.grad_checkpointing and torch.is_grad_enabled():
-                q = checkpoint(layer, q, tokens, use_reentrant=False)
+                q = checkpoint(layer, q, context=vision, use_reentrant=False)
             else:
-                q = layer(q, tokens)
+                q = layer(q, context=vision)
         z = self.norm(q)
         return BridgeOutput(z, self.to_lm(z))
 

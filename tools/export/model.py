@@ -4,14 +4,16 @@ Layout written by `save_model` (``<export>/model/``)::
 
     model.safetensors     the model's weights (``model.state_dict()`` key space); for a stitched model only the
                           trainable bridge and heads: its frozen towers are referenced, not copied
-    config.json           {"mmssl": {"format_version", "kind": "model", "family", "model": <the recipe's model:
-                          section>, "frozen": {prefix: {"path", "sha256"}}, "itm": {...} | null}}
+    config.json           {"mmssl": {"format_version", "param_layout", "kind": "model", "family", "model": <the
+                          recipe's model: section>, "frozen": {prefix: {"path", "sha256"}}, "itm": {...} | null}}
     itm_head.safetensors  the matching (ITM) head of a fusion model trained with ``objectives.matching``
     tokenizer.*           the text tokenizer, copied (paths in the config are relative to the directory)
 
 `load_model` rebuilds the architecture from the config (`architectures.config.build_model`), re-reads the frozen
 parts from their recorded files (checking their sha256) and loads the weights with a key and shape check, so a
-directory of another architecture is an error naming the first mismatching tensor. ``random_init=True`` builds
+directory of another architecture is an error naming the first mismatching tensor. A directory without
+``param_layout`` (written before mmssl's attention layers were unified) has its weights' names converted
+(`architectures.layers.legacy.upgrade_state_dict`). ``random_init=True`` builds
 the same architecture with fresh seeded weights (frozen pretrained parts stay pretrained): the floor every
 evaluation reports beside the trained numbers.
 """
@@ -30,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mmssl.architectures.config import ModelConfig, build_model
+from mmssl.architectures.layers.legacy import PARAM_LAYOUT, upgrade_state_dict
 from mmssl.architectures.modalities import get_modality
 from mmssl.architectures.modalities.base import DecoderFn
 from mmssl.architectures.stitching.pretrained import sha256_file
@@ -76,6 +79,7 @@ def save_model(out_dir: str | Path, model_cfg: ModelConfig, model: nn.Module, *,
         save_file({k: v.detach().cpu().float().contiguous() for k, v in itm_state.items()}, str(out / ITM_HEAD))
     meta = {
         "format_version": FORMAT_VERSION,
+        "param_layout": PARAM_LAYOUT,
         "kind": "model",
         "family": cfg.family,
         "model": to_dict(cfg),
@@ -146,6 +150,9 @@ def read_model_meta(path: str | Path) -> dict[str, Any]:
         raise ToolError(f"{cfg_file} is not a whole-model export (an encoder directory? pass <export>/model)")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ToolError(f"{cfg_file} uses export format {meta['format_version']}, newer than this mmssl")
+    if meta.get("param_layout", 1) > PARAM_LAYOUT:
+        raise ToolError(f"{cfg_file} uses parameter layout {meta['param_layout']}, newer than this mmssl's "
+                        f"{PARAM_LAYOUT}")
     return meta
 
 
@@ -183,6 +190,8 @@ def load_model(path: str | Path, *, random_init: bool = False, seed: int = 0) ->
     model = build_model(cfg, seed=seed)
     if not random_init:
         state = load_file(str(src / WEIGHTS))
+        if meta.get("param_layout", 1) < PARAM_LAYOUT:  # written before the attention layers were unified
+            state = upgrade_state_dict(state)
         own = model.state_dict()
         check_state(own, state, str(src / WEIGHTS), allowed_missing=list(meta.get("frozen") or {}))
         model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}})

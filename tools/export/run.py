@@ -3,7 +3,8 @@
 The fp32 weights are consolidated from the DeepSpeed checkpoint: ZeRO stages 1-3 with DeepSpeed's own
 ``zero_to_fp32`` reader (it handles the partitions and the fp32 master weights kept for bf16 training); stage 0
 from the module weights, or, in bf16, from the fp32 master weights matched to names by the checkpoint's
-``mmssl_master_params`` (`pretrain.checkpoint.master_param_names`). Parameters that were frozen
+``mmssl_master_params`` (`pretrain.checkpoint.master_param_names`); the names of a checkpoint written before the
+attention layers were unified are converted (`architectures.layers.legacy`). Parameters that were frozen
 and not saved fall back to the weights the recipe loaded them from (their sha256 checked against the run's
 ``frozen.json``). Written:
 
@@ -27,6 +28,7 @@ import torch
 
 from mmssl.architectures.config import build_model
 from mmssl.architectures.encoder import save_encoder
+from mmssl.architectures.layers.legacy import PARAM_LAYOUT, upgrade_state_dict
 from mmssl.objectives.registry import kind_of
 from mmssl.pretrain import checkpoint
 from mmssl.pretrain.frozen import check_reference, frozen_reference
@@ -80,19 +82,10 @@ def _stage0_state_dict(states: dict[str, Any], source: Path) -> dict[str, torch.
 BF16_PARTITION_PREFIX = "bf16_zero_pp_rank_"
 
 
-def _deepspeed_globals() -> list[Any]:
-    """The DeepSpeed classes its optimizer-state files pickle (loaded with ``weights_only=True`` all the same)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [fragment_address, LossScaler, ZeroStageEnum]
-
-
 def _is_bf16_optimizer(partition: Path) -> bool:
     """A partition of DeepSpeed's ``BF16_Optimizer`` (ZeRO-1 with fp32 accumulation), not of its ZeRO optimizer:
     both name their files ``bf16_zero_pp_rank_*``; only the ZeRO optimizer records its ``zero_stage``."""
-    with torch.serialization.safe_globals(_deepspeed_globals()):
+    with torch.serialization.safe_globals(checkpoint.deepspeed_globals()):
         state = torch.load(partition, map_location="cpu", weights_only=True)["optimizer_state_dict"]
     return "zero_stage" not in state and "param_slice_mappings" in state
 
@@ -102,7 +95,7 @@ def _bf16_optimizer_state_dict(model_file: Path, partitions: list[Path]) -> dict
     not read): each rank's file holds its slice of every flat fp32 master group and, per parameter, the
     ``(start, numel)`` of its fragment in that slice (``param_slice_mappings``); a parameter is its fragments
     concatenated in rank order, shaped as the model-states file records."""
-    with torch.serialization.safe_globals(_deepspeed_globals()):
+    with torch.serialization.safe_globals(checkpoint.deepspeed_globals()):
         states = torch.load(model_file, map_location="cpu", weights_only=True)
         ranks = [torch.load(p, map_location="cpu", weights_only=True)["optimizer_state_dict"] for p in
                  sorted(partitions, key=lambda p: int(p.name[len(BF16_PARTITION_PREFIX):].split("_", 1)[0]))]
@@ -139,6 +132,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint_tag: str 
     own = model.state_dict()
     prefix = "model."
     trained = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if checkpoint.param_layout(root / tag) < PARAM_LAYOUT:  # written before the attention layers were unified
+        trained = upgrade_state_dict(trained)
     frozen = [k for k in own if _is_frozen(model, k)]
     try:
         check_state(own, trained, f"checkpoint {root / tag}", allowed_missing=frozen)
