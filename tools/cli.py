@@ -11,6 +11,7 @@
     mmssl weights random-causal-lm --tokenizer SPM --out weights/tiny-lm   a seeded random GPT-2 (tiny recipes)
     mmssl recipes                                         list bundled recipes
     mmssl bench --compare open_clip                       mmssl vs open_clip training the same CLIP (table + JSON)
+    mmssl bench --compare open_clip --quality             ... and how well each learns (= mmssl bench parity)
     mmssl bench matrix | scaling | flip                   family x objective x ZeRO; batch / ranks; FLIP speed-up
     mmssl bench architectures | objectives | loader | retrieval   per-family / per-objective cost, loader, retrieval
     mmssl bench gpu                                       the GPU check: every family in bf16, ViT-B/16 vs open_clip
@@ -315,7 +316,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 BENCHMARKS = {  # mmssl bench NAME -> the module whose main(argv) runs it
     "matrix": "matrix", "scaling": "matrix", "flip": "flip", "gpu": "gpu", "architectures": "architectures",
-    "objectives": "objectives", "loader": "loader", "retrieval": "retrieval",
+    "objectives": "objectives", "loader": "loader", "retrieval": "retrieval", "parity": "parity",
 }
 
 
@@ -332,6 +333,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ToolError(f"mmssl bench: unknown benchmark {suite!r}; one of {sorted(BENCHMARKS)} or --compare "
                             f"open_clip")
         suite, rest = "open_clip", args.bench_args
+        if "--quality" in rest:  # the learning-parity side of the comparison
+            suite, rest = "parity", [a for a in rest if a not in ("--quality", "--compare", "open_clip")]
     else:
         rest = args.bench_args if BENCHMARKS[suite] == "matrix" else args.bench_args[1:]
     module = importlib.import_module(f"mmssl.tools.bench.{BENCHMARKS.get(suite, suite)}")

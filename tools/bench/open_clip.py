@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 from argparse import Namespace
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -136,18 +136,26 @@ def build_open_clip(size: ClipSize, vocab: int, workdir: Path, device: torch.dev
                                output_dict=True)
 
 
-class _MemoryLoader:
-    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.pairs = pairs
-        self.num_batches = len(pairs)
-        self.num_samples = sum(len(p[0]) for p in pairs)
+class BatchLoader:
+    """``(images, token ids)`` batches as open_clip_train's loop reads a loader (``num_batches``,
+    ``num_samples``); ``pairs`` may be a lazy iterator (read once)."""
+
+    def __init__(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], num_batches: int,
+                 num_samples: int) -> None:
+        self.pairs, self.num_batches, self.num_samples = pairs, num_batches, num_samples
+
+    @classmethod
+    def in_memory(cls, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> BatchLoader:
+        return cls(pairs, len(pairs), sum(len(p[0]) for p in pairs))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return iter(self.pairs)
 
 
-class _DataInfo:
-    def __init__(self, loader: _MemoryLoader) -> None:
+class DataInfo:
+    """open_clip_train's ``DataInfo``: the loader ``train_one_epoch`` reads under ``data["train"]``."""
+
+    def __init__(self, loader: BatchLoader) -> None:
         self.dataloader = loader
 
     def set_epoch(self, epoch: int) -> None:
@@ -186,7 +194,7 @@ class OpenClipSide:
         pairs = [(b.inputs["image"], b.inputs["text"]["input_ids"]) for b in batches]
 
         def epoch() -> None:  # its loop moves each batch to the device itself
-            train_one_epoch(self.model, {"train": _DataInfo(_MemoryLoader(pairs))}, self.loss, self.epoch,
+            train_one_epoch(self.model, {"train": DataInfo(BatchLoader.in_memory(pairs))}, self.loss, self.epoch,
                             self.optimizer, None, self.scheduler, None, self.args)
 
         seconds = timed(epoch, self.device)
