@@ -229,6 +229,34 @@ class TimmTower(Tower):
         (out_dir / "config.json").write_text(json.dumps({**self.timm_config(), "mmssl": extra}, indent=2) + "\n")
 
 
+TOWER_INITS = ("timm", "clip")
+
+
+def clip_initialise_vit(vit: nn.Module) -> None:
+    """CLIP's width-scaled initialisation (Radford et al. 2021; OpenAI's ``CLIP.initialize_parameters``, which
+    open_clip keeps for its text transformer) applied to a timm ViT of width ``w`` and ``L`` blocks::
+
+        class token, positions ~ N(0, w^-1)
+        attention q/k/v ~ N(0, w^-1)               attention output  ~ N(0, w^-1 / 2L)
+        MLP in          ~ N(0, (2w)^-1)            MLP out           ~ N(0, w^-1 / 2L)
+
+    biases and norms stay as timm sets them (0; LayerNorm 1, 0). timm's default (trunc-normal 0.02 for every
+    weight, class token 1e-6) is sized for ViT-B's 768 width; at the widths of small models it leaves the residual
+    branches, and the class token's dependence on the image, so small that every embedding starts alike (a
+    contrastive loss then stays at ln N for its first steps; `mmssl bench parity` measures the difference)."""
+    width, depth = int(vit.embed_dim), len(vit.blocks)
+    attn_std, out_std, fc_std = width**-0.5, width**-0.5 * (2 * depth) ** -0.5, (2 * width) ** -0.5
+    with torch.no_grad():
+        for token in (getattr(vit, "cls_token", None), getattr(vit, "pos_embed", None)):
+            if token is not None:
+                nn.init.normal_(token, std=attn_std)
+        for block in vit.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=attn_std)
+            nn.init.normal_(block.attn.proj.weight, std=out_std)
+            nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
+            nn.init.normal_(block.mlp.fc2.weight, std=out_std)
+
+
 def expanded_attention_mask(mask: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
     """A transformers encoder's attention mask as the 4-D ``[B, 1, 1, T]`` form its attention takes, built here
     from the ``[B, T]`` padding mask (1 = real token): transformers' own construction asks the device whether any
@@ -244,19 +272,30 @@ def expanded_attention_mask(mask: Tensor, implementation: str, dtype: torch.dtyp
     return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)
 
 
-class HFTextTower(Tower):
-    """A transformers encoder (BERT-style by default) over ``{"input_ids", "attention_mask"}``.
+CAUSAL_TEXT_MODELS = ("clip_text_model",)  # transformers model types whose text encoder is causal
+TEXT_POOLS = ("cls", "mean", "eot")
 
-    ``pool="cls"`` takes the first token's state; ``pool="mean"`` averages the states of real (unmasked) tokens.
-    The model's own pooler, if it has one, is dropped: pooling is the tower's job.
+
+class HFTextTower(Tower):
+    """A transformers text encoder over ``{"input_ids", "attention_mask"}``: a bidirectional BERT-style encoder, or a
+    causal one (`CAUSAL_TEXT_MODELS`: CLIP's text transformer, Radford et al. 2021).
+
+    Pooling: ``pool="cls"`` takes the first token's state; ``"mean"`` averages the states of the real (unmasked)
+    tokens; ``"eot"`` takes the last real token's state, which is the end-of-text token the tokenizers append (CLIP's
+    pooling: in a causal tower it is the only state that has read the whole text). A causal tower refuses ``"cls"``
+    (its first state has read one token). The model's own pooler, if it has one, is dropped: pooling is the tower's
+    job.
+
+    A causal tower runs with no padding mask: tokenizers pad on the right and a real token attends to earlier
+    positions only, so no real state reads padding (padding positions' own states are not used: `feature_mask`).
     """
 
     def __init__(self, *, config: Any = None, pretrained: str | None = None, pool: str = "cls") -> None:
         super().__init__()
         from transformers import AutoModel
 
-        if pool not in ("cls", "mean"):
-            raise ArchitectureError(f"text pool must be 'cls' or 'mean', got {pool!r}")
+        if pool not in TEXT_POOLS:
+            raise ArchitectureError(f"model.text.pool must be one of {list(TEXT_POOLS)}, got {pool!r}")
         self.source: str | None = None  # the local weights file this tower was initialised from
         if pretrained:
             path = Path(pretrained)
@@ -277,19 +316,29 @@ class HFTextTower(Tower):
         if getattr(self.model, "pooler", None) is not None:
             self.model.pooler = None
         self.pool = pool
+        self.causal = self.model.config.model_type in CAUSAL_TEXT_MODELS
+        if self.causal and pool == "cls":
+            raise ArchitectureError(f"model.text.pool='cls' reads the first token, which a causal text tower "
+                                    f"({self.model.config.model_type}) computes from that token alone; use pool: eot "
+                                    "(CLIP's end-of-text token) or mean")
         self.num_features = int(self.model.config.hidden_size)
 
     def input_embeddings(self) -> nn.Embedding | None:
         return self.model.get_input_embeddings()
 
     def forward_features(self, x: dict[str, Tensor]) -> Tensor:
+        if self.causal:  # right padding: no real token reads a later (padding) position (class docstring)
+            return self.model(input_ids=x["input_ids"]).last_hidden_state
         mask = expanded_attention_mask(x["attention_mask"], self.model.config._attn_implementation,
                                        self.model.get_input_embeddings().weight.dtype)
         return self.model(input_ids=x["input_ids"], attention_mask=mask).last_hidden_state
 
     def forward_head(self, x: Tensor, pre_logits: bool = True, attention_mask: Tensor | None = None,
                      **kwargs: Any) -> Tensor:
-        if self.pool == "cls" or attention_mask is None:
+        if self.pool == "eot" and attention_mask is not None:
+            last = (attention_mask.sum(1) - 1).clamp_min(0)
+            return x[torch.arange(x.shape[0], device=x.device), last]
+        if self.pool != "mean" or attention_mask is None:
             return x[:, 0]
         mask = attention_mask.to(x.dtype).unsqueeze(-1)
         return (x * mask).sum(1) / mask.sum(1).clamp_min(1.0)
@@ -314,7 +363,8 @@ class HFTextTower(Tower):
             self.model.gradient_checkpointing_disable()
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return {"stem": r"^model\.embeddings", "blocks": [(r"^model\.encoder\.layer\.(\d+)", None)]}
+        return {"stem": r"^model\.embeddings",
+                "blocks": [(r"^model\.encoder\.layers?\.(\d+)", None), (r"^model\.final_layer_norm", (99999,))]}
 
     def save_native(self, out_dir: Path, extra: dict[str, Any]) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)

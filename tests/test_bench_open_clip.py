@@ -46,7 +46,7 @@ def test_clip_loss_equals_mmssl_contrastive_loss() -> None:
 
 
 def test_same_model_sizes(workdir: Path) -> None:
-    """Both builds have the same towers and (within the text tower's bidirectional-vs-causal differences, 1 %) the
+    """Both builds have the same towers and (within open_clip's extra pre-norm and biases, 1 %) the
     same parameter count; one open_clip step on mmssl's decoded batch changes open_clip's weights."""
     from mmssl.pretrain.recipe import load_recipe
     from mmssl.tools.recipes_check import count_parameters

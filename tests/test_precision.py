@@ -11,9 +11,12 @@ All runs share one set of 2 gloo ranks (`tests.helpers.train_many`), one job aft
   fp32 master weights;
 * the tiny CLAP-style recipe with a frozen text tower in bf16: 6 steps straight, and 3 + resume to 6 — the
   consolidated weights and the whole saved module state (frozen weights included) are bit-identical;
-* ``clip-tiny`` 50 steps in fp32 and in bf16 from the same seed: the mean loss of each 10-step window of the bf16
-  curve is within `WINDOW_RTOL` (2 %) of the fp32 one, and every step within `STEP_ATOL` (0.25; single steps of two
-  trajectories that part after a few updates differ by up to about 0.16 on a batch of 64).
+* ``clip-tiny`` 50 steps in fp32 and in bf16 from the same seed, the learning rate warming up over all 50: the mean
+  loss of each 10-step window of the bf16 curve is within `WINDOW_RTOL` (2 %) of the fp32 one, and every step within
+  `STEP_ATOL` (0.25; single steps of two trajectories that part after a few updates differ by up to about 0.12 on a
+  batch of 64). The warm-up spans the curve because at the end of the recipe's 20-step warm-up, on these 200 images,
+  fp32 itself jumps by up to 0.5 from one step to the next, and a single-step comparison would then measure where
+  each run's jumps land rather than its precision.
 """
 
 from __future__ import annotations
@@ -79,7 +82,8 @@ def runs(request: pytest.FixtureRequest, asterisk_data: Path, tmp_path_factory: 
     if ("clip", "fp32", 2) in jobs:
         base = tiny_overrides("clip", request, steps=CURVE_STEPS)
         for precision in PRECISIONS:
-            jobs["curve", precision] = [Job("clip-tiny", [*base, f"train.precision={precision}"],
+            jobs["curve", precision] = [Job("clip-tiny", [*base, f"train.precision={precision}",
+                                                          f"train.warmup_steps={CURVE_STEPS}"],
                                             str(root / f"curve-{precision}"))]
     results = run_jobs([j for group in jobs.values() for j in group], timeout=1500)
     return {key: (group[-1].source, group[-1].overrides, Path(group[-1].run_dir),

@@ -38,7 +38,7 @@ from torch import Tensor
 from mmssl.architectures.embedders import TokenEmbedder
 from mmssl.architectures.errors import ArchitectureError
 from mmssl.architectures.modalities.masking import Generators
-from mmssl.architectures.towers import TimmTower, Tower
+from mmssl.architectures.towers import TOWER_INITS, TimmTower, Tower, clip_initialise_vit
 
 Decoded = Tensor | dict[str, Tensor]
 DecoderFn = Callable[[bytes, np.random.Generator], Decoded]
@@ -64,6 +64,7 @@ class TowerConfig:
     frozen: bool = False
     grad_checkpointing: bool = False
     patch_dropout: float = 0.0  # ViT towers: share of patch tokens dropped when training (FLIP, Li et al. 2023)
+    init: str = "timm"  # ViT towers: "timm" (the library's) or "clip" (CLIP's width-scaled, `clip_initialise_vit`)
     model_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,7 +91,17 @@ def timm_tower(cfg: TowerConfig, *, in_chans: int, img_size: list[int], patch_si
     elif cfg.patch_dropout:
         raise ArchitectureError(f"patch_dropout applies to ViT towers; {cfg.arch!r} has no patch tokens")
     args.update(cfg.model_args)
-    return TimmTower(cfg.arch, args, pretrained=cfg.pretrained, input_size=(in_chans, *img_size))
+    if cfg.init not in TOWER_INITS:
+        raise ArchitectureError(f"init must be one of {list(TOWER_INITS)}, got {cfg.init!r}")
+    if cfg.init == "clip" and not cfg.arch.startswith(VIT_PREFIXES):
+        raise ArchitectureError(f"init='clip' applies to ViT towers; {cfg.arch!r} is not one")
+    if cfg.init == "clip" and cfg.pretrained:
+        raise ArchitectureError(f"init='clip' initialises a tower that pretrained={cfg.pretrained!r} then overwrites; "
+                                "set one of them")
+    tower = TimmTower(cfg.arch, args, pretrained=cfg.pretrained, input_size=(in_chans, *img_size))
+    if cfg.init == "clip":
+        clip_initialise_vit(tower.model)
+    return tower
 
 
 DeviceTransform = Callable[[Tensor], Tensor]

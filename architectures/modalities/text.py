@@ -2,7 +2,9 @@
 
 The tower is ``AutoModel.from_config(AutoConfig.for_model(arch, ...))`` (a BERT-style encoder by default),
 randomly initialised, or ``AutoModel.from_pretrained(pretrained)`` from a local directory. ``vocab_size`` and
-``pad_token_id`` come from the tokenizer; ``max_position_embeddings`` from ``max_len``.
+``pad_token_id`` come from the tokenizer; ``max_position_embeddings`` from ``max_len``. ``arch: clip`` builds CLIP's
+text transformer (Radford et al. 2021; transformers' ``CLIPTextModel`` from `clip_text_config`): causal, pooled at
+the end-of-text token (``pool: eot``), CLIP's initialisation.
 
 Token embedder: `TokenIdEmbedder` (an id lookup plus a learned position). Masking selects, per row,
 ``max(1, ⌊ratio·n + ½⌋)`` of the ``n`` real tokens that are not special ids (pad / bos / eos / mask), uniformly:
@@ -47,6 +49,26 @@ class TextConfig(TowerConfig):
 
 
 TextCorruption = Callable[[str, np.random.Generator], str]
+CLIP_ARCHS = ("clip", "clip_text_model")  # model.text.arch names of CLIP's text transformer
+
+
+def clip_text_config(cfg: TextConfig, tok: Tokenizer) -> Any:
+    """transformers' ``CLIPTextConfig`` for CLIP's text transformer (Radford et al. 2021) at the recipe's size: pre-norm
+    causal blocks, GELU MLPs (open_clip's default activation), a final LayerNorm, CLIP's initialisation
+    (``CLIPPreTrainedModel._init_weights``), the tokenizer's vocabulary and special ids; ``model_args`` overrides
+    any field (``hidden_act: quick_gelu`` for OpenAI's checkpoints)."""
+    from transformers import CLIPTextConfig
+
+    specials = tok.special_ids()
+    if "eos" not in specials:
+        raise ArchitectureError(f"model.text.arch={cfg.arch!r} pools at the end-of-text token, but the tokenizer "
+                                f"{cfg.tokenizer} appends none (special ids: {specials})")
+    fields = {"vocab_size": tok.vocab_size, "hidden_size": cfg.width, "num_hidden_layers": cfg.depth,
+              "intermediate_size": int(cfg.width * cfg.mlp_ratio), "num_attention_heads": cfg.heads,
+              "max_position_embeddings": cfg.max_len,
+              "hidden_act": "gelu", "attention_dropout": cfg.dropout, "pad_token_id": tok.pad_id,
+              "bos_token_id": specials.get("bos", specials["eos"]), "eos_token_id": specials["eos"]}
+    return CLIPTextConfig(**{**fields, **cfg.model_args})
 
 
 class TextDecoder:
@@ -102,6 +124,8 @@ class TextPlugin(ModalityPlugin):
         from transformers import AutoConfig
 
         tok = self.tokenizer(cfg)
+        if cfg.arch in CLIP_ARCHS:
+            return HFTextTower(config=clip_text_config(cfg, tok), pool=cfg.pool)
         try:
             hf_config = AutoConfig.for_model(
                 cfg.arch,

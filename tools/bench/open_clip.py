@@ -2,10 +2,10 @@
 
 The same dual-encoder CLIP (Radford et al. 2021) is built twice: by open_clip's own factory (``create_model`` on a
 model-config dict registered with ``add_model_config``, ``pretrained=None``) and by mmssl (a ``fusion_free`` recipe:
-a timm ViT image tower and a BERT text tower of the same width / depth / heads / context / vocabulary, linear
-bias-free projections). Both train on the same real Fashion-MNIST images and captions (resized to ``--image-size``
-px, 3 channels), decoded once by mmssl's shard stream and then held in memory, so the timed loop is the training
-step only; both minimise the symmetric InfoNCE
+a timm ViT image tower with CLIP's initialisation and CLIP's causal text tower pooled at the end-of-text token, of
+the same width / depth / heads / context / vocabulary, linear bias-free projections). Both train on the same real
+Fashion-MNIST images and captions (resized to ``--image-size`` px, 3 channels), decoded once by mmssl's shard stream
+and then held in memory, so the timed loop is the training step only; both minimise the symmetric InfoNCE
 
     L = 1/(2N) Σ_i [ -log softmax_j(s·a_i·b_j)[i] - log softmax_j(s·b_i·a_j)[i] ]
 
@@ -89,9 +89,9 @@ def prepare(workdir: Path, size: ClipSize, batch: int, precision: str, limit: in
         "data": {"train": str(data / "train"), "batch_size": batch, "shuffle_buffer": 4 * batch,
                  "streams_per_rank": 1, "num_workers": 1, "seed": 0},
         "model": {"family": "fusion_free", "embed_dim": size.embed_dim, "head": "linear",
-                  "image": {"arch": "vit_tiny_patch16_224", **tower, "pool": "token", "image_size": size.image_size,
-                            "patch_size": size.patch_size, "in_chans": 3},
-                  "text": {"arch": "bert", **tower, "pool": "cls", "tokenizer": str(spm), "max_len": size.context}},
+                  "image": {"arch": "vit_tiny_patch16_224", **tower, "pool": "token", "init": "clip",
+                            "image_size": size.image_size, "patch_size": size.patch_size, "in_chans": 3},
+                  "text": {"arch": "clip", **tower, "pool": "eot", "tokenizer": str(spm), "max_len": size.context}},
         "objectives": {"contrastive": {"pairs": [["image", "text"]], "init_temperature": 0.07,
                                        "max_logit_scale": 100.0}},
         "train": {"steps": 10**6, "lr": size.lr, "warmup_steps": size.warmup_steps, "min_lr_ratio": 0.0,
@@ -115,11 +115,16 @@ def decoded_batches(recipe_path: Path, count: int) -> list[Any]:
 
 # --- open_clip ------------------------------------------------------------------------------------------------
 def open_clip_config(size: ClipSize, vocab: int) -> dict[str, Any]:
+    """open_clip's model config at ``size``; its text tower pools at the sentencepiece vocabulary's ``</s>``
+    (``pool_type: eos``: both frameworks read the same token ids, `tokenizer_training`'s fixed special ids)."""
+    from mmssl.data_pipelines.tokenizer_training import EOS_ID, PAD_ID
+
     return {"embed_dim": size.embed_dim,
             "vision_cfg": {"image_size": size.image_size, "patch_size": size.patch_size, "width": size.width,
                            "layers": size.depth, "head_width": size.width // size.heads, "mlp_ratio": 4.0},
             "text_cfg": {"context_length": size.context, "vocab_size": vocab, "width": size.width,
-                         "heads": size.heads, "layers": size.depth, "mlp_ratio": 4.0}}
+                         "heads": size.heads, "layers": size.depth, "mlp_ratio": 4.0, "pool_type": "eos",
+                         "eos_id": EOS_ID, "pad_id": PAD_ID}}
 
 
 def build_open_clip(size: ClipSize, vocab: int, workdir: Path, device: torch.device) -> torch.nn.Module:

@@ -83,7 +83,7 @@ def prepare_data(workdir: Path, cfg: ParityConfig) -> tuple[Path, Path]:
 
     data = workdir / f"fashion-mnist-{cfg.train_images}"
     if not (data / "train" / "index.json").is_file():
-        fashion_mnist.build(data, shard_size=500, limit=cfg.train_images)
+        fashion_mnist.build(data, shard_size=max(8, cfg.train_images // 8), limit=cfg.train_images)
     spm = data / "spm.model"
     if not spm.is_file():
         captions = [t.format(c) for c in fashion_mnist.CLASSES for t in fashion_mnist.TEMPLATES]
@@ -231,13 +231,10 @@ def train_open_clip(cfg: ParityConfig, recipe: Any, seed: int, workdir: Path) ->
     from mmssl.architectures.modalities import get_modality
 
     tokenizer = get_modality("text").tokenizer(recipe.model.towers["text"])
-    specials = tokenizer.special_ids()
     configs = workdir / "open_clip_configs"
     configs.mkdir(parents=True, exist_ok=True)
     name = f"mmssl-parity-{seed}"
-    config = open_clip_config(cfg.size, tokenizer.vocab_size)
-    config["text_cfg"].update(pool_type="eos", eos_id=specials["eos"], pad_id=specials["pad"])  # our </s>
-    (configs / f"{name}.json").write_text(json.dumps(config))
+    (configs / f"{name}.json").write_text(json.dumps(open_clip_config(cfg.size, tokenizer.vocab_size)))
     open_clip.add_model_config(configs)
     torch.manual_seed(seed)
     model = open_clip.create_model(name, pretrained=None, precision="fp32", output_dict=True)
