@@ -21,8 +21,10 @@ class SourceConfig:
 class DataConfig:
     """Where the training shards are and how they stream.
 
-    ``train`` / ``eval``: a dataset directory (with ``index.json``), an ``index.json`` path, a brace pattern, or
-    ``pipe:``/``http(s)://`` URLs. ``fields`` maps a modality to the shard member extensions it is read from
+    ``train`` / ``eval``: a dataset directory (with ``index.json``, or a directory of ``.tar`` files without one,
+    e.g. img2dataset's output: `data_pipelines.shards`), an ``index.json`` path, a brace pattern, or URLs webdataset
+    opens (``pipe:``, ``http(s)://``, ...; another scheme such as ``s3://`` is refused before launch, naming the
+    ``pipe:`` command that streams it). ``fields`` maps a modality to the shard member extensions it is read from
     (default: the modality plug-in's own list). ``batch_size`` is per rank (the global batch is
     ``batch_size x world size x train.grad_accum``). ``num_workers`` must divide ``streams_per_rank``.
     ``views`` asks for extra independently augmented views of a modality (``{audio: 2}`` adds ``audio@1``), what

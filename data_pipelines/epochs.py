@@ -66,7 +66,7 @@ def reader_segments(urls: Sequence[str], *, sampling: str, seed: int, epoch: int
         raise DataError(f"data.sampling must be one of {SAMPLINGS}, got {sampling!r}")
     if sizes is None:
         raise DataError("data.sampling=exact needs the samples per shard: point data.train at a dataset directory "
-                        "or index.json written by `mmssl make-shards`")
+                        "with an index.json (`mmssl index-shards DIR` writes one for a directory of tars)")
     total = sum(sizes[u] for u in urls)
     lo, hi = reader * total // readers, (reader + 1) * total // readers
     segments, position = [], 0

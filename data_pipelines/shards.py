@@ -7,19 +7,33 @@ Layout of a dataset directory written here::
     <dir>/index.json                              # DatasetIndex: shards, samples and bytes per shard, modalities
 
 The index is what exact epoch accounting, resume and pre-launch checks read; a shard specification given to the
-loader may be that directory, the ``index.json`` path, a brace pattern (``data/x/shard-{000000..000009}.tar``), a
-``pipe:`` command or an ``http(s)://`` URL.
+loader may be that directory, the ``index.json`` path, a directory of ``.tar`` files without an index (img2dataset's
+output: ``00000.tar``, ``00000.parquet``, ``00000_stats.json``, ...; its tars in name order, every other file left
+alone; `data_pipelines.indexing` writes its index), a brace pattern (``data/x/shard-{000000..000009}.tar``), a
+``pipe:`` command or a URL.
+
+**URLs.** Shards are opened by webdataset's ``gopen`` (`data_pipelines.reader`): a local path, ``file:``,
+``pipe:CMD`` (the tar is the command's standard output) and the schemes of its dispatch table
+``webdataset.gopen.gopen_schemes`` (webdataset 1.0: ``http``, ``https``, ``sftp``, ``ftps``, ``scp`` through ``curl``,
+``gs`` through ``gsutil``, ``hf`` through ``huggingface_hub`` + ``curl``, ``ais``). Any other scheme (``s3://``,
+``az://``, ...) has no handler: at run time each such shard would fail, be retried ``data.retries`` times and be
+counted as unreachable, so `resolve_shards` refuses it before a run starts, naming the ``pipe:`` form that streams
+it (``pipe:aws s3 cp s3://bucket/x.tar -``). A scheme webdataset opens through a command missing from ``PATH``
+(``gsutil`` for ``gs://``, ``curl`` for the http family) is refused the same way.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import braceexpand
 
@@ -90,27 +104,91 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+# the command each of webdataset's scheme handlers runs (webdataset.gopen: gopen_curl, gopen_gsutil, gopen_hf, ...)
+HANDLER_COMMANDS = {"http": "curl", "https": "curl", "sftp": "curl", "ftps": "curl", "scp": "curl", "htgs": "curl",
+                    "hf": "curl", "gs": "gsutil", "ais": "ais"}
+# the pipe: command that streams an object of a scheme webdataset cannot open (the tar on the command's stdout)
+PIPE_FORMS = {"s3": "pipe:aws s3 cp {url} -", "gs": "pipe:gcloud storage cat {url}", "http": "pipe:wget -q -O - {url}",
+              "https": "pipe:wget -q -O - {url}",
+              "hf": "pipe:wget -q -O - https://huggingface.co/datasets/ORG/NAME/resolve/main/FILE"}
+
+
+def url_scheme(url: str) -> str:
+    """The scheme of a shard URL: '' for a local path, ``pipe`` for ``pipe:CMD``, ``s3`` for ``s3://...``."""
+    match = _SCHEME.match(url)
+    return match.group(1).lower() if match else ""
+
+
 def is_remote(url: str) -> bool:
-    return url.startswith(("pipe:", "http://", "https://", "gs://", "s3://"))
+    """Whether ``url`` is opened through a command or the network (retried when it fails), not as a local file."""
+    return url_scheme(url) not in ("", "file")
+
+
+def local_path(url: str) -> str:
+    """``file:/x`` or ``file:///x`` as the path ``/x``; anything else as it is."""
+    return unquote(urlparse(url).path) if url_scheme(url) == "file" else url
+
+
+def supported_schemes() -> list[str]:
+    """The URL schemes the installed webdataset opens, with ``file`` and ``pipe``."""
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")  # the module (the package exports a function of that name)
+    return sorted({"file", "pipe", *(s for s in gopen.gopen_schemes if not s.startswith("__"))})
+
+
+def check_url(url: str, where: str) -> None:
+    """Refuse a shard URL webdataset cannot open, naming the ``pipe:`` form that streams it (module docstring)."""
+    scheme = url_scheme(url)
+    if scheme in ("", "file", "pipe"):
+        return
+    hint = PIPE_FORMS.get(scheme, "pipe:COMMAND, any command that writes the tar to its standard output").format(
+        url=url)
+    supported = supported_schemes()
+    if scheme not in supported:
+        raise DataError(f"{where}: {url!r} uses the {scheme}:// scheme, which webdataset cannot open (it opens local "
+                        f"paths and {', '.join(s + ':' for s in supported)}); stream it through a command instead: "
+                        f"'{hint}'")
+    command = HANDLER_COMMANDS.get(scheme)
+    if command is not None and shutil.which(command) is None:
+        raise DataError(f"{where}: {url!r}: webdataset opens {scheme}:// with `{command}`, which is not on PATH; "
+                        f"install it, or stream the shard through a command of your own: '{hint}'")
+
+
+def directory_tars(directory: Path) -> list[Path]:
+    """The ``.tar`` files of a dataset directory without an index, in name order (img2dataset numbers them
+    ``00000.tar``, ``00001.tar``, ...); other files (``.parquet``, ``_stats.json``) are not shards."""
+    return sorted((p for p in directory.iterdir() if p.suffix == ".tar" and p.is_file()), key=lambda p: p.name)
 
 
 def resolve_shards(spec: str | list[str], *, where: str = "shards") -> list[str]:
-    """Turn a shard specification into a list of shard URLs, checking that local files exist.
+    """Turn a shard specification into a list of shard URLs, checking that local files exist and that webdataset
+    can open every URL scheme (`check_url`); a directory without ``index.json`` gives its ``.tar`` files.
 
     ``where`` names the origin of ``spec`` (a recipe key or a CLI flag) so errors can point at it.
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for item in specs:
-        path = Path(item)
+        path = Path(local_path(item))
         if not is_remote(item) and (path.is_dir() or path.name == INDEX_NAME):
             index_path = path / INDEX_NAME if path.is_dir() else path
-            if not index_path.exists():
-                raise DataError(f"{where}: {item!r} has no {INDEX_NAME}; write it with `mmssl make-shards`")
+            if path.is_dir() and not index_path.exists():
+                tars = directory_tars(path)
+                if not tars:
+                    raise DataError(f"{where}: {item!r} has no {INDEX_NAME} and no .tar files; write shards there "
+                                    f"with `mmssl make-shards`")
+                urls.extend(str(t) for t in tars)
+                continue
             index = DatasetIndex.load(index_path)
             urls.extend(str(index_path.parent / s.path) for s in index.shards)
             continue
-        urls.extend(braceexpand.braceexpand(item))
+        expanded = list(braceexpand.braceexpand(item))
+        one_per_scheme = {url_scheme(u): u for u in expanded}
+        for url in [item] if len(one_per_scheme) == 1 else one_per_scheme.values():  # the pattern names them all
+            check_url(url, where)
+        urls.extend(local_path(u) for u in expanded)
     if not urls:
         raise DataError(f"{where}: {spec!r} names no shards")
     missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]

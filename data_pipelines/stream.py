@@ -118,8 +118,9 @@ class ShardStream(IterableDataset):
             if sampling == "exact" and s.sizes is None:
                 sizes = shard_sizes(list(s.urls))
                 if sizes is None:
-                    raise DataError(f"{s.where}: data.sampling=exact needs samples per shard; point it at a dataset "
-                                    f"directory or index.json written by `mmssl make-shards`")
+                    raise DataError(f"{s.where}: data.sampling=exact needs samples per shard, from an index.json "
+                                    f"beside the shards; write one with `mmssl index-shards DIR` (a directory of "
+                                    f"tars, e.g. img2dataset's output) or build the shards with `mmssl make-shards`")
                 s = Source(s.name, s.urls, s.weight, s.modalities, sizes, s.where)
             checked.append(s)
         if sampling == "exact" and len(checked) > 1:

@@ -30,6 +30,7 @@ import yaml
 
 import mmssl.recipes as bundled_recipes
 from mmssl.architectures.config import ModelConfig
+from mmssl.architectures.modalities.base import resolve_path_field
 from mmssl.data_pipelines.config import DataConfig
 from mmssl.objectives.registry import ObjectivesConfig
 from mmssl.pretrain.errors import PretrainError
@@ -40,8 +41,28 @@ class RecipeError(PretrainError):
 
 
 @dataclass
+class WandbConfig:
+    """``train.wandb``: the W&B run of ``train.report_to: [wandb]`` (`pretrain.runlog`). ``mode``: ``online``,
+    ``offline`` (written under ``RUN/wandb/``, uploaded later with ``wandb sync``; no network) or ``disabled``;
+    unset: W&B's own default (``WANDB_MODE``, else online). ``name`` defaults to the run directory's name."""
+
+    project: str = "mmssl"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str | None = None
+
+
+@dataclass
 class TrainConfig:
-    """Optimisation, precision, parallelism, logging and checkpointing."""
+    """Optimisation, precision, parallelism, logging and checkpointing.
+
+    ``report_to``: metric sinks besides ``metrics.jsonl`` (always written: the tools read it): ``tensorboard``,
+    ``wandb`` (`pretrain.runlog`); unset, ``tensorboard`` (the older switch, default on) decides TensorBoard alone.
+    ``deepspeed``: DeepSpeed config keys merged over the generated config (`pretrain.engine.merge_deepspeed`), e.g.
+    ``{zero_optimization: {offload_optimizer: {device: cpu}}}``; a key mmssl sets from the recipe is refused.
+    """
 
     steps: int = 100
     stop_at: int = 0  # checkpoint and exit at this step (0: run to `steps`); the LR schedule still spans `steps`
@@ -53,6 +74,8 @@ class TrainConfig:
     eps: float = 1e-6
     grad_clip: float = 1.0
     grad_accum: int = 1
+    optimizer_impl: str = "fused"  # AdamW's kernels: "fused", "foreach" or "loop" (`pretrain.engine.OPTIMIZER_IMPLS`)
+    compile: bool = False  # torch.compile the towers (inductor): faster steps after a compilation, rounding differs
     accumulation: str = "cached"  # "cached": negatives span the whole accumulated batch (gradient cache); "naive"
     zero_stage: int = 2
     precision: str = "fp32"
@@ -64,7 +87,10 @@ class TrainConfig:
     deterministic: bool | None = None  # None: on for CPU runs (bit-identical resume), off on CUDA (autotune, TF32)
     threads: int = 0
     log_keys: bool = False
-    tensorboard: bool = True
+    tensorboard: bool | None = None  # None: on unless report_to is set (then report_to decides)
+    report_to: list[str] | None = None  # jsonl (always on), tensorboard, wandb
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config
     # abort after more than this many *consecutive* steps whose loss is NaN/inf on any rank (each such step's
     # update is skipped on every rank); 0: abort at the first one
     max_nonfinite_steps: int = 10
@@ -213,6 +239,9 @@ _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else ()
+    if len(args) == 2 and type(None) in args:  # an optional key: null (unset) is always accepted
+        return _type_name(next(a for a in args if a is not type(None)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -307,12 +336,13 @@ def convert(tp: Any, value: Any, *, path: tuple[str, ...], origin: _Origin) -> A
 
 # ----------------------------------------------------------------------------------------------------- paths
 def resolve_paths(recipe: Recipe) -> None:
-    """Make path fields absolute (relative to the working directory); remote URLs are left alone."""
+    """Make path fields absolute (relative to the working directory); remote URLs are left alone; a tower's
+    ``pretrained`` Hugging Face id becomes its local cache directory (`resolve_path_field`)."""
     for tower in recipe.model.towers.values():
         for f in dataclasses.fields(tower):
             value = getattr(tower, f.name)
             if f.metadata.get("path") and isinstance(value, str) and value:
-                setattr(tower, f.name, str(Path(value).expanduser().resolve()))
+                setattr(tower, f.name, resolve_path_field(f, value))
     for name in ("train", "eval"):
         setattr(recipe.data, name, _local_path(getattr(recipe.data, name)))
     for source in recipe.data.sources:
@@ -320,7 +350,7 @@ def resolve_paths(recipe: Recipe) -> None:
 
 
 def _local_path(value: str | None) -> str | None:
-    if value and "://" not in value and not value.startswith("pipe:"):
+    if value and "://" not in value and not value.startswith(("pipe:", "file:")):
         return str(Path(value).expanduser().resolve())
     return value
 

@@ -4,7 +4,10 @@
         recipe.yaml            the resolved recipe (every default filled in)
         checkpoints/           `pretrain.checkpoint`: step_NNNNNNNN/ tags, latest
         metrics.jsonl          one record per step (rank 0)
-        tensorboard/           the same as TensorBoard scalars (train.tensorboard)
+        tensorboard/           the same as TensorBoard scalars (train.report_to: [tensorboard], train.tensorboard)
+        wandb/                 W&B's run folders (train.report_to: [wandb]; offline-run-*/ to `wandb sync`), and
+                               mmssl-run-id, the W&B run a resume continues (kept by --overwrite: W&B runs are
+                               distinct, and an offline one may still await its upload)
         loss_curve.png         the loss over the steps (rank 0, at the end)
         summary.json           the run summary (rank 0, at the end)
         logs/rank<N>.log       each rank's text log;  logs/rank<N>.exit  its exit record (`pretrain.worker`)
@@ -21,6 +24,7 @@ RECIPE = "recipe.yaml"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
+WANDB = "wandb"
 LOSS_CURVE = "loss_curve.png"
 SUMMARY = "summary.json"
 LOGS = "logs"

@@ -46,8 +46,8 @@ from mmssl.pretrain.distributed import init_distributed, seed_everything, set_th
 from mmssl.pretrain.engine import build_engine
 from mmssl.pretrain.frozen import frozen_reference, frozen_state_sha256
 from mmssl.pretrain.precision import compute_dtype, configure_numerics, input_dtype
-from mmssl.pretrain.recipe import Recipe, RecipeError
-from mmssl.pretrain.runlog import MetricsWriter, setup_text_logs
+from mmssl.pretrain.recipe import Recipe, RecipeError, to_dict
+from mmssl.pretrain.runlog import MetricsWriter, metric_sinks, setup_text_logs
 from mmssl.pretrain.step import NonFiniteGuard, PhaseTimer, StepResult, optimizer_step
 from mmssl.pretrain.storage import RunStorage, probe_storage
 from mmssl.pretrain.summary import StepClock, write_summary
@@ -88,6 +88,9 @@ class Trainer:
         seed_everything(cfg.seed)
         self.dtype = compute_dtype(cfg.precision)
         self.model = build_model(recipe.model, seed=cfg.seed, frozen_dtype=self.dtype)
+        if cfg.compile:  # in place (nn.Module.compile): parameter names and checkpoints are unchanged
+            for tower in getattr(self.model, "towers", {}).values():
+                tower.compile()
         objectives, weights = build_objectives(recipe.objectives, self.model.spec)
         task = PretrainTask(self.model, objectives, weights)
         self.frozen = frozen_reference(self.model, task, self.dtype)  # before ZeRO-3 partitions the weights
@@ -245,8 +248,8 @@ class Trainer:
         recipe, rank, world, cfg, state = self.recipe, self.rank, self.world, self.recipe.train, self.state
         stop = min(cfg.stop_at, cfg.steps) if cfg.stop_at else cfg.steps
         global_batch = recipe.data.batch_size * world * cfg.grad_accum
-        writer = MetricsWriter(self.run_dir, enabled=rank == 0, tensorboard=cfg.tensorboard, total_steps=cfg.steps,
-                               start_step=state.step)
+        writer = MetricsWriter(self.run_dir, enabled=rank == 0, sinks=metric_sinks(cfg), total_steps=cfg.steps,
+                               start_step=state.step, wandb=cfg.wandb, config=to_dict(recipe))
         epoch_batches = batches_per_epoch(recipe, world) if self.from_shards else None
         if rank == 0:
             self.log.info("pretraining %s: %d ranks, global batch %d, ZeRO-%d, %s, %s", recipe.name, world,

@@ -10,24 +10,28 @@ import torch
 from mmssl.architectures.config import build_model
 from mmssl.architectures.fusion_ops import SINGLE_TOKEN_FUSIONS
 from mmssl.architectures.modalities import get_modality
+from mmssl.architectures.modalities.base import missing_path_message
 from mmssl.data_pipelines.epochs import SAMPLINGS
 from mmssl.data_pipelines.shards import resolve_shards
 from mmssl.objectives.base import VIEW_SEP, base_modality
 from mmssl.objectives.registry import build_objectives, kind_of
 from mmssl.pretrain.data import build_stream, view_names
-from mmssl.pretrain.engine import check_train_config
+from mmssl.pretrain.engine import check_deepspeed_passthrough, check_train_config
 from mmssl.pretrain.recipe import Recipe, RecipeError
+from mmssl.pretrain.runlog import check_reporting
 
 
 def validate_recipe(recipe: Recipe, *, world_size: int) -> None:
     """Raise a one-line error (RecipeError, DataError, ArchitectureError or ObjectiveError) naming the bad key."""
     check_train_config(recipe.train)
+    check_reporting(recipe.train)
+    check_deepspeed_passthrough(recipe.train, recipe.data.batch_size, world_size)
     recipe.model.validate()
     for name, cfg in recipe.model.towers.items():
         for f in dataclasses.fields(cfg):
             value = getattr(cfg, f.name)
             if f.metadata.get("path") and value and not Path(value).exists():
-                raise RecipeError(f"model.{name}.{f.name}: file not found: {value}")
+                raise RecipeError(f"model.{name}.{f.name}: {missing_path_message(f, value)}")
         get_modality(name).decoder(cfg, train=True)  # loads tokenizers and checks preprocessing settings
     with torch.device("meta"):
         model = build_model(recipe.model)

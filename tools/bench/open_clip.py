@@ -50,6 +50,13 @@ from mmssl.tools.bench.device import bench_device, matmul_peak, peak_memory, res
 from mmssl.tools.errors import ToolError
 
 OPEN_CLIP_NAME = "mmssl-bench-clip"
+SETTINGS = {  # what each side runs with, printed under the table
+    "open_clip": "open_clip_train.train.train_one_epoch; torch AdamW, its CPU default (a loop over parameters); fp32, "
+                 "or bf16 autocast over fp32 weights (amp_bf16); + torch.compile: torch.compile(model), its "
+                 "--torchcompile",
+    "mmssl": "Trainer's step on a DeepSpeed engine, ZeRO-0, 1 rank; defaults: AdamW train.optimizer_impl=fused; fp32, "
+             "or bf16 weights with fp32 masters (DeepSpeed bf16); + train.compile: its towers compiled in place",
+}
 PRECISIONS = {"fp32": "fp32", "bf16": "amp_bf16"}  # mmssl train.precision -> open_clip --precision
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -71,7 +78,8 @@ class ClipSize:
 
 
 # --- data -----------------------------------------------------------------------------------------------------
-def prepare(workdir: Path, size: ClipSize, batch: int, precision: str, limit: int, zero_stage: int = 0) -> Path:
+def prepare(workdir: Path, size: ClipSize, batch: int, precision: str, limit: int, zero_stage: int = 0,
+            compile: bool = False) -> Path:
     """Fashion-MNIST shards, a sentencepiece vocabulary of its captions and the mmssl recipe; returns the recipe."""
     from mmssl.data_pipelines.sources import fashion_mnist
     from mmssl.data_pipelines.tokenizer_training import train_sentencepiece
@@ -97,9 +105,9 @@ def prepare(workdir: Path, size: ClipSize, batch: int, precision: str, limit: in
         "train": {"steps": 10**6, "lr": size.lr, "warmup_steps": size.warmup_steps, "min_lr_ratio": 0.0,
                   "weight_decay": size.weight_decay, "betas": [0.9, 0.98], "eps": 1e-6, "grad_clip": 1.0,
                   "zero_stage": zero_stage, "precision": precision, "seed": 0, "threads": torch.get_num_threads(),
-                  "log_every": 10**6, "ckpt_every": 0, "tensorboard": False},
+                  "log_every": 10**6, "ckpt_every": 0, "tensorboard": False, "compile": compile},
     }
-    path = workdir / f"recipe-{precision}.yaml"
+    path = workdir / f"recipe-{precision}{'-compiled' if compile else ''}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
@@ -173,12 +181,13 @@ class OpenClipSide:
     name = "open_clip"
 
     def __init__(self, size: ClipSize, vocab: int, precision: str, batch: int, workdir: Path,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, compile: bool = False) -> None:
         import open_clip
         from open_clip_train.scheduler import cosine_lr
 
         device = self.device = device or bench_device()
         self.model = build_open_clip(size, vocab, workdir, device)
+        self.name = "open_clip + torch.compile" if compile else "open_clip"
         exclude = [p for n, p in self.model.named_parameters()
                    if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n]
         ids = {id(p) for p in exclude}
@@ -187,6 +196,8 @@ class OpenClipSide:
                                             {"params": rest, "weight_decay": size.weight_decay}],
                                            lr=size.lr, betas=(0.9, 0.98), eps=1e-6)
         self.scheduler = cosine_lr(self.optimizer, size.lr, size.warmup_steps, 10**6)
+        if compile:  # what open_clip_train.main does with --torchcompile
+            self.model = torch.compile(self.model)
         self.loss = open_clip.ClipLoss()
         self.args = Namespace(device=str(device), precision=PRECISIONS[precision], distill=False, accum_freq=1,
                               skip_scheduler=False, horovod=False, grad_clip_norm=1.0, log_every_n_steps=10**9,
@@ -218,6 +229,7 @@ class MmsslSide:
         from mmssl.pretrain.trainer import Trainer
 
         recipe = load_recipe(str(recipe_path))
+        self.name = "mmssl + train.compile" if recipe.train.compile else "mmssl"
         self.trainer = Trainer(recipe, run_dir, batches=lambda rank, world, start: iter(()))
         self.model = self.trainer.engine.module
         self.device = self.trainer.device
@@ -349,6 +361,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=1024, help="Fashion-MNIST images per split to shard")
     p.add_argument("--json", default=None)
     p.add_argument("--profile", action="store_true", help="print torch.profiler top ops of both steps (fp32)")
+    p.add_argument("--best", action="store_true",
+                   help="add best-against-best rows: open_clip with torch.compile, mmssl with train.compile=true")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-real-loader", action="store_true", help="skip the Trainer.fit row on the shards")
     p.add_argument("--workdir", default=None, help="where shards and runs go (default: a temporary directory)")
@@ -390,7 +404,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {"config": {**asdict(size), "batch": args.batch, "steps": args.steps,
                                          "trials": args.trials, "threads": args.threads, "device": device.type},
-                              "rows": rows, "matmul_peak_flops": {}}
+                              "rows": rows, "matmul_peak_flops": {}, "settings": SETTINGS}
     pool = None
     for precision in args.precisions:
         recipe = prepare(workdir, size, args.batch, precision, args.limit, args.zero_stage)
@@ -415,6 +429,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if args.profile and precision == "fp32":
             result["profile"] = {s.name: profile_steps(s, pool[: args.steps]) for s in sides}
         del sides
+        if args.best:
+            rows.extend(best_rows(args, size, vocab, precision, pool, workdir, flops, peak))
     if not args.no_real_loader:
         recipe = prepare(workdir, size, args.batch, "fp32", args.limit)
         summary = mmssl_fit(recipe, workdir / "fit", 1 + args.steps * (args.trials - 1))
@@ -423,6 +439,22 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                      "data": "shards, ShardStream, 1 worker", "samples_per_s": summary["samples_per_s"],
                      "ratio": summary["samples_per_s"] / ref["samples_per_s"]})
     return result
+
+
+def best_rows(args: argparse.Namespace, size: ClipSize, vocab: int, precision: str, pool: list[Any],
+              workdir: Path, flops: dict[str, float], peak: float) -> list[dict[str, Any]]:
+    """Best against best: open_clip compiled as its ``--torchcompile`` does (``torch.compile(model)``) and mmssl with
+    ``train.compile=true`` (its towers compiled) on top of its defaults; the first trial (compilation) excluded."""
+    recipe = prepare(workdir, size, args.batch, precision, args.limit, args.zero_stage, compile=True)
+    sides = [OpenClipSide(size, vocab, precision, args.batch, workdir, compile=True),
+             MmsslSide(recipe, workdir / f"{precision}-compiled")]
+    rates = alternate(sides, pool, args.steps, args.trials)
+    median = {name: statistics.median(r[1:]) for name, r in rates.items()}
+    ref = median[sides[0].name]
+    return [{"precision": precision, "framework": side.name, "data": "pre-decoded, in memory",
+             "samples_per_s": median[side.name], "trials": rates[side.name][1:], "ratio": median[side.name] / ref,
+             "flops_per_sample": flops[base], "mfu": median[side.name] * flops[base] / peak}
+            for side, base in zip(sides, ("open_clip", "mmssl"), strict=True)]
 
 
 def report(result: dict[str, Any]) -> str:
@@ -435,7 +467,8 @@ def report(result: dict[str, Any]) -> str:
                       for p, v in result.get("matmul_peak_flops", {}).items()) +
             f"parameters: open_clip {params['open_clip']:,}, mmssl {params['mmssl']:,} "
             f"({100 * (params['mmssl'] / params['open_clip'] - 1):+.2f} %)\n")
-    out = [head, table(result["rows"])]
+    out = [head, table(result["rows"]), ""]
+    out += [f"{name}: {text}" for name, text in result.get("settings", {}).items()]
     for name, text in result.get("profile", {}).items():
         out.append(f"\n#### profile: {name} (fp32, ops by self CPU time)\n\n```\n{text}\n```")
     return "\n".join(out)
