@@ -128,7 +128,8 @@ def file_member(path: Path, ext: str, origin: str) -> Member | None:
 
 # ------------------------------------------------------------------------------------------------ writing
 def shard_name(prefix: str, index: int) -> str:
-    return f"{prefix}-{index:06d}.tar"
+    """``<prefix>-<index:06d>.tar``; with an empty prefix ``<index>.tar`` (CLIP_benchmark's webdataset layout)."""
+    return f"{prefix}-{index:06d}.tar" if prefix else f"{index}.tar"
 
 
 def _member_bytes(member: Member) -> bytes:
@@ -202,7 +203,9 @@ class ShardPlanner:
 
 
 def _remove_outputs(out: Path, prefix: str) -> None:
-    for stale in [*out.glob(f"{prefix}-*.tar"), *out.glob(f"{prefix}-*.tar.tmp"), out / INDEX_NAME]:
+    shards = [*out.glob(f"{prefix}-*.tar"), *out.glob(f"{prefix}-*.tar.tmp")] if prefix else [
+        p for p in [*out.glob("*.tar"), *out.glob("*.tar.tmp")] if p.name.split(".", 1)[0].isdigit()]
+    for stale in [*shards, out / INDEX_NAME]:
         stale.unlink(missing_ok=True)
 
 
@@ -239,6 +242,17 @@ def write_shards(samples: Iterable[Mapping[str, Any]], out_dir: str | Path, *, n
                          info=info)
 
 
+def _with_progress(samples: Iterable[PlannedSample], desc: str) -> Iterator[PlannedSample]:
+    """``samples``, counted by a tqdm bar on stderr; tqdm leaves it off when stderr is not a terminal (test logs,
+    pipes, batch jobs)."""
+    from tqdm import tqdm
+
+    with tqdm(desc=desc, unit="samples", disable=None, leave=False, dynamic_ncols=True) as bar:
+        for sample in samples:
+            yield sample
+            bar.update()
+
+
 def write_planned(
     samples: Iterable[PlannedSample],
     out_dir: str | Path,
@@ -260,6 +274,7 @@ def write_planned(
     out.mkdir(parents=True, exist_ok=True)
     _remove_outputs(out, prefix)
     shards: list[ShardInfo] = []
+    samples = _with_progress(samples, f"writing {name}")
     try:
         if workers == 1:
             shards = [write_shard(plan, str(out), prefix) for plan in planner.plans(samples)]

@@ -74,3 +74,47 @@ def build(out_dir: str | Path, *, shard_size: int = 5000, limit: int | None = No
         indexes[split] = write_shards(_samples(images, labels, split, indices), out / split,
                                       name=f"fashion-mnist-{split}", max_count=shard_size, info=info)
     return indexes
+
+
+CLIP_BENCHMARK_NAMES = {"classification": "fashion_mnist", "retrieval": "fashion_mnist_retrieval"}
+
+
+def build_clip_benchmark(out_dir: str | Path, *, shard_size: int = 5000, limit: int | None = None,
+                         root: Path = ROOT) -> dict[str, DatasetIndex]:
+    """Fashion-MNIST in CLIP_benchmark's webdataset layout (its ``build_wds_dataset``), two datasets under
+    ``out_dir``, for ``clip_benchmark eval --dataset wds/<name> --dataset_root out_dir/<name>``::
+
+        fashion_mnist/                 zero-shot classification (and linear probe): the train and test splits
+            classnames.txt             the 10 class names, one a line, in label order
+            zeroshot_classification_templates.txt   `TEMPLATES` with CLIP_benchmark's ``{c}``
+            {train,test}/0.tar ... nshards.txt index.json
+        fashion_mnist_retrieval/       image-caption retrieval: the test split
+            dataset_type.txt           ``retrieval``
+            test/0.tar ... nshards.txt index.json
+
+    A sample holds the mmssl members (``png``, ``json``, ``txt``: `build`'s) plus ``cls`` (the integer label) in the
+    classification set, so ``mmssl evaluate --test-shards out_dir/fashion_mnist/test`` (through ``index.json``) and
+    CLIP_benchmark read the same images. In the retrieval set ``txt`` is the image's one caption."""
+    out = Path(out_dir)
+    classification, retrieval = (out / CLIP_BENCHMARK_NAMES[k] for k in ("classification", "retrieval"))
+    indexes = {}
+    for split in ("train", "test"):
+        images, labels = load_split(split, root)
+        indices = np.arange(len(labels))
+        if limit is not None and limit < len(indices):
+            indices = indices[:: max(1, len(indices) // limit)][:limit]
+        info = {"source": "dataset-fashion-mnist (Debian)", "license": "MIT (Zalando SE)", "split": split,
+                "label_field": "label", "classes": list(CLASSES), "layout": "clip_benchmark"}
+        samples = ({**s, "cls": s["json"]["label_id"]} for s in _samples(images, labels, split, indices))
+        sets = [(classification, samples)] + ([(retrieval, _samples(images, labels, split, indices))]
+                                              if split == "test" else [])
+        for dataset, stream in sets:
+            index = write_shards(stream, dataset / split, name=f"{dataset.name}-{split}", max_count=shard_size,
+                                 prefix="", info=info)
+            (dataset / split / "nshards.txt").write_text(f"{len(index.shards)}\n")
+            indexes[f"{dataset.name}/{split}"] = index
+    (classification / "classnames.txt").write_text("".join(f"{c}\n" for c in CLASSES))
+    (classification / "zeroshot_classification_templates.txt").write_text(
+        "".join(t.replace("{}", "{c}") + "\n" for t in TEMPLATES))
+    (retrieval / "dataset_type.txt").write_text("retrieval\n")
+    return indexes

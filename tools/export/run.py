@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,12 +116,30 @@ def _bf16_optimizer_state_dict(model_file: Path, partitions: list[Path]) -> dict
     return state
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint_tag: str | None = None) -> dict[str, Any]:
-    run = Path(run_dir)
-    recipe_file = run / RECIPE
+@dataclass
+class TrainedRun:
+    """A run's checkpoint, consolidated and loaded: the recipe, the model with its trained weights (frozen parts
+    as the recipe loads them), the full fp32 state (``model.*``, ``objectives.*``) and the checkpoint read."""
+
+    run: Path
+    recipe: Recipe
+    model: torch.nn.Module
+    state: dict[str, torch.Tensor]
+    checkpoint: Path
+
+
+def run_recipe(run_dir: str | Path) -> Recipe:
+    """The recipe a run directory was trained with."""
+    recipe_file = Path(run_dir) / RECIPE
     if not recipe_file.is_file():
-        raise RecipeError(f"{run} is not a run directory ({RECIPE} missing)")
-    recipe = load_recipe(recipe_file)
+        raise RecipeError(f"{run_dir} is not a run directory ({RECIPE} missing)")
+    return load_recipe(recipe_file)
+
+
+def load_trained(run_dir: str | Path, *, checkpoint_tag: str | None = None) -> TrainedRun:
+    """Consolidate checkpoint ``checkpoint_tag`` (default: the latest) of a run and load it into its model."""
+    run = Path(run_dir)
+    recipe = run_recipe(run)
     found = checkpoint.find(run, checkpoint_tag or "latest")
     if found is None:
         raise checkpoint.CheckpointError(f"{run} has no checkpoint to export yet")
@@ -141,6 +160,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint_tag: str 
         raise checkpoint.CheckpointError(f"{exc} (the recipe in {run / RECIPE} builds a "
                                          f"{recipe.model.family} model)") from None
     model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in trained.items()}})
+    return TrainedRun(run, recipe, model, state, root / tag)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint_tag: str | None = None) -> dict[str, Any]:
+    trained = load_trained(run_dir, checkpoint_tag=checkpoint_tag)
+    run, recipe, model, state = trained.run, trained.recipe, trained.model, trained.state
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoders = {}
@@ -156,7 +181,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint_tag: str 
         "run": str(run.resolve()),
         "recipe": recipe.name,
         "family": recipe.model.family,
-        "checkpoint": str(root / tag),
+        "checkpoint": str(trained.checkpoint),
         "model": str(model_dir),
         "encoders": encoders,
         "embed_dim": recipe.model.embed_dim,
