@@ -3,9 +3,11 @@
 Layout written by `save_encoder` (format version 1)::
 
     <dir>/model.safetensors   the tower, in its library's own key space
-    <dir>/config.json         the library's config (timm: architecture/model_args; transformers: its config),
-                              plus an "mmssl" section: modality, tower config, embed_dim, head kind,
-                              param_layout (`architectures.layers.legacy`; a tower's own keys are its library's)
+    <dir>/config.json         the library's config (timm: architecture/model_args and the preprocessing in
+                              pretrained_cfg; transformers: its config), plus an "mmssl" section: modality, tower
+                              config (with the resolved preprocessing, `ModalityPlugin.export_assets`: an image
+                              tower's size, mean/std, crop), embed_dim, head kind, param_layout
+                              (`architectures.layers.legacy`; a tower's own keys are its library's)
     <dir>/head.safetensors    the projection head (``proj.*``)
     <dir>/tokenizer.model | tokenizer.json   for text encoders
 

@@ -6,8 +6,13 @@ Every tower exposes ``forward_features(x)`` (token states / feature maps), ``for
 library's format (``model.safetensors`` + ``config.json``) so that ``timm.create_model("local-dir:DIR")`` or
 ``transformers.AutoModel.from_pretrained(DIR)`` rebuilds exactly the same network, with no mmssl code.
 
-Weights are only ever read from local paths: a directory written by ``save_native``/``save_pretrained`` or a
-``.safetensors`` file. Nothing is downloaded.
+The arch name defines a tower: size keys reach the library only when a recipe sets them (`modalities.base`).
+Pretrained weights are only ever read from local files: a ``.safetensors`` file, a directory written by
+``save_native``/``save_pretrained`` (or timm's / transformers' hub layout), or a Hugging Face id found in the local
+cache (`architectures.checkpoints`); nothing is downloaded. Loading is strict: a tensor the file lacks, a file tensor
+the tower has no place for, or a shape that differs is an error naming the keys and the file, unless the recipe
+opts in to a partial load (``pretrained_strict: false``). A timm classifier in the file (``pretrained_cfg``'s
+``classifier``) is left out: towers have none.
 """
 
 from __future__ import annotations
@@ -21,6 +26,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mmssl.architectures.checkpoints import (
+    file_shapes,
+    load_state_strictly,
+    load_transformers,
+    resolve_pretrained,
+    timm_dir_args,
+    weights_file,
+    without_pooler,
+)
+from mmssl.architectures.checkpoints import load_state as load_state  # re-exported for the towers that use it
 from mmssl.architectures.errors import ArchitectureError
 
 
@@ -109,23 +124,38 @@ class TimmTower(Tower):
     """Any timm model (ViT for images and spectrogram patches, CNNs, ...) with its classifier removed."""
 
     def __init__(self, arch: str, model_args: dict[str, Any], *, pretrained: str | None = None,
-                 input_size: tuple[int, ...] | None = None) -> None:
+                 input_size: tuple[int, ...] | None = None, strict: bool = True, where: str = "model",
+                 data_config: dict[str, Any] | None = None) -> None:
+        """``pretrained``: a ``.safetensors`` file, a directory (``model.safetensors`` + optional timm
+        ``config.json``, whose ``model_args`` apply under ``model_args``), or a Hugging Face id in the local cache;
+        loaded strictly unless ``strict=False`` (module docstring). ``where``: the recipe section named in errors
+        (``model.image``). ``data_config``: preprocessing recorded in the tower's timm ``pretrained_cfg`` (mean,
+        std, crop_pct, interpolation, crop_mode), so timm's ``resolve_data_config`` reproduces mmssl's."""
         super().__init__()
         if not timm.is_model(arch):
             raise ArchitectureError(f"unknown timm architecture {arch!r}")
         self.arch = arch
-        self.model_args = dict(model_args)
         self.input_size = tuple(input_size) if input_size else None
         self.source: str | None = None  # the local weights file this tower was initialised from
-        overlay: dict[str, Any] | None = None
+        weights: Path | None = None
         if pretrained:
-            weights = _weights_file(pretrained)
+            location = resolve_pretrained(pretrained, f"{where}.pretrained")
+            weights = weights_file(str(location))
             self.source = str(weights.resolve())
-            overlay = {"file": str(weights), **({"input_size": self.input_size} if self.input_size else {})}
-        self.model = timm.create_model(  # a shape-only build (meta device) reads no weights
-            arch, pretrained=bool(pretrained) and not building_on_meta(), pretrained_cfg_overlay=overlay,
-            num_classes=0, **self.model_args
-        )
+            model_args = {**timm_dir_args(location, arch, where), **model_args}
+        self.model_args = dict(model_args)
+        self.data_config = dict(data_config or {})
+        overlay = {**self.data_config, **({"input_size": self.input_size} if self.input_size else {})}
+        self.model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay or None, num_classes=0,
+                                       **self.model_args)
+        if weights is not None:  # a shape-only build (meta device) checks the file's header, reads no weights
+            meta = building_on_meta()
+            state = file_shapes(weights) if meta else load_file(str(weights))
+            classifier = self.model.pretrained_cfg.get("classifier") or ()
+            prefixes = tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))
+            if state or not meta:  # on meta an empty file is a shape-only placeholder (`tools.recipes_check`)
+                load_state_strictly(self.model, state, source=weights, where=where, what=f"timm {arch!r} tower",
+                                    strict=strict, ignore=prefixes, check_only=meta)
         self.num_features = int(self.model.num_features)
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -211,7 +241,8 @@ class TimmTower(Tower):
         return prefixed_matcher("model.", self.model.group_matcher(coarse))
 
     def timm_config(self) -> dict[str, Any]:
-        pretrained_cfg: dict[str, Any] = {"num_classes": 0}
+        pretrained_cfg: dict[str, Any] = {k: _jsonable(v) for k, v in self.data_config.items()}
+        pretrained_cfg["num_classes"] = 0
         if self.input_size:
             pretrained_cfg["input_size"] = list(self.input_size)
         return {
@@ -290,27 +321,33 @@ class HFTextTower(Tower):
     positions only, so no real state reads padding (padding positions' own states are not used: `feature_mask`).
     """
 
-    def __init__(self, *, config: Any = None, pretrained: str | None = None, pool: str = "cls") -> None:
+    def __init__(self, *, config: Any = None, pretrained: str | None = None, pool: str = "cls", strict: bool = True,
+                 where: str = "model.text") -> None:
+        """``config``: the transformers config of a randomly initialised tower or, with ``pretrained``, the
+        pretrained model's config with the recipe's size keys applied (the checkpoint must then fit it; default:
+        the checkpoint's own). ``pretrained``: a directory holding ``config.json`` (``save_pretrained``'s layout)
+        or a Hugging Face id in the local cache; loaded strictly unless ``strict=False`` (module docstring).
+        ``where``: the recipe section named in errors."""
         super().__init__()
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
 
         if pool not in TEXT_POOLS:
-            raise ArchitectureError(f"model.text.pool must be one of {list(TEXT_POOLS)}, got {pool!r}")
+            raise ArchitectureError(f"{where}.pool must be one of {list(TEXT_POOLS)}, got {pool!r}")
         self.source: str | None = None  # the local weights file this tower was initialised from
         if pretrained:
-            path = Path(pretrained)
+            path = resolve_pretrained(pretrained, f"{where}.pretrained")
             if not (path / "config.json").is_file():
-                raise ArchitectureError(f"no transformers model at {path} (config.json missing)")
+                raise ArchitectureError(f"{where}.pretrained: no transformers model at {path} (config.json missing)")
             weights = path / "model.safetensors"
             self.source = str(weights.resolve()) if weights.is_file() else str(path.resolve())
+            if config is None:
+                config = AutoConfig.from_pretrained(str(path), local_files_only=True)
             if building_on_meta():  # shape-only build (recipe validation): the architecture, not the weights
-                from transformers import AutoConfig
-
-                self.model = _without_pooler(AutoModel.from_config, AutoConfig.from_pretrained(str(path)))
+                self.model = without_pooler(AutoModel.from_config, config)
             else:
-                self.model = _without_pooler(AutoModel.from_pretrained, str(path))
+                self.model = load_transformers(path, config, strict=strict, where=where)
         elif config is not None:
-            self.model = _without_pooler(AutoModel.from_config, config)
+            self.model = without_pooler(AutoModel.from_config, config)
         else:
             raise ArchitectureError("HFTextTower needs a config or a pretrained path")
         if getattr(self.model, "pooler", None) is not None:
@@ -378,29 +415,6 @@ class HFTextTower(Tower):
 def building_on_meta() -> bool:
     """True inside ``with torch.device("meta")``: modules are being built for their shapes only."""
     return torch.empty(0).device.type == "meta"
-
-
-def _without_pooler(factory: Any, source: Any) -> nn.Module:
-    """Build without the model's pooler where its class takes ``add_pooling_layer`` (BERT family), so neither
-    unused parameters nor "newly initialised pooler" reports appear; other classes are built as they are."""
-    try:
-        return factory(source, add_pooling_layer=False)
-    except TypeError:
-        return factory(source)
-
-
-def _weights_file(path: str) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.safetensors"
-    if not p.is_file():
-        raise ArchitectureError(f"pretrained weights not found: {p}")
-    return p
-
-
-def load_state(path: str | Path) -> dict[str, Tensor]:
-    """A state dict from a ``.safetensors`` file (the only weight format mmssl reads)."""
-    return load_file(str(_weights_file(str(path))))
 
 
 def _jsonable(value: Any) -> Any:

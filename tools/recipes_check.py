@@ -15,8 +15,11 @@ the paper's vocabulary size (with ``[PAD] [UNK] [CLS] [SEP] [MASK]``), which onl
 A stitched recipe's frozen parts are local files too: `placeholder_lm` writes a transformers directory holding only
 the published ``config.json`` (and an empty ``model.safetensors``: a meta-device build reads no weight), and
 `placeholder_weights` an empty ``.safetensors`` file for a frozen vision tower, so the model builds with its
-published shapes. `count_prefixed` counts only the (trainable) parameters whose names start with one of the
-prefixes (``bridge.``: a stitched model's trainable bridge; ``blocks.``: a unified encoder's shared layers).
+published shapes (a shape-only build checks a weight file's header against the tower, strictly, and takes a file
+holding no tensor for such a placeholder). Towers are the size their ``arch`` names unless a recipe sets size keys
+(`architectures.modalities.base.TowerConfig`), so a count reads the size the recipe resolves to.
+`count_prefixed` counts only the (trainable) parameters whose names start with one of the prefixes (``bridge.``:
+a stitched model's trainable bridge; ``blocks.``: a unified encoder's shared layers).
 """
 
 from __future__ import annotations
@@ -137,7 +140,8 @@ def placeholder_lm(path: str | Path, config: dict[str, Any]) -> Path:
 
 
 def placeholder_weights(path: str | Path) -> Path:
-    """An empty ``.safetensors`` file: the frozen vision tower's weight path of a meta-device build."""
+    """An empty ``.safetensors`` file: the frozen vision tower's weight path of a meta-device build (which checks
+    a file with tensors against the tower's shapes, and takes one without for a placeholder)."""
     from safetensors.torch import save_file
 
     out = Path(path)

@@ -218,7 +218,8 @@ class AudioPlugin(ModalityPlugin):
         return LogMel(cfg, train=False, corrupt=corrupt)
 
     def build_tower(self, cfg: AudioConfig) -> TimmTower:
-        return timm_tower(cfg, in_chans=1, img_size=[cfg.n_mels, cfg.frames], patch_size=list(cfg.patch_size))
+        return timm_tower(cfg, in_chans=1, img_size=[cfg.n_mels, cfg.frames], patch_size=list(cfg.patch_size),
+                          where="model.audio")
 
     def build_embedder(self, cfg: AudioConfig, width: int) -> PatchEmbedder:
         return PatchEmbedder(1, (cfg.n_mels, cfg.frames), _patch(cfg), width)

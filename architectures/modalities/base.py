@@ -35,6 +35,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 from torch import Tensor
 
+from mmssl.architectures.checkpoints import find_pretrained, hub_id, not_found_message
 from mmssl.architectures.embedders import TokenEmbedder
 from mmssl.architectures.errors import ArchitectureError
 from mmssl.architectures.modalities.masking import Generators
@@ -50,17 +51,28 @@ def path_field(default: str | None = None, help: str = "") -> Any:
 
 @dataclass
 class TowerConfig:
-    """Fields every tower has. ``model_args`` passes any further keyword to the library's constructor."""
+    """Fields every tower has. ``model_args`` passes any further keyword to the library's constructor.
+
+    The ``arch`` name defines the tower: the size keys (`SIZE_KEYS`: ``width``, ``depth``, ``heads``,
+    ``mlp_ratio``, ``pool``; None: unset) reach timm / transformers only when a recipe sets them, so
+    ``arch: vit_base_patch16_224`` is a ViT-B/16 and a pretrained tower is its checkpoint's size; a key that is set
+    overrides the arch's (a pretrained file must then fit it, see ``pretrained_strict``). Code that needs a tower's
+    width reads it from the built tower (``num_features``). ``pretrained``: a ``.safetensors`` file, a directory,
+    or a Hugging Face id (``org/name``, ``hf-hub:org/name``) found in the local cache (never downloaded);
+    ``pretrained_strict: false`` loads the part of a checkpoint that fits and logs the rest
+    (`architectures.checkpoints`)."""
 
     arch: str = ""
-    width: int = 192
-    depth: int = 4
-    heads: int = 3
-    mlp_ratio: float = 4.0
+    width: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    mlp_ratio: float | None = None
     dropout: float = 0.0
     drop_path: float = 0.0
-    pool: str = "token"
-    pretrained: str | None = path_field(help="local weights: a directory or a .safetensors file")
+    pool: str | None = None
+    pretrained: str | None = path_field(help="local weights: a .safetensors file, a directory, or a Hugging Face id "
+                                             "in the local cache")
+    pretrained_strict: bool = True
     frozen: bool = False
     grad_checkpointing: bool = False
     patch_dropout: float = 0.0  # ViT towers: share of patch tokens dropped when training (FLIP, Li et al. 2023)
@@ -68,13 +80,48 @@ class TowerConfig:
     model_args: dict[str, Any] = field(default_factory=dict)
 
 
+SIZE_KEYS = ("width", "depth", "heads", "mlp_ratio", "pool")  # None: the arch's own
 VIT_PREFIXES = ("vit_", "deit_", "eva")
+MLP_RATIO = 4.0  # hidden = width · 4 when a recipe sets a transformers tower's width but not its mlp_ratio
 
 
-def timm_tower(cfg: TowerConfig, *, in_chans: int, img_size: list[int], patch_size: int | list[int]) -> TimmTower:
-    """A timm tower for image-like input ``[in_chans, *img_size]``. For ViT-family archs the tower's width,
-    depth, heads, MLP ratio, pooling, dropout and patch dropout come from ``cfg`` (any timm model otherwise, e.g. a
-    ResNet); ``cfg.model_args`` overrides anything.
+def resolve_path_field(f: Any, value: str) -> str:
+    """A tower config path field's value made absolute (recipe loading); for ``pretrained`` a Hugging Face id
+    that is not a local path becomes its snapshot directory in the local cache, and stays as written when the
+    cache lacks it too (building the tower then says where it looked, `architectures.checkpoints`)."""
+    if f.name == "pretrained":
+        found = find_pretrained(value)
+        if found is None:
+            return value if hub_id(value) is not None else str(Path(value).expanduser().resolve())
+        return str(found.resolve())
+    return str(Path(value).expanduser().resolve())
+
+
+def missing_path_message(f: Any, value: str) -> str:
+    """Why path field ``f``'s ``value`` names nothing (for ``pretrained``: the cache it looked in too)."""
+    return not_found_message(value) if f.name == "pretrained" else f"file not found: {value}"
+
+
+def hf_sizes(cfg: TowerConfig, hidden_size: int | None = None) -> dict[str, Any]:
+    """The transformers config fields a recipe's size keys set, and only those: ``hidden_size`` (width),
+    ``num_hidden_layers`` (depth), ``num_attention_heads`` (heads), ``intermediate_size = ⌊width·mlp_ratio⌋``
+    (when width or mlp_ratio is set; mlp_ratio defaults to 4, width to ``hidden_size``, the config's own)."""
+    sizes: dict[str, Any] = {}
+    for key, name in (("width", "hidden_size"), ("depth", "num_hidden_layers"), ("heads", "num_attention_heads")):
+        if getattr(cfg, key) is not None:
+            sizes[name] = getattr(cfg, key)
+    width = cfg.width if cfg.width is not None else hidden_size
+    if width is not None and (cfg.width is not None or cfg.mlp_ratio is not None):
+        sizes["intermediate_size"] = int(width * (cfg.mlp_ratio if cfg.mlp_ratio is not None else MLP_RATIO))
+    return sizes
+
+
+def timm_tower(cfg: TowerConfig, *, in_chans: int, img_size: list[int], patch_size: int | list[int] | None,
+               where: str = "model", data_config: dict[str, Any] | None = None) -> TimmTower:
+    """A timm tower for image-like input ``[in_chans, *img_size]``. For ViT-family archs the image size, the
+    patch size (None: the arch's), pooling, dropout, patch dropout and the size keys a recipe sets come from
+    ``cfg`` (any timm model otherwise, e.g. a ResNet); ``cfg.model_args`` overrides anything. ``where``: the recipe
+    section (``model.image``); ``data_config``: the preprocessing recorded in the tower's timm config.
 
     ``patch_dropout`` (FLIP, Li et al. 2023, "Scaling Language-Image Pre-training via Masking"): in training mode a
     random ``patch_dropout`` share of each sample's patch tokens is dropped after the position embedding (timm's
@@ -83,9 +130,10 @@ def timm_tower(cfg: TowerConfig, *, in_chans: int, img_size: list[int], patch_si
         raise ArchitectureError(f"patch_dropout must be in [0, 1), got {cfg.patch_dropout}")
     args: dict[str, Any] = {"in_chans": in_chans, "drop_path_rate": cfg.drop_path}
     if cfg.arch.startswith(VIT_PREFIXES):
-        args.update(img_size=img_size, patch_size=patch_size, embed_dim=cfg.width, depth=cfg.depth,
-                    num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, global_pool=cfg.pool, proj_drop_rate=cfg.dropout,
-                    attn_drop_rate=cfg.dropout)
+        sizes = {"patch_size": patch_size, "embed_dim": cfg.width, "depth": cfg.depth, "num_heads": cfg.heads,
+                 "mlp_ratio": cfg.mlp_ratio, "global_pool": cfg.pool}
+        args.update(img_size=img_size, proj_drop_rate=cfg.dropout, attn_drop_rate=cfg.dropout,
+                    **{k: v for k, v in sizes.items() if v is not None})
         if cfg.patch_dropout:
             args["patch_drop_rate"] = cfg.patch_dropout
     elif cfg.patch_dropout:
@@ -98,7 +146,8 @@ def timm_tower(cfg: TowerConfig, *, in_chans: int, img_size: list[int], patch_si
     if cfg.init == "clip" and cfg.pretrained:
         raise ArchitectureError(f"init='clip' initialises a tower that pretrained={cfg.pretrained!r} then overwrites; "
                                 "set one of them")
-    tower = TimmTower(cfg.arch, args, pretrained=cfg.pretrained, input_size=(in_chans, *img_size))
+    tower = TimmTower(cfg.arch, args, pretrained=cfg.pretrained, input_size=(in_chans, *img_size),
+                      strict=cfg.pretrained_strict, where=where, data_config=data_config)
     if cfg.init == "clip":
         clip_initialise_vit(tower.model)
     return tower

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from mmssl.architectures.embedders import EmbeddedTokens, TokenEmbedder, learned_positions
 from mmssl.architectures.errors import ArchitectureError
 from mmssl.architectures.modalities import corruptions
-from mmssl.architectures.modalities.base import DecoderFn, MaskedView, ModalityPlugin, TowerConfig
+from mmssl.architectures.modalities.base import DecoderFn, MaskedView, ModalityPlugin, TowerConfig, hf_sizes
 from mmssl.architectures.modalities.masking import Generators, random_token_mask, span_mask
 from mmssl.architectures.towers import HFTextTower, Tower, TowerOutput
 
@@ -247,7 +247,7 @@ class SequenceTower(Tower):
             raise ArchitectureError(f"model.sequence.pool must be 'cls' or 'mean', got {cfg.pool!r}")
         self.cfg, self.pool = cfg, cfg.pool
         if cfg.pretrained:
-            self.encoder = HFTextTower(pretrained=cfg.pretrained)
+            self.encoder = HFTextTower(pretrained=cfg.pretrained, strict=cfg.pretrained_strict, where="model.sequence")
         else:
             self.encoder = HFTextTower(config=_hf_config(cfg))
         width = self.num_features = self.encoder.num_features
@@ -356,20 +356,11 @@ class SequenceTower(Tower):
 def _hf_config(cfg: SequenceConfig) -> Any:
     from transformers import AutoConfig
 
+    fields = {"vocab_size": 1, "max_position_embeddings": num_tokens(cfg) + 1, "hidden_dropout_prob": cfg.dropout,
+              "attention_probs_dropout_prob": cfg.dropout, "pad_token_id": 0}
     try:
-        return AutoConfig.for_model(
-            cfg.arch,
-            vocab_size=1,
-            hidden_size=cfg.width,
-            num_hidden_layers=cfg.depth,
-            num_attention_heads=cfg.heads,
-            intermediate_size=int(cfg.width * cfg.mlp_ratio),
-            max_position_embeddings=num_tokens(cfg) + 1,
-            hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.dropout,
-            pad_token_id=0,
-            **cfg.model_args,
-        )
+        hidden = AutoConfig.for_model(cfg.arch).hidden_size if cfg.width is None else None
+        return AutoConfig.for_model(cfg.arch, **{**fields, **hf_sizes(cfg, hidden), **cfg.model_args})
     except ValueError as exc:
         raise ArchitectureError(f"model.sequence.arch={cfg.arch!r}: {exc}") from None
 

@@ -1,10 +1,11 @@
 """Text: a tokenizer (sentencepiece or Hugging Face) and a transformers encoder built by config.
 
-The tower is ``AutoModel.from_config(AutoConfig.for_model(arch, ...))`` (a BERT-style encoder by default),
-randomly initialised, or ``AutoModel.from_pretrained(pretrained)`` from a local directory. ``vocab_size`` and
-``pad_token_id`` come from the tokenizer; ``max_position_embeddings`` from ``max_len``. ``arch: clip`` builds CLIP's
-text transformer (Radford et al. 2021; transformers' ``CLIPTextModel`` from `clip_text_config`): causal, pooled at
-the end-of-text token (``pool: eot``), CLIP's initialisation.
+The tower is ``AutoModel.from_config(AutoConfig.for_model(arch, ...))`` (a BERT-style encoder by default; the
+arch's own size unless the recipe sets size keys), randomly initialised, or ``AutoModel.from_pretrained(pretrained)``
+from a local directory or a Hugging Face id in the local cache, loaded strictly (`architectures.towers`).
+``vocab_size`` and ``pad_token_id`` come from the tokenizer; ``max_position_embeddings`` from ``max_len``.
+``arch: clip`` builds CLIP's text transformer (Radford et al. 2021; transformers' ``CLIPTextModel`` from
+`clip_text_config`): causal, pooled at the end-of-text token (``pool: eot``), CLIP's initialisation.
 
 Token embedder: `TokenIdEmbedder` (an id lookup plus a learned position). Masking selects, per row,
 ``max(1, ⌊ratio·n + ½⌋)`` of the ``n`` real tokens that are not special ids (pad / bos / eos / mask), uniformly:
@@ -30,9 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmssl.architectures.checkpoints import resolve_pretrained
 from mmssl.architectures.embedders import TokenIdEmbedder
 from mmssl.architectures.modalities import corruptions
-from mmssl.architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, path_field
+from mmssl.architectures.modalities.base import DecoderFn, ModalityPlugin, TowerConfig, hf_sizes, path_field
 from mmssl.architectures.modalities.masking import Generators, random_token_mask
 from mmssl.architectures.modalities.tokenizers import Tokenizer, load_tokenizer
 from mmssl.architectures.towers import ArchitectureError, HFTextTower
@@ -41,8 +43,6 @@ from mmssl.architectures.towers import ArchitectureError, HFTextTower
 @dataclass
 class TextConfig(TowerConfig):
     arch: str = "bert"
-    width: int = 256
-    heads: int = 4
     pool: str = "cls"
     tokenizer: str | None = path_field(help="sentencepiece .model, tokenizer.json, or a directory with one")
     max_len: int = 32
@@ -53,7 +53,8 @@ CLIP_ARCHS = ("clip", "clip_text_model")  # model.text.arch names of CLIP's text
 
 
 def clip_text_config(cfg: TextConfig, tok: Tokenizer) -> Any:
-    """transformers' ``CLIPTextConfig`` for CLIP's text transformer (Radford et al. 2021) at the recipe's size: pre-norm
+    """transformers' ``CLIPTextConfig`` for CLIP's text transformer (Radford et al. 2021) at the recipe's size (the
+    size keys it sets, `hf_sizes`; CLIPTextConfig's own for the rest): pre-norm
     causal blocks, GELU MLPs (open_clip's default activation), a final LayerNorm, CLIP's initialisation
     (``CLIPPreTrainedModel._init_weights``), the tokenizer's vocabulary and special ids; ``model_args`` overrides
     any field (``hidden_act: quick_gelu`` for OpenAI's checkpoints)."""
@@ -63,12 +64,11 @@ def clip_text_config(cfg: TextConfig, tok: Tokenizer) -> Any:
     if "eos" not in specials:
         raise ArchitectureError(f"model.text.arch={cfg.arch!r} pools at the end-of-text token, but the tokenizer "
                                 f"{cfg.tokenizer} appends none (special ids: {specials})")
-    fields = {"vocab_size": tok.vocab_size, "hidden_size": cfg.width, "num_hidden_layers": cfg.depth,
-              "intermediate_size": int(cfg.width * cfg.mlp_ratio), "num_attention_heads": cfg.heads,
-              "max_position_embeddings": cfg.max_len,
+    fields = {"vocab_size": tok.vocab_size, "max_position_embeddings": cfg.max_len,
               "hidden_act": "gelu", "attention_dropout": cfg.dropout, "pad_token_id": tok.pad_id,
               "bos_token_id": specials.get("bos", specials["eos"]), "eos_token_id": specials["eos"]}
-    return CLIPTextConfig(**{**fields, **cfg.model_args})
+    sizes = hf_sizes(cfg, CLIPTextConfig().hidden_size)
+    return CLIPTextConfig(**{**fields, **sizes, **cfg.model_args})
 
 
 class TextDecoder:
@@ -95,7 +95,8 @@ class TextPlugin(ModalityPlugin):
         self._special: dict[tuple[str, int, float], tuple[int, ...]] = {}
 
     def tokenizer(self, cfg: TextConfig) -> Tokenizer:
-        source = cfg.tokenizer or cfg.pretrained
+        source = cfg.tokenizer or (str(resolve_pretrained(cfg.pretrained, "model.text.pretrained"))
+                                   if cfg.pretrained else None)
         if not source:
             raise ArchitectureError("model.text.tokenizer is not set (a sentencepiece .model or a tokenizer.json)")
         return load_tokenizer(source, cfg.max_len)
@@ -119,27 +120,28 @@ class TextPlugin(ModalityPlugin):
         return TextDecoder(self.tokenizer(cfg), corrupt=corruptions.Bound(fn, level))
 
     def build_tower(self, cfg: TextConfig) -> HFTextTower:
-        if cfg.pretrained:
-            return HFTextTower(pretrained=cfg.pretrained, pool=cfg.pool)
+        """A pretrained tower is its checkpoint's size unless the recipe sets size keys or ``model_args`` (the
+        checkpoint must then fit them, `pretrained_strict`); a new one is ``arch``'s transformers config with the
+        size keys set (`hf_sizes`), ``model_args`` over all."""
         from transformers import AutoConfig
 
+        if cfg.pretrained:
+            config = None
+            if cfg.model_args or any(getattr(cfg, k) is not None for k in ("width", "depth", "heads", "mlp_ratio")):
+                path = resolve_pretrained(cfg.pretrained, "model.text.pretrained")
+                config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+                for key, value in {**hf_sizes(cfg, config.hidden_size), **cfg.model_args}.items():
+                    setattr(config, key, value)
+            return HFTextTower(config=config, pretrained=cfg.pretrained, pool=cfg.pool, strict=cfg.pretrained_strict)
         tok = self.tokenizer(cfg)
         if cfg.arch in CLIP_ARCHS:
             return HFTextTower(config=clip_text_config(cfg, tok), pool=cfg.pool)
+        fields = {"vocab_size": tok.vocab_size, "max_position_embeddings": cfg.max_len,
+                  "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout,
+                  "pad_token_id": tok.pad_id}
         try:
-            hf_config = AutoConfig.for_model(
-                cfg.arch,
-                vocab_size=tok.vocab_size,
-                hidden_size=cfg.width,
-                num_hidden_layers=cfg.depth,
-                num_attention_heads=cfg.heads,
-                intermediate_size=int(cfg.width * cfg.mlp_ratio),
-                max_position_embeddings=cfg.max_len,
-                hidden_dropout_prob=cfg.dropout,
-                attention_probs_dropout_prob=cfg.dropout,
-                pad_token_id=tok.pad_id,
-                **cfg.model_args,
-            )
+            hidden = AutoConfig.for_model(cfg.arch).hidden_size if cfg.width is None else None
+            hf_config = AutoConfig.for_model(cfg.arch, **{**fields, **hf_sizes(cfg, hidden), **cfg.model_args})
         except ValueError as exc:
             raise ArchitectureError(f"model.text.arch={cfg.arch!r}: {exc}") from None
         return HFTextTower(config=hf_config, pool=cfg.pool)

@@ -65,7 +65,14 @@ from torchvision.transforms.v2 import functional as TF
 from mmssl.architectures.embedders import EmbeddedTokens, TokenEmbedder, learned_positions
 from mmssl.architectures.errors import ArchitectureError
 from mmssl.architectures.modalities import corruptions
-from mmssl.architectures.modalities.base import DecoderFn, MaskedView, ModalityPlugin, TowerConfig, timm_tower
+from mmssl.architectures.modalities.base import (
+    MLP_RATIO,
+    DecoderFn,
+    MaskedView,
+    ModalityPlugin,
+    TowerConfig,
+    timm_tower,
+)
 from mmssl.architectures.modalities.image import pixel_corruption, vit_masked_view
 from mmssl.architectures.modalities.masking import Generators, tube_mask, tubeletify
 from mmssl.architectures.modalities.video_cnn import VIDEO_RESNETS, VideoCNNTower
@@ -85,7 +92,7 @@ class VideoConfig(TowerConfig):
     frames: int = 8
     tubelet: int = 2  # frames per tubelet (token embedder, masking, target)
     temporal_depth: int = 1
-    temporal_heads: int | None = None  # default: heads
+    temporal_heads: int | None = None  # default: heads, else the frame ViT's
     mean: list[float] = field(default_factory=lambda: [0.5])
     std: list[float] = field(default_factory=lambda: [0.5])
 
@@ -196,6 +203,12 @@ class TubeletEmbedder(TokenEmbedder):
         return {"pos_embed", "temporal_embed"}
 
 
+def _frame_heads(frame: Tower) -> int:
+    """The attention heads of a timm ViT frame model's blocks (0 for other models)."""
+    blocks = getattr(getattr(frame, "model", None), "blocks", None)
+    return int(getattr(blocks[0].attn, "num_heads", 0)) if blocks else 0
+
+
 class VideoTower(Tower):
     """Per-frame timm model + temporal transformer (module docstring). ``pretrained``: the frame model's weights
     (a directory or ``.safetensors`` file); a directory written by `save_native` also restores the temporal part."""
@@ -203,17 +216,18 @@ class VideoTower(Tower):
     def __init__(self, cfg: VideoConfig) -> None:
         super().__init__()
         size = [cfg.image_size, cfg.image_size]
-        self.frame = timm_tower(cfg, in_chans=cfg.in_chans, img_size=size, patch_size=cfg.patch_size)
+        self.frame = timm_tower(cfg, in_chans=cfg.in_chans, img_size=size, patch_size=cfg.patch_size,
+                                where="model.video")
         dim = self.num_features = self.frame.num_features
-        heads = cfg.temporal_heads or cfg.heads
+        heads = cfg.temporal_heads or cfg.heads or _frame_heads(self.frame)
         if heads < 1 or dim % heads:
-            raise ArchitectureError(f"model.video.temporal_heads={heads} (default: heads) must divide the frame "
-                                    f"feature width {dim} of {cfg.arch!r}")
+            raise ArchitectureError(f"model.video.temporal_heads={heads} (default: heads, else the frame ViT's) must "
+                                    f"divide the frame feature width {dim} of {cfg.arch!r}")
         self.max_frames, self.tubelet = cfg.frames, cfg.tubelet
         self.temporal_embed = learned_positions(cfg.frames, dim)
         self.temporal_blocks = nn.Sequential(*(
-            Block(dim, heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, proj_drop=cfg.dropout, attn_drop=cfg.dropout,
-                  drop_path=cfg.drop_path) for _ in range(cfg.temporal_depth)))
+            Block(dim, heads, mlp_ratio=cfg.mlp_ratio or MLP_RATIO, qkv_bias=True, proj_drop=cfg.dropout,
+                  attn_drop=cfg.dropout, drop_path=cfg.drop_path) for _ in range(cfg.temporal_depth)))
         self.temporal_norm = nn.LayerNorm(dim, eps=1e-6)
         self.grad_checkpointing = False
         if cfg.pretrained and (Path(cfg.pretrained) / TEMPORAL_FILE).is_file():
