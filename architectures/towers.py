@@ -321,17 +321,18 @@ class HFTextTower(Tower):
     positions only, so no real state reads padding (padding positions' own states are not used: `feature_mask`).
     """
 
-    def __init__(self, *, config: Any = None, pretrained: str | None = None, pool: str = "cls", strict: bool = True,
-                 where: str = "model.text") -> None:
+    def __init__(self, *, config: Any = None, pretrained: str | None = None, pool: str | None = None,
+                 strict: bool = True, where: str = "model.text") -> None:
         """``config``: the transformers config of a randomly initialised tower or, with ``pretrained``, the
         pretrained model's config with the recipe's size keys applied (the checkpoint must then fit it; default:
         the checkpoint's own). ``pretrained``: a directory holding ``config.json`` (``save_pretrained``'s layout)
         or a Hugging Face id in the local cache; loaded strictly unless ``strict=False`` (module docstring).
-        ``where``: the recipe section named in errors."""
+        ``pool``: see the class docstring; None: ``eot`` for a causal tower, ``cls`` otherwise. ``where``: the recipe
+        section named in errors."""
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
-        if pool not in TEXT_POOLS:
+        if pool is not None and pool not in TEXT_POOLS:
             raise ArchitectureError(f"{where}.pool must be one of {list(TEXT_POOLS)}, got {pool!r}")
         self.source: str | None = None  # the local weights file this tower was initialised from
         if pretrained:
@@ -352,8 +353,8 @@ class HFTextTower(Tower):
             raise ArchitectureError("HFTextTower needs a config or a pretrained path")
         if getattr(self.model, "pooler", None) is not None:
             self.model.pooler = None
-        self.pool = pool
         self.causal = self.model.config.model_type in CAUSAL_TEXT_MODELS
+        self.pool = pool = pool or ("eot" if self.causal else "cls")
         if self.causal and pool == "cls":
             raise ArchitectureError(f"model.text.pool='cls' reads the first token, which a causal text tower "
                                     f"({self.model.config.model_type}) computes from that token alone; use pool: eot "

@@ -43,7 +43,7 @@ from mmssl.architectures.towers import ArchitectureError, HFTextTower
 @dataclass
 class TextConfig(TowerConfig):
     arch: str = "bert"
-    pool: str = "cls"
+    pool: str | None = None  # cls | mean | eot; None: eot for a causal tower (arch: clip), cls otherwise
     tokenizer: str | None = path_field(help="sentencepiece .model, tokenizer.json, or a directory with one")
     max_len: int = 32
 

@@ -76,7 +76,7 @@ def check_model_config(model: ModelConfig, where: str) -> None:
     if text.arch not in CLIP_ARCHS and not text.pretrained:
         raise ToolError(f"{where}: model.text.arch={text.arch!r} is not CLIP's causal text transformer, which is the "
                         "text tower open_clip's CLIP holds (set model.text.arch: clip)")
-    if text.pool != "eot":
+    if text.pool not in (None, "eot"):  # None: a causal tower's own, eot
         raise ToolError(f"{where}: model.text.pool={text.pool!r}; open_clip's text transformer pools at the "
                         "end-of-text token (pool: eot)")
 
