@@ -1,5 +1,7 @@
 """Zero-shot classification (CLIP): prompt-ensemble class embeddings against a hand loop over a real exported text
-encoder, accuracy on constructed embeddings, prompt files and their error messages."""
+encoder, accuracy on constructed embeddings, prompt files and their error messages; prompt files that name integer
+labels (a list, an object label -> name, CLIP_benchmark's classnames.txt + templates) and how labels match them
+(tests/test_evaluation_scale.py runs them on a trained model)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from mmssl.architectures.modalities import TextConfig, get_modality
 from mmssl.architectures.modalities.base import DecoderFn
 from mmssl.data_pipelines.batch import collate
 from mmssl.tools.errors import ToolError
+from mmssl.tools.evaluation.prompts import load_prompt_file, load_templates, match_labels, render
 from mmssl.tools.evaluation.zero_shot import (
     DEFAULT_TEMPLATES,
     class_embeddings,
@@ -175,3 +178,119 @@ def test_error_messages_name_the_bad_value(text_encoder: Encoder, tmp_path: Path
         zero_shot_accuracy(torch.eye(2), ["dog", "bird"], torch.eye(2), ["dog", "cat"])
     with pytest.raises(ToolError, match="query embeddings have dimension 3 but class embeddings 2"):
         zero_shot_predict(torch.ones(1, 3), torch.eye(2))
+
+
+# ---------------------------------------------------------------------------------- prompt files that name labels
+NAMES = ["t-shirt/top", "trouser", "pullover"]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_every_prompt_shape_names_integer_labels_alike(tmp_path: Path) -> None:
+    """A list, an object label -> name (in any key order), the structured object, CLIP_benchmark's classnames.txt and
+    its dataset directory all map the integer labels 0, 1, 2 to the same names."""
+    values, keys = [2, 0, 1, 2], ["a", "b", "c", "d"]
+    forms = {
+        "list": _write(tmp_path / "list.json", json.dumps(NAMES)),
+        "object": _write(tmp_path / "object.json", json.dumps({"2": NAMES[2], "0": NAMES[0], "1": NAMES[1]})),
+        "structured": _write(tmp_path / "s.json", json.dumps({"classnames": {str(i): c for i, c in enumerate(NAMES)},
+                                                               "templates": ["a photo of a {c}."]})),
+        "classnames.txt": _write(tmp_path / "classnames.txt", "\n".join(NAMES) + "\n"),
+        "json without suffix": _write(tmp_path / "names", json.dumps(NAMES)),
+    }
+    cb = tmp_path / "clip_benchmark"
+    cb.mkdir()
+    _write(cb / "classnames.txt", "\n".join(NAMES) + "\n")
+    _write(cb / "zeroshot_classification_templates.txt", "a photo of a {c}.\nitap of a {c}.\n")
+    forms["directory"] = cb
+    for form, path in forms.items():
+        found = load_prompt_file(path)
+        got = [found.classnames[i] for i in match_labels(values, keys, found, "--test-shards").tolist()]
+        assert got == [NAMES[2], NAMES[0], NAMES[1], NAMES[2]], form
+    assert load_prompt_file(cb).templates == ["a photo of a {c}.", "itap of a {c}."]
+    assert load_prompt_file(forms["structured"]).templates == ["a photo of a {c}."]
+    # the object form keeps its own order, and string labels match its keys exactly
+    obj = load_prompt_file(forms["object"])
+    assert obj.classnames == [NAMES[2], NAMES[0], NAMES[1]] and obj.label_keys == ["2", "0", "1"]
+    assert match_labels(["0", 1], ["a", "b"], obj, "x").tolist() == [1, 2]
+    # the 2-tuple API gives the names (never the object's keys) and the default templates
+    assert load_prompts(forms["object"]) == ([NAMES[2], NAMES[0], NAMES[1]], list(DEFAULT_TEMPLATES))
+
+
+def test_clip_benchmark_templates_render_like_brace_templates(text_encoder: Encoder) -> None:
+    """``{c}`` (CLIP_benchmark: ``template.format(c=name)``) and ``{}`` give the same class embeddings."""
+    braces = class_embeddings(text_encoder, CLASSES, ["a recording of {}.", "{} please"])
+    named = class_embeddings(text_encoder, CLASSES, ["a recording of {c}.", "{c} please"])
+    torch.testing.assert_close(braces, named, rtol=0, atol=0)
+    assert render("itap of a {c}.", "dog") == "itap of a dog." == render("itap of a {}.", "dog")
+
+
+def test_string_labels_are_names_and_never_positions(tmp_path: Path) -> None:
+    listed = load_prompt_file(_write(tmp_path / "list.json", json.dumps(NAMES)))
+    assert match_labels(["trouser", 0], ["a", "b"], listed, "x").tolist() == [1, 0]
+    with pytest.raises(ToolError, match=r"--test-shards: label '1' of sample 'k7' is not among the class names in "
+                                        r".*list.json \(a list names integer labels by position"):
+        match_labels(["1"], ["k7"], listed, "--test-shards")  # the string '1' is not the integer 1
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("", r"prompt file .*p.json is empty; accepted: a JSON list of class names"),
+    ("3", r"prompt file .*p.json: a JSON int is not a prompt file; accepted: a JSON list"),
+    ('"t-shirt"', r"prompt file .*p.json: a JSON str is not a prompt file; accepted:"),
+    ("[]", r"prompt file .*p.json: no class names \(an empty JSON list\); accepted:"),
+    ('[["t-shirt"], "trouser"]', r"prompt file .*p.json: class names must be non-empty strings, got \['t-shirt'\]"),
+    ('{"0": "t-shirt", "1": ["trouser"]}', r"prompt file .*p.json: unknown keys \['0', '1'\] \(expected 'classnames'"),
+    ('{"classnames": 3}', r"p.json: classnames: expected a list of class names or an object label -> name, got a "
+                          r"JSON int; accepted:"),
+    ('{"0": "dress", "1": "dress"}', r"prompt file .*p.json: class name 'dress' is listed twice"),
+    ("[1, 2", r"prompt file .*p.json is not valid JSON"),
+])
+def test_malformed_prompt_files_fail_in_one_line_naming_the_file(tmp_path: Path, content: str, message: str) -> None:
+    path = _write(tmp_path / "p.json", content)
+    with pytest.raises(ToolError, match=message) as info:
+        load_prompt_file(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_label_without_a_name_is_an_error_naming_it(tmp_path: Path) -> None:
+    listed = load_prompt_file(_write(tmp_path / "list.json", json.dumps(NAMES)))
+    with pytest.raises(ToolError, match=r"--test-shards: label 3 of sample 'k2' has no name in .*list.json: its 3 "
+                                        r"class names name the labels 0..2"):
+        match_labels([0, 1, 3], ["k0", "k1", "k2"], listed, "--test-shards")
+    obj = load_prompt_file(_write(tmp_path / "obj.json", json.dumps({"0": "a", "2": "c"})))
+    with pytest.raises(ToolError, match=r"label 1 of sample 'k1' has no name in .*obj.json \(it names the labels "
+                                        r"'0', '2'\)"):
+        match_labels([0, 1], ["k0", "k1"], obj, "--test-shards")
+    with pytest.raises(ToolError, match=r"label 1.5 of sample 'k0' is a JSON float"):
+        match_labels([1.5], ["k0"], listed, "--test-shards")
+    gap = load_prompt_file(_write(tmp_path / "classnames.txt", "a\n\nb\nc\n"))
+    assert gap.classnames == ["a", "b", "c"]
+    assert match_labels(["b"], ["k"], gap, "x").tolist() == [1]  # names still match by name
+    with pytest.raises(ToolError, match=r"classnames.txt: line 2 is blank or a comment between class names"):
+        match_labels([1], ["k"], gap, "x")  # but a position would be ambiguous
+    with pytest.raises(ToolError, match=r"templates file .*t.txt: template 'a photo' has no '\{\}' placeholder"):
+        load_templates(_write(tmp_path / "t.txt", "a {c}\na photo\n"))
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    with pytest.raises(ToolError, match=r"prompt directory .*empty_dir has no classnames.txt"):
+        load_prompt_file(empty)
+
+
+def test_integer_labels_without_names_skip_zero_shot_and_templates_come_once(tmp_path: Path) -> None:
+    from mmssl.tools.evaluation.evaluate import read_prompts, zero_shot_labels
+
+    reason = zero_shot_labels([3, 1], ["a", "b"], None, "label")
+    assert isinstance(reason, str) and "labels of 'label' are integers (e.g. 3)" in reason and "--prompts" in reason
+    names, y = zero_shot_labels(["dog", "cat", "dog"], ["a", "b", "c"], None, "label")  # string labels: themselves
+    assert names == ["cat", "dog"] and y.tolist() == [1, 0, 1]
+    both = _write(tmp_path / "p.json", json.dumps({"classnames": NAMES, "templates": ["a {}"]}))
+    extra = _write(tmp_path / "t.txt", "itap of a {c}.\n")
+    with pytest.raises(ToolError, match=r"--templates .*t.txt and the templates in --prompts .*p.json are both given"):
+        read_prompts(str(both), str(extra))
+    names_only = _write(tmp_path / "n.json", json.dumps(NAMES))
+    assert read_prompts(str(names_only), str(extra))[1] == ["itap of a {c}."]
+    assert read_prompts(str(names_only), None)[1] == list(DEFAULT_TEMPLATES)
+    assert read_prompts(None, None) == (None, list(DEFAULT_TEMPLATES))

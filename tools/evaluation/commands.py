@@ -1,4 +1,6 @@
-"""Evaluation commands over exported encoders: linear probe and retrieval, each beside the random-init floor."""
+"""Evaluation commands over exported encoders: linear probe and retrieval, each beside the random-init floor; a
+``runtime`` (`tools.evaluation.runtime.Runtime`: device, batch size, decoding workers, precision) says how the
+features are extracted (default: the CPU, one process)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from mmssl.tools.errors import ToolError
 from mmssl.tools.evaluation.features import extract
 from mmssl.tools.evaluation.probe import fmt_pct, labels_of, linear_probe
 from mmssl.tools.evaluation.retrieval import group_ids, recall_both_ways
+from mmssl.tools.evaluation.runtime import Runtime
 from mmssl.tools.export.run import EXPORT_INDEX
 
 FLOOR_SEED = 0
@@ -25,8 +28,8 @@ def _write(path: str | Path | None, payload: dict[str, Any]) -> None:
 
 
 def run_probe(encoder_dir: str | Path, *, shards: str, test_shards: str, label: str, features: str = "pooled",
-              few_shot: int | None = None, floor: bool = True, seed: int = 0, json_out: str | None = None
-              ) -> dict[str, Any]:
+              few_shot: int | None = None, floor: bool = True, seed: int = 0, json_out: str | None = None,
+              runtime: Runtime | None = None, solver: str = "auto", cache: bool = True) -> dict[str, Any]:
     if features not in ("pooled", "embedding"):
         raise ToolError(f"--features must be 'pooled' or 'embedding', got {features!r}")
     meta = read_meta(encoder_dir)
@@ -34,21 +37,23 @@ def run_probe(encoder_dir: str | Path, *, shards: str, test_shards: str, label: 
                                "features": features, "train_shards": shards, "test_shards": test_shards}
     variants = {"pretrained": False, "random_init": True} if floor else {"pretrained": False}
     for name, random_init in variants.items():
-        tr = extract(encoder_dir, shards, where="--shards", random_init=random_init, seed=FLOOR_SEED)
-        te = extract(encoder_dir, test_shards, where="--test-shards", random_init=random_init, seed=FLOOR_SEED)
+        tr = extract(encoder_dir, shards, where="--shards", random_init=random_init, seed=FLOOR_SEED,
+                     runtime=runtime, cache=cache)
+        te = extract(encoder_dir, test_shards, where="--test-shards", random_init=random_init, seed=FLOOR_SEED,
+                     runtime=runtime, cache=cache)
         tr_rows, tr_labels = labels_of(tr.meta, tr.present, label, "--shards")
         te_rows, te_labels = labels_of(te.meta, te.present, label, "--test-shards")
         pick = (lambda f, rows: f.pooled[rows]) if features == "pooled" else (lambda f, rows: f.embeddings[rows])
         result = linear_probe(pick(tr, tr_rows), tr_labels, pick(te, te_rows), te_labels, few_shot=few_shot,
-                              seed=seed)
+                              seed=seed, solver=solver, runtime=runtime)
         results[name] = {**result.to_dict(), "data_errors": {**tr.data_errors, **te.data_errors}}
     _write(json_out, results)
     return results
 
 
 def run_retrieval(export_dir: str | Path, *, shards: str, query: str, target: str, match_field: str | None = None,
-                  floor: bool = True, json_out: str | None = None, ks: tuple[int, ...] = (1, 5, 10)
-                  ) -> dict[str, Any]:
+                  floor: bool = True, json_out: str | None = None, ks: tuple[int, ...] = (1, 5, 10),
+                  runtime: Runtime | None = None, cache: bool = True) -> dict[str, Any]:
     export = Path(export_dir)
     index_file = export / EXPORT_INDEX
     if not index_file.is_file():
@@ -61,8 +66,8 @@ def run_retrieval(export_dir: str | Path, *, shards: str, query: str, target: st
                                "match_field": match_field}
     variants = {"pretrained": False, "random_init": True} if floor else {"pretrained": False}
     for name, random_init in variants.items():
-        fq = extract(encoders[query], shards, random_init=random_init, seed=FLOOR_SEED)
-        ft = extract(encoders[target], shards, random_init=random_init, seed=FLOOR_SEED)
+        fq = extract(encoders[query], shards, random_init=random_init, seed=FLOOR_SEED, runtime=runtime, cache=cache)
+        ft = extract(encoders[target], shards, random_init=random_init, seed=FLOOR_SEED, runtime=runtime, cache=cache)
         if fq.keys != ft.keys:
             raise ToolError("query and target encoders read different samples from the shards")
         rows = (fq.present & ft.present).nonzero().squeeze(1)

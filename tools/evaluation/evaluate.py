@@ -16,10 +16,14 @@ initialised (the floor):
   removed, one robustness score.
 
 Everything goes to ``<out>/results.json`` with PNG plots beside it, and a table is printed (`tools.evaluation.report`).
+Class names for zero-shot come from ``--prompts`` (`tools.evaluation.prompts`: integer labels are named by position
+or by an object's keys; integer labels without a prompt file skip zero-shot, saying why); where and how features are
+computed from a `tools.evaluation.runtime.Runtime` (``--device``, ``--batch-size``, ``--workers``, ``--precision``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from collections.abc import Sequence
@@ -33,11 +37,19 @@ from mmssl.pretrain import checkpoint
 from mmssl.pretrain.rundir import EVAL, EXPORT, RECIPE
 from mmssl.tools.errors import ToolError
 from mmssl.tools.evaluation.diagnostics import embedding_diagnostics
-from mmssl.tools.evaluation.features import ModelFeatures, extract_model_features
+from mmssl.tools.evaluation.features import ModelFeatures, extract_model_features, model_device
 from mmssl.tools.evaluation.interactions import pid_from_predictions
-from mmssl.tools.evaluation.probe import ProbeResult, labels_of, linear_probe
+from mmssl.tools.evaluation.probe import ProbeResult, choose_solver, label_values, labels_of, linear_probe
+from mmssl.tools.evaluation.prompts import PromptFile, integer_label, load_prompt_file, load_templates, match_labels
 from mmssl.tools.evaluation.retrieval import group_ids, recall_both_ways, rerank_recall
-from mmssl.tools.evaluation.zero_shot import DEFAULT_TEMPLATES, load_prompts, zero_shot_accuracy
+from mmssl.tools.evaluation.runtime import Runtime
+from mmssl.tools.evaluation.zero_shot import (
+    DEFAULT_TEMPLATES,
+    class_embeddings,
+    label_indices,
+    zero_shot_accuracy,
+    zero_shot_predict,
+)
 from mmssl.tools.export.model import CONFIG, LoadedModel, load_model
 from mmssl.tools.export.run import EXPORT_INDEX, MODEL_DIR, export_run
 
@@ -81,15 +93,16 @@ def probe_inputs(feats: ModelFeatures) -> list[str]:
     return [*feats.pooled, *(["fused"] if feats.fused is not None else [])]
 
 
-def run_probes(train: ModelFeatures, test: ModelFeatures, label: str, *, few_shot: int | None, seed: int
-               ) -> dict[str, ProbeResult]:
+def run_probes(train: ModelFeatures, test: ModelFeatures, label: str, *, few_shot: int | None, seed: int,
+               solver: str = "auto", runtime: Runtime | None = None) -> dict[str, ProbeResult]:
     out = {}
     for name in probe_inputs(train):
         x, usable = _rows(train, name)
         xt, usable_t = _rows(test, name)
         tr_rows, tr_labels = labels_of(train.meta, usable, label, "--shards")
         te_rows, te_labels = labels_of(test.meta, usable_t, label, "--test-shards")
-        out[name] = linear_probe(x[tr_rows], tr_labels, xt[te_rows], te_labels, few_shot=few_shot, seed=seed)
+        out[name] = linear_probe(x[tr_rows], tr_labels, xt[te_rows], te_labels, few_shot=few_shot, seed=seed,
+                                 solver=solver, runtime=runtime)
     return out
 
 
@@ -124,12 +137,13 @@ def _itm_rerank(loaded: LoadedModel, feats: ModelFeatures, rows: torch.Tensor, g
     """Re-rank each query's top-k gallery items by the ITM head's p(match) (ALBEF / BLIP)."""
     tokens = {m: feats.tokens[m][rows] for m in (query, context)}
     masks = {m: feats.token_mask[m][rows] for m in (query, context)}
+    device = model_device(loaded.model)
     out = {}
     for a, b in ((query, context), (context, query)):
         def score(ia: torch.Tensor, ib: torch.Tensor, a: str = a, b: str = b) -> torch.Tensor:
             pick = {a: ia, b: ib}
-            return loaded.itm_scores(query, context, {m: tokens[m][pick[m]] for m in (query, context)},
-                                     {m: masks[m][pick[m]] for m in (query, context)})
+            return loaded.itm_scores(query, context, {m: tokens[m][pick[m]].to(device) for m in (query, context)},
+                                     {m: masks[m][pick[m]].to(device) for m in (query, context)}).cpu()
 
         recall, _ = rerank_recall(feats.embeddings[a][rows], feats.embeddings[b][rows], groups, groups, score,
                                   k=min(k, rows.numel()), ks=tuple(x for x in (1, 5, 10) if x <= min(k, rows.numel())))
@@ -143,8 +157,8 @@ class _TextEncoder:
 
     modality = TEXT
 
-    def __init__(self, loaded: LoadedModel) -> None:
-        self.loaded = loaded
+    def __init__(self, loaded: LoadedModel, runtime: Runtime | None = None) -> None:
+        self.loaded, self.runtime = loaded, runtime
         self._decoder = loaded.decoders([TEXT])[TEXT]
 
     def decoder(self) -> Any:
@@ -152,21 +166,65 @@ class _TextEncoder:
 
     @torch.no_grad()
     def __call__(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.loaded.model({TEXT: x})
-        return out.pooled[TEXT], out.embeddings[TEXT]
+        device = model_device(self.loaded.model)
+        x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+        with self.runtime.autocast() if self.runtime is not None else contextlib.nullcontext():
+            out = self.loaded.model({TEXT: x})
+        return out.pooled[TEXT].float().cpu(), out.embeddings[TEXT].float().cpu()
 
 
-def run_zero_shot(loaded: LoadedModel, test: ModelFeatures, label: str, *, classnames: list[str] | None,
-                  templates: list[str]) -> dict[str, Any]:
+def zero_shot_labels(values: list[Any], keys: list[str], prompts: PromptFile | None, label: str
+                     ) -> tuple[list[str], torch.Tensor] | str:
+    """``(class names, class index per row)``, or why zero-shot cannot run: integer labels without a prompt file
+    (the integers name no class; nothing is guessed)."""
+    if prompts is not None:
+        return prompts.classnames, match_labels(values, keys, prompts, "--test-shards")
+    example = integer_label(values)
+    if example is not None:
+        return (f"the labels of {label!r} are integers (e.g. {example}); name the classes with --prompts FILE (a "
+                "list of names indexed by label, an object label -> name, or CLIP_benchmark's classnames.txt)")
+    names = sorted({str(v) for v in values})
+    return names, label_indices([str(v) for v in values], names, "--test-shards")
+
+
+def run_zero_shot(loaded: LoadedModel, test: ModelFeatures, label: str, *, prompts: PromptFile | None,
+                  templates: list[str], runtime: Runtime | None = None, predictions: bool = False
+                  ) -> dict[str, Any]:
+    """Zero-shot scores of every non-text modality (`zero_shot_accuracy`); with ``predictions`` each entry also
+    holds ``keys`` and ``predicted`` (class names) per scored row."""
     out: dict[str, Any] = {}
-    encoder = _TextEncoder(loaded)
+    encoder = _TextEncoder(loaded, runtime)
+    weights: dict[tuple[str, ...], torch.Tensor] = {}
     for m in test.embeddings:
         if m == TEXT:
             continue
-        rows, labels = labels_of(test.meta, test.present[m], label, "--test-shards")
-        names = classnames or sorted(set(labels))
-        out[m] = zero_shot_accuracy(test.embeddings[m][rows], labels, encoder, names, templates)
+        rows, values = label_values(test.meta, test.present[m], label, "--test-shards")
+        keys = [test.keys[i] for i in rows.tolist()]
+        found = zero_shot_labels(values, keys, prompts, label)
+        if isinstance(found, str):
+            out[m] = {"skipped": found}
+            continue
+        names, y = found
+        if tuple(names) not in weights:
+            batch = runtime.batch_size if runtime is not None else 64
+            weights[tuple(names)] = class_embeddings(encoder, names, templates, batch_size=batch)
+        w = weights[tuple(names)]
+        out[m] = zero_shot_accuracy(test.embeddings[m][rows], y, w, names)
+        if predictions:
+            out[m]["keys"] = keys
+            out[m]["predicted"] = [names[i] for i in zero_shot_predict(test.embeddings[m][rows], w).tolist()]
     return out
+
+
+def read_prompts(prompts: str | None, templates: str | None) -> tuple[PromptFile | None, list[str]]:
+    """``--prompts`` and ``--templates``: the prompt file (or None) and the templates to use (the file's, the
+    templates file's, else `DEFAULT_TEMPLATES`); templates given twice are an error."""
+    found = load_prompt_file(prompts) if prompts else None
+    extra = load_templates(templates) if templates else None
+    if extra and found is not None and found.templates:
+        raise ToolError(f"--templates {templates} and the templates in --prompts {found.source} are both given; "
+                        "keep one")
+    return found, extra or (found.templates if found is not None and found.templates else list(DEFAULT_TEMPLATES))
 
 
 def run_diagnostics(feats: ModelFeatures, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
@@ -190,11 +248,40 @@ def run_pid(probes: dict[str, ProbeResult], test: ModelFeatures, label: str) -> 
     return {"modalities": names, **result.to_dict()}
 
 
+def _variant(loaded: LoadedModel, variant: str, *, shards: str, test_shards: str, label: str | None,
+             chosen: list[tuple[str, str]], match_field: str | None, prompts: PromptFile | None, templates: list[str],
+             few_shot: int | None, seed: int, rerank_k: int, solver: str, runtime: Runtime, cache: bool
+             ) -> tuple[dict[str, Any], ModelFeatures, dict[str, ProbeResult]]:
+    """One variant's section of results.json, its test features and its fitted probes."""
+    random_init = variant == "random_init"
+    common = {"random_init": random_init, "seed": FLOOR_SEED, "runtime": runtime, "cache": cache}
+    test = extract_model_features(loaded, test_shards, where="--test-shards", keep_tokens=loaded.itm is not None,
+                                  **common)
+    section: dict[str, Any] = {"data_errors": dict(test.data_errors)}
+    probes: dict[str, ProbeResult] = {}
+    if label:
+        train = extract_model_features(loaded, shards, where="--shards", **common)
+        probes = run_probes(train, test, label, few_shot=few_shot, seed=seed, solver=solver, runtime=runtime)
+        section["probe"] = {name: r.to_dict() for name, r in probes.items()}
+        section["pid"] = run_pid(probes, test, label)
+        if TEXT in loaded.modalities and len(loaded.modalities) > 1:
+            section["zero_shot"] = run_zero_shot(loaded, test, label, prompts=prompts, templates=templates,
+                                                 runtime=runtime)
+    if len(loaded.modalities) > 1:
+        section["retrieval"] = run_retrieval(test, chosen, match_field, loaded, rerank_k)
+        section["diagnostics"] = run_diagnostics(test, chosen)
+    return section, test, probes
+
+
 def evaluate(target: str | Path, *, shards: str, test_shards: str, label: str | None, out_dir: str | Path | None = None,
              match_field: str | None = None, pairs: Sequence[tuple[str, str]] | None = None,
-             prompts: str | None = None, floor: bool = True, few_shot: int | None = None, seed: int = 0,
-             robustness: bool = True, levels: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), rerank_k: int = 16
+             prompts: str | None = None, templates: str | None = None, floor: bool = True, few_shot: int | None = None,
+             seed: int = 0, robustness: bool = True, levels: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+             rerank_k: int = 16, runtime: Runtime | None = None, probe_solver: str = "auto", cache: bool = True
              ) -> dict[str, Any]:
+    """Everything of the module docstring; ``runtime`` (default: `Runtime()`, the GPU when there is one) says
+    where features are extracted and the mini-batch probe runs, ``probe_solver`` which probe solver
+    (`tools.evaluation.probe.choose_solver`), ``cache`` whether features are read from / written to the cache."""
     from mmssl.tools.evaluation.report import write_plots
     from mmssl.tools.evaluation.robustness_eval import run_robustness
 
@@ -203,17 +290,23 @@ def evaluate(target: str | Path, *, shards: str, test_shards: str, label: str | 
         raise ToolError(f"--levels must lie in [0, 1] (0 = clean), got {bad_levels[0]}")
     if rerank_k < 1:
         raise ToolError(f"--rerank-k must be >= 1, got {rerank_k}")
+    choose_solver(probe_solver, 0, 0)
+    runtime = runtime or Runtime()
+    prompt_file, prompt_templates = read_prompts(prompts, templates)
     model_dir, run_dir = resolve_model_dir(target)
     out = Path(out_dir) if out_dir else (run_dir / EVAL if run_dir else model_dir.parent / EVAL)
-    classnames, templates = (load_prompts(prompts) if prompts else (None, list(DEFAULT_TEMPLATES)))
     results: dict[str, Any] = {"model": str(model_dir), "run": str(run_dir) if run_dir else None, "label": label,
-                               "train_shards": shards, "test_shards": test_shards, "match_field": match_field}
+                               "train_shards": shards, "test_shards": test_shards, "match_field": match_field,
+                               "device": str(runtime.device), "precision": runtime.precision,
+                               "prompts": prompt_file.source if prompt_file else None, "templates": prompt_templates}
     fitted: dict[str, dict[str, ProbeResult]] = {}
     test_feats: dict[str, ModelFeatures] = {}
     loaded_models: dict[str, LoadedModel] = {}
     for variant in VARIANTS if floor else VARIANTS[:1]:
-        random_init = variant == "random_init"
-        loaded = load_model(model_dir, random_init=random_init, seed=FLOOR_SEED)
+        loaded = load_model(model_dir, random_init=variant == "random_init", seed=FLOOR_SEED)
+        loaded.model.to(runtime.device)
+        if loaded.itm_head is not None:
+            loaded.itm_head.to(runtime.device)
         loaded_models[variant] = loaded
         results["family"] = loaded.family
         results["modalities"] = loaded.modalities
@@ -221,29 +314,16 @@ def evaluate(target: str | Path, *, shards: str, test_shards: str, label: str | 
         for q, t in chosen:
             loaded.check_modality(q, "--pairs")
             loaded.check_modality(t, "--pairs")
-        test = extract_model_features(loaded, test_shards, where="--test-shards", random_init=random_init,
-                                      seed=FLOOR_SEED, keep_tokens=loaded.itm is not None)
-        test_feats[variant] = test
-        section: dict[str, Any] = {"data_errors": dict(test.data_errors)}
-        if label:
-            train = extract_model_features(loaded, shards, where="--shards", random_init=random_init,
-                                           seed=FLOOR_SEED)
-            probes = run_probes(train, test, label, few_shot=few_shot, seed=seed)
-            fitted[variant] = probes
-            section["probe"] = {name: r.to_dict() for name, r in probes.items()}
-            section["pid"] = run_pid(probes, test, label)
-            if TEXT in loaded.modalities and len(loaded.modalities) > 1:
-                section["zero_shot"] = run_zero_shot(loaded, test, label, classnames=classnames,
-                                                     templates=templates)
-        if len(loaded.modalities) > 1:
-            section["retrieval"] = run_retrieval(test, chosen, match_field, loaded, rerank_k)
-            section["diagnostics"] = run_diagnostics(test, chosen)
-        results[variant] = section
+        results[variant], test_feats[variant], fitted[variant] = _variant(
+            loaded, variant, shards=shards, test_shards=test_shards, label=label, chosen=chosen,
+            match_field=match_field, prompts=prompt_file, templates=prompt_templates, few_shot=few_shot, seed=seed,
+            rerank_k=rerank_k, solver=probe_solver, runtime=runtime, cache=cache)
     if robustness:
         results["robustness"] = run_robustness(loaded_models["pretrained"], test_shards,
                                                fitted.get("pretrained", {}), label, levels=levels,
                                                pairs=list(pairs) if pairs else retrieval_pairs(results["modalities"]),
-                                               match_field=match_field, clean=test_feats["pretrained"])
+                                               match_field=match_field, clean=test_feats["pretrained"],
+                                               runtime=runtime, cache=cache)
     results["plots"] = write_plots(results, out)
     atomic_write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
     results["results_file"] = str(out / RESULTS)

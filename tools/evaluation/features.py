@@ -13,7 +13,15 @@ noise re-read the shards with a corrupted decoder (`ModalityPlugin.corrupted_dec
 removed (``present`` all False: the models' missing-modality path, zeros for that modality, no NaN).
 
 Cache: ``<model or encoder dir>/feature_cache/<digest>.safetensors`` + ``.json`` keyed by the weight files (sizes
-and mtimes), the shards (and their mtimes), the random-init seed, the corruption and the removed modality.
+and mtimes), the shards (and their mtimes), the random-init seed, the corruption and the removed modality, and
+what of the `Runtime` can change the numbers (device type, precision, batch size; not the worker count).
+
+Scale (`tools.evaluation.runtime.Runtime`): the model runs on ``runtime.device`` (under bf16 autocast with
+``precision="bf16"``), batches of ``runtime.batch_size`` are decoded by ``runtime.workers`` processes
+(`tools.evaluation.parallel`, the same batches as in one process) and moved to the device one at a time; what is
+kept is the per-sample features, in float32 on the host (``[N, D]`` per modality), never the decoded inputs, so
+memory is bounded by the batch plus the features. A progress bar counts samples (out of the ``index.json`` total
+when the shards have one).
 """
 
 from __future__ import annotations
@@ -33,9 +41,10 @@ from torch import Tensor
 from mmssl.architectures.encoder import Encoder
 from mmssl.architectures.modalities import get_modality
 from mmssl.data_pipelines.batch import Batch
-from mmssl.data_pipelines.shards import resolve_shards
-from mmssl.data_pipelines.stream import read_once
+from mmssl.data_pipelines.shards import resolve_shards, shard_sizes
 from mmssl.objectives.base import fused_summary, fusion_view
+from mmssl.tools.evaluation.parallel import OrderedBatches
+from mmssl.tools.evaluation.runtime import Progress, Runtime
 from mmssl.tools.export.model import CONFIG, ITM_HEAD, WEIGHTS, LoadedModel
 
 CACHE_DIR = "feature_cache"
@@ -112,25 +121,32 @@ Read = tuple[dict[str, Tensor], list[str], dict[str, list[Any]], dict[str, int]]
 
 
 def read_features(urls: list[str], *, fields: dict[str, list[str]], decoders: dict[str, Any], batch_size: int,
-                  where: str, encode: Callable[[Batch], dict[str, Tensor]]) -> Read:
-    """One pass over ``urls``: ``encode(batch)``'s named ``[b, ...]`` tensors concatenated over the batches (token
-    sequences right-padded to the longest), with the samples' keys, metadata (absent fields None) and the data
-    errors the stream counted."""
+                  where: str, encode: Callable[[Batch], dict[str, Tensor]], runtime: Runtime | None = None,
+                  desc: str = "features") -> Read:
+    """One pass over ``urls``: ``encode(batch)``'s named ``[b, ...]`` tensors (on any device) concatenated over the
+    batches on the host (token sequences right-padded to the longest), with the samples' keys, metadata (absent
+    fields None) and the data errors the stream counted. Batches are decoded by ``runtime.workers`` processes."""
     parts: dict[str, list[Tensor]] = {}
     keys: list[str] = []
     meta: dict[str, list[Any]] = {}
     errors: dict[str, int] = {}
     count = 0
-    for batch in read_once(urls, fields=fields, decoders=decoders, batch_size=batch_size, where=where):
-        for k, v in batch.stats.items():
-            errors[k] = errors.get(k, 0) + v
-        for name, value in encode(batch).items():
-            parts.setdefault(name, []).append(value)
-        n = len(batch)
-        keys.extend(batch.keys)
-        for k in set(meta) | set(batch.meta):
-            meta.setdefault(k, [None] * count).extend(batch.meta.get(k, [None] * n))
-        count += n
+    sizes = shard_sizes(list(urls))
+    workers = runtime.workers if runtime is not None else 0
+    with OrderedBatches(urls, fields=fields, decoders=decoders, batch_size=batch_size, where=where,
+                        workers=workers) as batches, \
+            Progress(runtime, desc, sum(sizes.values()) if sizes else None) as bar:
+        for batch in batches:
+            for k, v in batch.stats.items():
+                errors[k] = errors.get(k, 0) + v
+            for name, value in encode(batch).items():
+                parts.setdefault(name, []).append(value.cpu())
+            n = len(batch)
+            keys.extend(batch.keys)
+            for k in set(meta) | set(batch.meta):
+                meta.setdefault(k, [None] * count).extend(batch.meta.get(k, [None] * n))
+            count += n
+            bar.update(n)
     return {k: _pad_cat(v) for k, v in parts.items()}, keys, meta, errors
 
 
@@ -168,28 +184,46 @@ class Features:
     data_errors: dict[str, int]
 
 
+def model_device(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (cpu for a module without any)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def _runtime(runtime: Runtime | None, device: torch.device, batch_size: int | None) -> Runtime:
+    """``runtime``, or a quiet one-process one on ``device``; ``batch_size`` (when given) overrides its batch size."""
+    rt = runtime if runtime is not None else Runtime(device=device, progress=False)
+    return rt if batch_size is None else Runtime(rt.device, batch_size, rt.workers, rt.precision, rt.progress)
+
+
 @torch.no_grad()
 def extract(encoder_dir: str | Path, shards: str | list[str], *, where: str = "--shards", random_init: bool = False,
-            seed: int = 0, batch_size: int = 64, field_exts: list[str] | None = None, cache: bool = True) -> Features:
-    """Encode every sample of ``shards`` with the exported encoder (or its random-init twin)."""
+            seed: int = 0, batch_size: int | None = None, field_exts: list[str] | None = None, cache: bool = True,
+            runtime: Runtime | None = None) -> Features:
+    """Encode every sample of ``shards`` with the exported encoder (or its random-init twin) on ``runtime``'s
+    device (default: the CPU, one process)."""
     src = Path(encoder_dir)
     urls = resolve_shards(shards, where=where)
-    key = cache_key(src, ("model.safetensors", "head.safetensors", "config.json"), urls, random_init, seed)
+    rt = _runtime(runtime, torch.device("cpu"), batch_size)
+    key = cache_key(src, ("model.safetensors", "head.safetensors", "config.json"), urls, random_init, seed,
+                    rt.cache_tag())
 
     def compute() -> Read:
-        encoder = Encoder.from_dir(src, random_init=random_init, seed=seed)
+        encoder = Encoder.from_dir(src, random_init=random_init, seed=seed).to(rt.device)
         m = encoder.modality
 
         def encode(batch: Batch) -> dict[str, Tensor]:
             n = len(batch)
-            if m in batch.inputs:
-                pooled, emb = encoder(batch.inputs[m])
+            dev = batch.to(rt.device)
+            if m in dev.inputs:
+                with rt.autocast():
+                    pooled, emb = encoder(dev.inputs[m])
             else:
                 pooled, emb = torch.zeros(n, encoder.tower.num_features), torch.zeros(n, encoder.embed_dim)
             return {"pooled": pooled.float(), "embeddings": emb.float(), "present": batch.present[m]}
 
         return read_features(urls, fields={m: field_exts or list(get_modality(m).extensions)},
-                             decoders={m: encoder.decoder()}, batch_size=batch_size, where=where, encode=encode)
+                             decoders={m: encoder.decoder()}, batch_size=rt.batch_size, where=where, encode=encode,
+                             runtime=rt, desc=f"{m} features {where}")
 
     tensors, keys, meta, errors = cached(src / CACHE_DIR / f"{key}.safetensors", compute, cache=cache)
     return Features(tensors["pooled"], tensors["embeddings"], keys, meta, tensors["present"].bool(), errors)
@@ -198,17 +232,20 @@ def extract(encoder_dir: str | Path, shards: str | list[str], *, where: str = "-
 @torch.no_grad()
 def extract_model_features(loaded: LoadedModel, shards: str | list[str], *, where: str = "--shards",
                            modalities: list[str] | None = None, random_init: bool = False, seed: int = 0,
-                           corruption: Corruption | None = None, batch_size: int = 64, keep_tokens: bool = False,
-                           cache: bool = True) -> ModelFeatures:
-    """Encode every sample of ``shards`` with ``loaded`` (see the module docstring)."""
+                           corruption: Corruption | None = None, batch_size: int | None = None,
+                           keep_tokens: bool = False, cache: bool = True, runtime: Runtime | None = None
+                           ) -> ModelFeatures:
+    """Encode every sample of ``shards`` with ``loaded`` (see the module docstring). With a ``runtime`` the model
+    is moved to its device; without one it runs where it is, in one process."""
     names = list(modalities or loaded.modalities)
     for m in names:
         loaded.check_modality(m, where)
     if corruption is not None:
         loaded.check_modality(corruption.modality, "--corrupt")
     urls = resolve_shards(shards, where=where)
+    rt = _runtime(runtime, model_device(loaded.model), batch_size)
     key = cache_key(loaded.source, (WEIGHTS, ITM_HEAD, CONFIG), urls, FEATURES_FORMAT, random_init, seed, names,
-                    keep_tokens, corruption.tag() if corruption else "clean")
+                    keep_tokens, corruption.tag() if corruption else "clean", rt.cache_tag())
     decoders = loaded.decoders(names)
     if corruption is not None and corruption.kind != "removed":
         plugin = get_modality(corruption.modality)
@@ -218,11 +255,13 @@ def extract_model_features(loaded: LoadedModel, shards: str | list[str], *, wher
 
     def encode(batch: Batch) -> dict[str, Tensor]:
         n = len(batch)
-        present = {m: batch.present[m].clone() for m in names}
+        dev = batch.to(rt.device)
+        present = {m: dev.present[m].clone() for m in names}
         if corruption is not None and corruption.kind == "removed":
             present[corruption.modality][:] = False
-        inputs = {m: batch.inputs[m] for m in names if m in batch.inputs}
-        out = loaded.model(inputs, {m: present[m] for m in inputs})
+        inputs = {m: dev.inputs[m] for m in names if m in dev.inputs}
+        with rt.autocast():
+            out = loaded.model(inputs, {m: present[m] for m in inputs})
         parts: dict[str, Tensor] = {}
         for m in names:
             if m in out.embeddings:
@@ -241,8 +280,10 @@ def extract_model_features(loaded: LoadedModel, shards: str | list[str], *, wher
         return parts
 
     def compute() -> Read:
-        return read_features(urls, fields=loaded.fields(names), decoders=decoders, batch_size=batch_size,
-                             where=where, encode=encode)
+        loaded.model.to(rt.device)
+        return read_features(urls, fields=loaded.fields(names), decoders=decoders, batch_size=rt.batch_size,
+                             where=where, encode=encode, runtime=rt,
+                             desc=f"features {where}" + (f" {corruption.tag()}" if corruption else ""))
 
     tensors, keys, meta, errors = cached(loaded.source / CACHE_DIR / f"{key}.safetensors", compute, cache=cache)
     return _assemble(tensors, keys, meta, errors, names)
@@ -255,7 +296,7 @@ def _fused(model: Any, out: Any, query: str | None, names: list[str], present: d
     all_present = torch.stack([present[m] for m in names]).all(0)
     if query is not None and query in out.fused:
         fused = out.fused[query]
-        mask = out.token_mask.get(query, torch.ones(fused.shape[:2], dtype=torch.bool))
+        mask = out.token_mask.get(query, torch.ones(fused.shape[:2], dtype=torch.bool, device=fused.device))
         return fused_summary(model, fused, mask.bool()[:, : fused.shape[1]]).float(), all_present
     if query is None:  # fusion-free: late concatenation of the pooled features (absent modality -> zeros)
         pooled = [out.pooled[m].float() * present[m][:, None] if m in out.pooled else None for m in names]

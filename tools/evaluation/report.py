@@ -59,7 +59,7 @@ def format_evaluation(results: dict[str, Any]) -> str:
     for name, r in pre.get("probe", {}).items():
         floor = rnd.get("probe", {}).get(name, {}).get("top1")
         row(f"probe top-1 [{name}]", r["top1"], floor, f"λ={r['best_l2']:g}, n_test {r['n_test']}, "
-            f"majority {fmt_pct(r['chance_top1'])}")
+            f"majority {fmt_pct(r['chance_top1'])}" + (", mini-batch solver" if r.get("solver") == "minibatch" else ""))
     for pair, entry in pre.get("retrieval", {}).items():
         floor = rnd.get("retrieval", {}).get(pair, {})
         for direction, recall in entry.items():
@@ -72,6 +72,9 @@ def format_evaluation(results: dict[str, Any]) -> str:
             if "->" in direction:
                 row(f"{direction} R@1 ITM re-ranked", recall.get("R@1"), None, f"top-{entry['itm_rerank']['k']}")
     for m, z in pre.get("zero_shot", {}).items():
+        if "top1" not in z:  # skipped: integer labels without --prompts
+            row(f"zero-shot top-1 [{m}]", "skipped", None, z.get("skipped", ""))
+            continue
         row(f"zero-shot top-1 [{m}]", z["top1"], rnd.get("zero_shot", {}).get(m, {}).get("top1"),
             f"{z.get('num_classes', '')} classes")
     diag = pre.get("diagnostics", {})
@@ -115,7 +118,8 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
     for pair, entry in pre.get("retrieval", {}).items():
         out[f"R@1 mean [{pair}]"] = entry["mean"]["R@1"]
     for m, z in pre.get("zero_shot", {}).items():
-        out[f"zero-shot top-1 [{m}]"] = z["top1"]
+        if "top1" in z:
+            out[f"zero-shot top-1 [{m}]"] = z["top1"]
     if results.get("robustness"):
         out["robustness score"] = results["robustness"]["score"]["score"]
     return out

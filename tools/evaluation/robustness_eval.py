@@ -26,6 +26,7 @@ from mmssl.tools.evaluation.features import Corruption, ModelFeatures, extract_m
 from mmssl.tools.evaluation.probe import ProbeResult, labels_of
 from mmssl.tools.evaluation.retrieval import group_ids, recall_both_ways
 from mmssl.tools.evaluation.robustness import modality_removal_drop, robustness_score
+from mmssl.tools.evaluation.runtime import Runtime
 from mmssl.tools.export.model import LoadedModel
 
 
@@ -67,7 +68,9 @@ def _metrics(feats: ModelFeatures, clean: ModelFeatures, modality: str, probes: 
 
 def run_robustness(loaded: LoadedModel, test_shards: str, probes: dict[str, ProbeResult], label: str | None, *,
                    levels: Sequence[float], pairs: Sequence[tuple[str, str]], match_field: str | None,
-                   clean: ModelFeatures) -> dict[str, Any]:
+                   clean: ModelFeatures, runtime: Runtime | None = None, cache: bool = True) -> dict[str, Any]:
+    """Every curve and removal of the module docstring; each corrupted pass is a feature extraction on
+    ``runtime`` (its own progress bar)."""
     levels = sorted(float(v) for v in levels)
     curves: dict[str, dict[str, list[float]]] = {}  # metric -> "modality:kind" -> values at levels
     removed: dict[str, dict[str, float]] = {}  # metric -> modality -> value with the modality removed
@@ -76,12 +79,13 @@ def run_robustness(loaded: LoadedModel, test_shards: str, probes: dict[str, Prob
         for kind in plugin.corruptions:
             for level in levels:
                 feats = clean if level == 0 else extract_model_features(
-                    loaded, test_shards, where="--test-shards", corruption=Corruption(m, kind, level))
+                    loaded, test_shards, where="--test-shards", corruption=Corruption(m, kind, level),
+                    runtime=runtime, cache=cache)
                 for metric, value in _metrics(feats, clean, m, probes, label, pairs, match_field).items():
                     curves.setdefault(metric, {}).setdefault(f"{m}:{kind}", []).append(value)
         if len(loaded.modalities) > 1 and label and "fused" in probes:
             feats = extract_model_features(loaded, test_shards, where="--test-shards",
-                                           corruption=Corruption(m, "removed"))
+                                           corruption=Corruption(m, "removed"), runtime=runtime, cache=cache)
             value = _metrics(feats, clean, m, probes, label, [], match_field).get("probe:fused")
             if value is not None:
                 removed.setdefault("probe:fused", {})[m] = value

@@ -5,14 +5,14 @@ with ``f`` the exported text encoder's projected embedding; a query ``x`` (any m
 space) is assigned ``argmax_c cos(x, w_c)``. Top-k accuracy counts the true class among the ``k`` best cosines;
 per-class accuracy and its mean (balanced accuracy) are reported beside it.
 
-Prompts come from `DEFAULT_TEMPLATES` or a file (`load_prompts`): a JSON list of class names, a JSON object
-``{"classnames": [...], "templates": [...]}``, or a text file with one entry per line where lines containing
-``{}`` are templates and the other lines class names (blank lines and ``#`` comments skipped).
+Prompts come from `DEFAULT_TEMPLATES` or a prompt file (`tools.evaluation.prompts`: a JSON list of class names
+indexed by integer label, a JSON object label -> name, ``{"classnames": ..., "templates": [...]}``, a text file with
+one entry per line — CLIP_benchmark's ``classnames.txt`` — or a CLIP_benchmark dataset directory); a template's
+``{}`` or ``{c}`` stands for the class name.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -26,6 +26,10 @@ from mmssl.architectures.modalities import get_modality
 from mmssl.architectures.modalities.base import DecoderFn
 from mmssl.data_pipelines.batch import collate
 from mmssl.tools.errors import ToolError
+from mmssl.tools.evaluation.prompts import check_classnames, check_templates, load_prompt_file, render
+
+__all__ = ["DEFAULT_TEMPLATES", "Prompts", "check_classnames", "check_templates", "class_embeddings", "encode_texts",
+           "label_indices", "load_prompts", "zero_shot_accuracy", "zero_shot_logits", "zero_shot_predict"]
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "{}",
@@ -56,66 +60,11 @@ class TextEncoder(Protocol):
     def __call__(self, x: Any) -> tuple[Tensor, Tensor]: ...
 
 
-def check_templates(templates: Sequence[str], where: str = "templates") -> list[str]:
-    """The templates as a list, or a `ToolError` naming the first that has no ``{}`` or does not format."""
-    if isinstance(templates, str) or not templates:
-        raise ToolError(f"{where}: expected a non-empty list of templates, got {templates!r}")
-    for t in templates:
-        if not isinstance(t, str) or "{}" not in t:
-            raise ToolError(f"{where}: template {t!r} has no '{{}}' placeholder for the class name")
-        try:
-            t.format("x")
-        except (IndexError, KeyError, ValueError) as exc:
-            raise ToolError(f"{where}: template {t!r} does not format with one class name ({exc})") from None
-    return list(templates)
-
-
-def check_classnames(classnames: Sequence[str], where: str = "classnames") -> list[str]:
-    if isinstance(classnames, str) or not classnames:
-        raise ToolError(f"{where}: the class list is empty (got {classnames!r})")
-    bad = [c for c in classnames if not isinstance(c, str) or not c.strip()]
-    if bad:
-        raise ToolError(f"{where}: class names must be non-empty strings, got {bad[0]!r}")
-    seen: set[str] = set()
-    for c in classnames:
-        if c in seen:
-            raise ToolError(f"{where}: class name {c!r} is listed twice")
-        seen.add(c)
-    return list(classnames)
-
-
 def load_prompts(path: str | Path) -> Prompts:
-    """Class names and/or templates from a JSON or text file (see the module docstring)."""
-    src = Path(path)
-    if not src.is_file():
-        raise ToolError(f"prompt file {src} does not exist")
-    text = src.read_text(encoding="utf-8")
-    if src.suffix.lower() == ".json":
-        try:
-            data: Any = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ToolError(f"prompt file {src} is not valid JSON: {exc}") from None
-        if isinstance(data, list):
-            return Prompts(check_classnames(data, str(src)), list(DEFAULT_TEMPLATES))
-        if not isinstance(data, dict):
-            raise ToolError(f"prompt file {src}: expected a list of class names or an object, got "
-                             f"{type(data).__name__}")
-        unknown = sorted(set(data) - {"classnames", "templates"})
-        if unknown:
-            raise ToolError(f"prompt file {src}: unknown keys {unknown} (expected 'classnames' and/or 'templates')")
-        if not data:
-            raise ToolError(f"prompt file {src} has no class names or templates")
-        classnames = check_classnames(data["classnames"], f"{src}: classnames") if "classnames" in data else []
-        templates = check_templates(data["templates"], f"{src}: templates") if "templates" in data else []
-        return Prompts(classnames, templates or list(DEFAULT_TEMPLATES))
-    lines = [line.strip() for line in text.splitlines()]
-    lines = [line for line in lines if line and not line.startswith("#")]
-    if not lines:
-        raise ToolError(f"prompt file {src} has no class names or templates")
-    classnames = [line for line in lines if "{}" not in line]
-    templates = [line for line in lines if "{}" in line]
-    return Prompts(check_classnames(classnames, str(src)) if classnames else [],
-                   check_templates(templates, str(src)) if templates else list(DEFAULT_TEMPLATES))
+    """Class names and templates from a prompt file (`tools.evaluation.prompts.load_prompt_file`; the label keys of
+    an object label -> name are dropped here: `load_prompt_file` keeps them)."""
+    found = load_prompt_file(path)
+    return Prompts(found.classnames, found.templates or list(DEFAULT_TEMPLATES))
 
 
 @torch.no_grad()
@@ -141,7 +90,9 @@ def encode_texts(encoder: TextEncoder, texts: Sequence[str], batch_size: int = 6
             samples = [{"__key__": str(start + i), encoder.modality: decode(t.encode("utf-8"), rng)}
                        for i, t in enumerate(chunk)]
             batch = collate(samples, [encoder.modality])
-            out.append(encoder(batch.inputs[encoder.modality])[1].float())
+            if module is not None:  # an encoder on a GPU takes its inputs there
+                batch = batch.to(next((p.device for p in module.parameters()), torch.device("cpu")))
+            out.append(encoder(batch.inputs[encoder.modality])[1].float().cpu())
     finally:
         if module is not None:
             module.train(was_training)
@@ -150,10 +101,10 @@ def encode_texts(encoder: TextEncoder, texts: Sequence[str], batch_size: int = 6
 
 def class_embeddings(text_encoder: TextEncoder, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                      *, batch_size: int = 64, where: str = "templates") -> Tensor:
-    """``[C, E]``: ``normalize(mean_t normalize(embed(template_t.format(c))))`` for every class ``c``."""
+    """``[C, E]``: ``normalize(mean_t normalize(embed(template_t(c))))`` for every class ``c`` (`render`)."""
     names = check_classnames(classnames, "classnames")
     temps = check_templates(templates, where)
-    prompts = [t.format(c) for c in names for t in temps]
+    prompts = [render(t, c) for c in names for t in temps]
     emb = encode_texts(text_encoder, prompts, batch_size).view(len(names), len(temps), -1)
     return F.normalize(F.normalize(emb, dim=-1).mean(1), dim=-1)
 
