@@ -226,7 +226,7 @@ def test_bf16_zero3_under_an_external_launcher_keeps_frozen_groups_exact(encoder
 
 
 NONFINITE_SCRIPT = '''
-import json, os
+import json, os, sys
 import torch
 from torch import nn
 from mmssl.pretrain.distributed import init_distributed
@@ -253,7 +253,8 @@ for stage in (0, 2):
         records.append({**train_epoch(engine, iter([(x, y)]), 1, guard), "own_loss": expected})
         weights.append(engine.module.weight.detach().clone().flatten().tolist())
     out[stage] = {"records": records, "weights": weights}
-print("RESULT" + str(rank) + " " + json.dumps(out), flush=True)
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:  # one file per rank: printed lines can interleave
+    json.dump(out, f)
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
 os._exit(0)  # gloo may abort in its teardown (see pretrain.worker)
@@ -265,10 +266,9 @@ def test_finetuning_steps_through_the_pretraining_step_and_its_nonfinite_guard(t
     one rank changes no weight on any rank and is counted; the reported loss is the mean of the finite losses."""
     script = tmp_path / "nonfinite.py"
     script.write_text(NONFINITE_SCRIPT)
-    proc = run_ranks(2, [str(script)])
+    proc = run_ranks(2, [str(script), str(tmp_path)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    found = dict(re.findall(r"RESULT(\d) (\{.*\})", proc.stdout))
-    ranks = [json.loads(found[r]) for r in ("0", "1")]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for stage in ("0", "2"):
         a, b = (r[stage] for r in ranks)
         assert a["weights"] == b["weights"]  # the ranks agree after every step
