@@ -59,18 +59,28 @@ def _samples(images: np.ndarray, labels: np.ndarray, split: str, indices: np.nda
                "txt": TEMPLATES[i % len(TEMPLATES)].format(CLASSES[label])}
 
 
+def _subset(split: str, limit: int | None, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The split's images and labels, and the indices kept: every n-th image so about ``limit`` remain."""
+    images, labels = load_split(split, root)
+    indices = np.arange(len(labels))
+    if limit is not None and limit < len(indices):
+        indices = indices[:: max(1, len(indices) // limit)][:limit]
+    return images, labels, indices
+
+
+def _info(split: str, **extra: str) -> dict[str, object]:
+    return {"source": "dataset-fashion-mnist (Debian)", "license": "MIT (Zalando SE)", "split": split,
+            "label_field": "label", "classes": list(CLASSES), **extra}
+
+
 def build(out_dir: str | Path, *, shard_size: int = 5000, limit: int | None = None,
           root: Path = ROOT) -> dict[str, DatasetIndex]:
     """``out_dir/train`` and ``out_dir/test``; ``limit`` keeps every n-th image so about ``limit`` per split remain."""
     out = Path(out_dir)
     indexes = {}
     for split in ("train", "test"):
-        images, labels = load_split(split, root)
-        indices = np.arange(len(labels))
-        if limit is not None and limit < len(indices):
-            indices = indices[:: max(1, len(indices) // limit)][:limit]
-        info = {"source": "dataset-fashion-mnist (Debian)", "license": "MIT (Zalando SE)", "split": split,
-                "label_field": "label", "classes": list(CLASSES)}
+        images, labels, indices = _subset(split, limit, root)
+        info = _info(split)
         indexes[split] = write_shards(_samples(images, labels, split, indices), out / split,
                                       name=f"fashion-mnist-{split}", max_count=shard_size, info=info)
     return indexes
@@ -99,12 +109,8 @@ def build_clip_benchmark(out_dir: str | Path, *, shard_size: int = 5000, limit: 
     classification, retrieval = (out / CLIP_BENCHMARK_NAMES[k] for k in ("classification", "retrieval"))
     indexes = {}
     for split in ("train", "test"):
-        images, labels = load_split(split, root)
-        indices = np.arange(len(labels))
-        if limit is not None and limit < len(indices):
-            indices = indices[:: max(1, len(indices) // limit)][:limit]
-        info = {"source": "dataset-fashion-mnist (Debian)", "license": "MIT (Zalando SE)", "split": split,
-                "label_field": "label", "classes": list(CLASSES), "layout": "clip_benchmark"}
+        images, labels, indices = _subset(split, limit, root)
+        info = _info(split, layout="clip_benchmark")
         samples = ({**s, "cls": s["json"]["label_id"]} for s in _samples(images, labels, split, indices))
         sets = [(classification, samples)] + ([(retrieval, _samples(images, labels, split, indices))]
                                               if split == "test" else [])
