@@ -224,6 +224,42 @@ class ShardStream(IterableDataset):
             b += workers
 
 
+RawBatch = tuple[int, list[RawSample], dict[str, int], list[dict[str, str]]]  # index, samples, reader faults
+
+
+def raw_batches(urls: Sequence[str], batch_size: int, where: str) -> Iterator[RawBatch]:
+    """Every raw sample of ``urls`` once, in shard order, cut into batches of ``batch_size`` (the last may be
+    smaller), each with the reader faults counted while it filled. A full batch waits for the next sample, so a
+    fault counted after its last sample (a shard that ends in an error, an unreachable last URL) still reaches it."""
+    faults = FaultLog()
+    reader = ShardReader(where=where, faults=faults)
+    pending: list[RawSample] = []
+    index = 0
+    for url in urls:
+        for _, sample in reader.samples(url):
+            if len(pending) == batch_size:
+                counts, found = faults.take()
+                yield index, pending, counts, found
+                pending, index = [], index + 1
+            members = {k: v for k, v in sample.items() if not k.startswith("__")}
+            pending.append(RawSample(key=sample["__key__"], url=url, epoch=0, members=members))
+    if pending:
+        counts, found = faults.take()
+        yield index, pending, counts, found
+
+
+def decode_raw_batch(job: RawBatch, decode: SampleDecoder, fields: Sequence[str]) -> Batch:
+    """A `raw_batches` batch decoded and collated; its stats and fault records are the reader's, then the
+    decoder's (``decode.faults``, emptied here)."""
+    index, raws, counts, found = job
+    samples = [decode(raw) for raw in raws]
+    decode_counts, decode_found = decode.faults.take()
+    stats = dict(counts)
+    for k, v in decode_counts.items():
+        stats[k] = stats.get(k, 0) + v
+    return collate(samples, list(fields), index=index, stats=stats, faults=[*found, *decode_found])
+
+
 def read_once(
     urls: Sequence[str],
     *,
@@ -234,24 +270,9 @@ def read_once(
 ) -> Iterator[Batch]:
     """Every sample of ``urls`` exactly once, in shard order, in batches (the last one may be smaller): the
     evaluation reader (feature extraction, retrieval). Faults are skipped, counted and listed as in training."""
-    faults = FaultLog()
-    reader = ShardReader(where=where, faults=faults)
-    decode = SampleDecoder(fields, decoders, seed=0, where=where, faults=faults)
-    pending: list[dict[str, Any]] = []
-    index = 0
-    for url in urls:
-        for _, sample in reader.samples(url):
-            # a full batch waits for the next sample, so a fault counted after its last sample (a shard that
-            # ends in an error, an unreachable last URL) still reaches a batch's stats
-            if len(pending) == batch_size:
-                counts, found = faults.take()
-                yield collate(pending, list(fields), index=index, stats=counts, faults=found)
-                pending, index = [], index + 1
-            members = {k: v for k, v in sample.items() if not k.startswith("__")}
-            pending.append(decode(RawSample(key=sample["__key__"], url=url, epoch=0, members=members)))
-    if pending:
-        counts, found = faults.take()
-        yield collate(pending, list(fields), index=index, stats=counts, faults=found)
+    decode = SampleDecoder(fields, decoders, seed=0, where=where, faults=FaultLog())
+    for job in raw_batches(urls, batch_size, where):
+        yield decode_raw_batch(job, decode, list(fields))
 
 
 def _single_threaded_worker(_: int) -> None:

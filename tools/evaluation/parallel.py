@@ -2,14 +2,14 @@
 `data_pipelines.stream.read_once`.
 
 This process reads the shards (tar parsing only, one pass over the bytes) and cuts the raw samples into batches
-exactly as ``read_once`` does; ``workers`` forked processes decode and collate the batches; the batches come back
-in order. A bounded window (``2 · workers`` batches in flight) keeps memory bounded by the batch, not the data set.
+with ``read_once``'s own `raw_batches`; ``workers`` forked processes decode and collate the batches; the batches
+come back in order. A bounded window (``2 · workers`` batches in flight) keeps memory bounded by the batch, not
+the data set.
 
 The result equals ``read_once``'s batch for batch: the same samples in the same order, the same batch boundaries,
 the same decoded tensors (decoders are seeded per sample, `data_pipelines.reader.SampleDecoder`) and the same
 ``stats``: a reader fault (unreadable shard, tar error) is counted in the batch that was filling when it occurred,
-a decode fault in its sample's batch, as in ``read_once``. Only the order of the fault records inside one batch
-may differ (reader faults first).
+a decode fault in its sample's batch: both decode with `decode_raw_batch`.
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ from typing import Any
 
 import torch
 
-from mmssl.data_pipelines.batch import Batch, collate
-from mmssl.data_pipelines.reader import Decoder, FaultLog, RawSample, SampleDecoder, ShardReader
-from mmssl.data_pipelines.stream import read_once
+from mmssl.data_pipelines.batch import Batch
+from mmssl.data_pipelines.reader import Decoder, FaultLog, SampleDecoder
+from mmssl.data_pipelines.stream import RawBatch, decode_raw_batch, raw_batches, read_once
 from mmssl.tools.errors import ToolError
-
-RawBatch = tuple[int, list[RawSample], dict[str, int], list[dict[str, str]]]  # index, samples, reader faults
 
 _DECODER: SampleDecoder | None = None
 _FIELDS: list[str] = []
@@ -40,34 +38,8 @@ def _init_worker(fields: Mapping[str, Sequence[str]], decoders: Mapping[str, Dec
 
 
 def _decode_batch(job: RawBatch) -> Batch:
-    index, raws, counts, found = job
     assert _DECODER is not None
-    samples = [_DECODER(raw) for raw in raws]
-    decode_counts, decode_found = _DECODER.faults.take()
-    stats = dict(counts)
-    for k, v in decode_counts.items():
-        stats[k] = stats.get(k, 0) + v
-    return collate(samples, _FIELDS, index=index, stats=stats, faults=[*found, *decode_found])
-
-
-def raw_batches(urls: Sequence[str], batch_size: int, where: str) -> Iterator[RawBatch]:
-    """``read_once``'s batching on raw samples: a full batch waits for the next sample, so a reader fault met after
-    its last sample still counts in it."""
-    faults = FaultLog()
-    reader = ShardReader(where=where, faults=faults)
-    pending: list[RawSample] = []
-    index = 0
-    for url in urls:
-        for _, sample in reader.samples(url):
-            if len(pending) == batch_size:
-                counts, found = faults.take()
-                yield index, pending, counts, found
-                pending, index = [], index + 1
-            members = {k: v for k, v in sample.items() if not k.startswith("__")}
-            pending.append(RawSample(key=sample["__key__"], url=url, epoch=0, members=members))
-    if pending:
-        counts, found = faults.take()
-        yield index, pending, counts, found
+    return decode_raw_batch(job, _DECODER, _FIELDS)
 
 
 class OrderedBatches:
