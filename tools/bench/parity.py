@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -155,7 +156,7 @@ def held_out(recipe: Any, data: Path, count: int) -> HeldOut:
             break
     if len(labels) < count:
         raise ToolError(f"the test shards in {data / 'test'} hold {len(labels)} samples; --test-images is {count}")
-    rng = __import__("numpy").random.default_rng(0)
+    rng = np.random.default_rng(0)  # evaluation decoders are deterministic; the generator is their contract
     prompt_samples = [{"__key__": str(i), "text": decoders["text"](PROMPT.format(c).encode(), rng)}
                       for i, c in enumerate(CLASSES)]
     text = collate([{"__key__": str(i), "text": t} for i, t in enumerate(texts[:count])], ["text"]).inputs["text"]
