@@ -26,7 +26,7 @@ mask rows with ``present``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -193,6 +193,39 @@ def cat_batches(batches: Sequence[Batch]) -> Batch:
         position=batches[-1].position,
         host=cat_batches(hosts) if all(h is not None for h in hosts) else None,  # type: ignore[arg-type]
     )
+
+
+def trim_padding(batch: Batch, modalities: Sequence[str], multiple: int = 8) -> Batch:
+    """The batch without the padding columns all its rows share (dynamic padding), for token inputs on the host.
+
+    For each modality in ``modalities`` whose input is a dict with an ``attention_mask [B, L]`` (text: fixed
+    ``max_len`` from the tokenizer), keep the first ``L' = min(L, multiple·⌈n / multiple⌉)`` columns of every
+    ``[B, L, ...]`` entry, ``n = 1 +`` the last column where any row's mask is set (``L' = multiple`` capped at
+    ``L`` when no row has a token). Exact for every consumer that masks padded keys or is causal and reads real
+    positions only (the cut columns hold padding in every row). ``multiple`` keeps the set of shapes small (fewer
+    kernel and ``torch.compile`` variants). Other modalities and the rest of the batch are unchanged; the host
+    batch is returned as a new `Batch` (the input is not modified)."""
+    inputs: dict[str, TensorTree] = dict(batch.inputs)
+    for m in modalities:
+        value = inputs.get(m)
+        if not isinstance(value, Mapping) or "attention_mask" not in value:
+            continue
+        mask = value["attention_mask"]
+        width = mask.shape[1]
+        used = mask.reshape(mask.shape[0], width).ne(0).any(0).nonzero()
+        n = int(used[-1]) + 1 if used.numel() else 0
+        keep = min(width, multiple * max(1, -(-n // multiple)))
+        if keep < width:
+            inputs[m] = {k: _first_columns(t, keep) if t.dim() >= 2 and t.shape[1] == width else t
+                         for k, t in value.items()}
+    if all(inputs[m] is batch.inputs[m] for m in inputs):
+        return batch
+    return replace(batch, inputs=inputs)
+
+
+def _first_columns(t: Tensor, keep: int) -> Tensor:
+    out = t[:, :keep].contiguous()
+    return out.pin_memory() if t.is_pinned() else out  # a pinned loader batch stays pinned for its async copy
 
 
 def _map_tree(value: TensorTree, fn: Any) -> TensorTree:

@@ -36,7 +36,9 @@ class DataConfig:
     modalities). ``sampling``: ``continuous`` (default; every sample once per epoch per reader, epochs flow into
     each other), ``exact`` (every sample exactly once per epoch across all ranks and workers: rebalanced sample
     ranges, last batch padded with empty rows; one source) or ``resampled`` (shards drawn with replacement,
-    seeded); see `data_pipelines.epochs`.
+    seeded); see `data_pipelines.epochs`. ``trim_padding`` (default on): the trainer cuts each batch's text to its
+    longest caption, rounded up to 8 tokens (`data_pipelines.batch.trim_padding`; exact, the cut columns are padding
+    in every row), where nothing depends on the padded length (`pretrain.transfer.trimmed_modalities`).
     """
 
     train: str = ""
@@ -53,3 +55,4 @@ class DataConfig:
     seed: int = 0
     retries: int = 3
     retry_backoff_s: float = 1.0
+    trim_padding: bool = True

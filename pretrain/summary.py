@@ -81,6 +81,16 @@ class StepClock:
             self.excluded_s += time.perf_counter() - t0
 
 
+def positions_computed(per_rank: list[dict[str, list[int]]]) -> dict[str, float]:
+    """``modality -> Σ kept / Σ loaded`` token positions over ranks (`pretrain.transfer.DeviceFeed.positions`)."""
+    totals: dict[str, list[int]] = {}
+    for positions in per_rank:
+        for m, (kept, loaded) in positions.items():
+            total = totals.setdefault(m, [0, 0])
+            total[0], total[1] = total[0] + kept, total[1] + loaded
+    return {m: round(kept / loaded, 4) for m, (kept, loaded) in totals.items() if loaded}
+
+
 def write_summary(trainer: Trainer, clock: StepClock, recent_losses: list[float],
                   epoch_batches: int | None) -> dict[str, Any]:
     """Gather every rank's memory and data accounting and build the run summary; rank 0 writes ``summary.json``
@@ -89,7 +99,8 @@ def write_summary(trainer: Trainer, clock: StepClock, recent_losses: list[float]
     global_batch = recipe.data.batch_size * world * cfg.grad_accum
     per_rank: list[Any] = [None] * world
     dist.all_gather_object(per_rank, {"peak_rss_mb": round(peak_rss_mb(), 1), "comm_s": clock.comm_per_step(),
-                                      **trainer.account.report(), **optimizer_memory(trainer.engine)})
+                                      "positions": trainer.feed.positions, **trainer.account.report(),
+                                      **optimizer_memory(trainer.engine)})
     timed = clock.timed_steps
     summary = {
         "recipe": recipe.name,
@@ -117,6 +128,8 @@ def write_summary(trainer: Trainer, clock: StepClock, recent_losses: list[float]
         "communication_s_per_step": [r["comm_s"] for r in per_rank] if cfg.profile_comms else None,
         **merge_reports(per_rank),
         "nonfinite_steps": state.nonfinite_steps,
+        # data.trim_padding: the fraction of the loaded token positions (max_len per row) the towers ran
+        "token_positions_computed": positions_computed([r["positions"] for r in per_rank]),
         **trainer.sizes,
         "frozen_parameters": trainer.frozen["parameters"] if trainer.frozen else 0,
         "memory_bytes_per_rank": {k: [r[k] for r in per_rank] for k in

@@ -52,7 +52,7 @@ from mmssl.pretrain.step import NonFiniteGuard, PhaseTimer, StepResult, optimize
 from mmssl.pretrain.storage import RunStorage, probe_storage
 from mmssl.pretrain.summary import StepClock, write_summary
 from mmssl.pretrain.task import PretrainTask
-from mmssl.pretrain.transfer import DeviceFeed
+from mmssl.pretrain.transfer import DeviceFeed, trimmed_modalities
 
 BatchSource = Callable[[int, int, int], Iterator[Batch]]
 """``(rank, world_size, start_batch) -> iterator of batches``: replaces the shard stream (tests, custom data)."""
@@ -108,8 +108,12 @@ class Trainer:
             source = iter(build_loader(recipe, rank=self.rank, world_size=self.world,
                                        start_batch=self.state.next_batch, pin_memory=self.device.type == "cuda",
                                        positions=self.positions, compact=True))
+        trimmed = trimmed_modalities(self.model.spec.modalities, self.engine.module.objectives.values(),
+                                     enabled=recipe.data.trim_padding, grad_accum=cfg.grad_accum,
+                                     cached=cfg.accumulation == "cached")
         self.feed = DeviceFeed(source, self.device, input_dtype(cfg.precision),
-                               device_transforms(recipe) if batches is None else None)
+                               device_transforms(recipe) if batches is None else None,
+                               trim=trimmed)
         self.keylog = KeyLog(run_dir, self.rank, cfg.log_keys, self.state.step)
         self.account = DataAccount(self.rank, self.state.next_batch, self.positions, self.keylog)
         self.guard = NonFiniteGuard(self.engine, rank=self.rank, world=self.world, device=self.device)

@@ -1,5 +1,6 @@
 """The speed settings: AdamW's implementations compute the same update (within rounding), a compiled run keeps the
-loss curve of the eager one, a compiled run resumes bit-identically, and the settings are checked before launch."""
+loss curve of the eager one, a compiled run resumes bit-identically, cutting the text padding (``data.trim_padding``,
+on in every other run here) keeps the curve of the full-length run, and the settings are checked before launch."""
 
 from __future__ import annotations
 
@@ -53,8 +54,11 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     from tests.helpers.train_many import Job, run_jobs
 
     root = tmp_path_factory.mktemp("fast")
-    base = [*tiny_overrides("clip", request, steps=STEPS), f"train.ckpt_every={STEPS // 2}", "train.keep_last=3"]
+    # max_len 32 for Fashion-MNIST captions of at most 24 pieces: data.trim_padding (default on) cuts them
+    base = [*tiny_overrides("clip", request, steps=STEPS), f"train.ckpt_every={STEPS // 2}", "train.keep_last=3",
+            "model.text.max_len=32"]
     jobs = {"eager": Job("clip-tiny", base, str(root / "eager")),
+            "untrimmed": Job("clip-tiny", [*base, "data.trim_padding=false"], str(root / "untrimmed")),
             "loop": Job("clip-tiny", [*base, "train.optimizer_impl=loop"], str(root / "loop")),
             "compiled": Job("clip-tiny", [*base, "train.compile=true"], str(root / "compiled")),
             "split": Job("clip-tiny", [*base, "train.compile=true", f"train.stop_at={STEPS // 2}"],
@@ -83,3 +87,19 @@ def test_compiled_and_loop_runs_keep_the_eager_fused_curve(runs: dict[str, Path]
 @pytest.mark.distributed
 def test_a_compiled_run_resumes_bit_identically(runs: dict[str, Path]) -> None:
     assert _losses(runs["split"]) == _losses(runs["compiled"])
+
+
+@pytest.mark.distributed
+def test_cutting_the_text_padding_keeps_the_curve(runs: dict[str, Path]) -> None:
+    """2 ranks, clip-tiny with ``max_len`` 32: with the padding cut per batch the text tower runs at most 80 % of
+    the loaded positions, and the loss curve equals the full-length run's step by step (the same math: the cut
+    columns are padding in every row; only the rounding of shorter softmax rows differs)."""
+    summaries = {name: json.loads((runs[name] / "summary.json").read_text()) for name in ("eager", "untrimmed")}
+    computed = summaries["eager"]["token_positions_computed"]["text"]
+    print(f"text positions computed with the cut: {computed:.1%} of those loaded")
+    assert 0.2 < computed <= 0.8
+    assert summaries["untrimmed"]["token_positions_computed"] == {}
+    eager, untrimmed = _losses(runs["eager"]), _losses(runs["untrimmed"])
+    worst = max(abs(a - b) for a, b in zip(eager, untrimmed, strict=True))
+    print(f"max |loss(cut) - loss(full length)| over {STEPS} steps {worst:.2e}")
+    assert len(eager) == STEPS and worst < 1e-4, (eager, untrimmed)

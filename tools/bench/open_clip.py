@@ -14,7 +14,8 @@ with AdamW (same lr, betas, eps, weight decay, no decay on gains / biases), grad
 * open_clip's step is ``open_clip_train.train.train_one_epoch`` itself (its autocast, ``ClipLoss``, clipping and
   logit-scale clamp), over an in-memory loader; ``amp_bf16`` is its bf16 (autocast over fp32 weights).
 * mmssl's step is the trainer's: `pretrain.trainer.Trainer` builds model, objectives, `PretrainTask` and the
-  DeepSpeed engine (world size 1, ZeRO-0) and each step is ``batch.to`` → ``engine(batch)`` → the non-finite check
+  DeepSpeed engine (world size 1, ZeRO-0) and each step is the trainer's feed (``data.trim_padding``: each batch's text cut to
+  its longest caption, rounded up to 8 tokens; then ``batch.to``) → ``engine(batch)`` → the non-finite check
   (one all-reduce) → ``engine.backward`` → ``engine.step()``, as ``Trainer.fit`` does; its bf16 is DeepSpeed's
   (bf16 weights, fp32 master copy).
 
@@ -233,14 +234,13 @@ class MmsslSide:
         self.trainer = Trainer(recipe, run_dir, batches=lambda rank, world, start: iter(()))
         self.model = self.trainer.engine.module
         self.device = self.trainer.device
-        self.float_dtype = torch.bfloat16 if recipe.train.precision == "bf16" else None
 
     def step(self, batch: Any) -> torch.Tensor:
         """`pretrain.step.optimizer_step` on ``batch``: what `Trainer.step` runs, without the stream accounting."""
         from mmssl.pretrain.step import optimizer_step
 
         trainer = self.trainer
-        moved = batch.to(trainer.device, float_dtype=self.float_dtype, non_blocking=True)
+        _, moved = trainer.feed.take(batch)  # the feed's trim (data.trim_padding), copy and cast
         result = optimizer_step(trainer.engine, lambda: moved, grad_accum=1, cached=True, guard=trainer.guard,
                                 timer=trainer.timer)
         return result.loss
