@@ -25,8 +25,8 @@ def _text(lengths: list[int], width: int = 32) -> dict[str, torch.Tensor]:
 
 def _batch(lengths: list[int], width: int = 32) -> Batch:
     rows = len(lengths)
-    return Batch(inputs={"text": _text(lengths, width), "image": torch.rand(rows, 3, 8, 8),
-                         "series": {"values": torch.rand(rows, width, 2), "mask": torch.ones(rows, width, dtype=torch.bool)}},
+    series = {"values": torch.rand(rows, width, 2), "mask": torch.ones(rows, width, dtype=torch.bool)}
+    return Batch(inputs={"text": _text(lengths, width), "image": torch.rand(rows, 3, 8, 8), "series": series},
                  present={"text": torch.ones(rows, dtype=torch.bool), "image": torch.ones(rows, dtype=torch.bool),
                           "series": torch.ones(rows, dtype=torch.bool)},
                  keys=[f"k{i}" for i in range(rows)], index=7)

@@ -14,10 +14,10 @@ with AdamW (same lr, betas, eps, weight decay, no decay on gains / biases), grad
 * open_clip's step is ``open_clip_train.train.train_one_epoch`` itself (its autocast, ``ClipLoss``, clipping and
   logit-scale clamp), over an in-memory loader; ``amp_bf16`` is its bf16 (autocast over fp32 weights).
 * mmssl's step is the trainer's: `pretrain.trainer.Trainer` builds model, objectives, `PretrainTask` and the
-  DeepSpeed engine (world size 1, ZeRO-0) and each step is the trainer's feed (``data.trim_padding``: each batch's text cut to
-  its longest caption, rounded up to 8 tokens; then ``batch.to``) → ``engine(batch)`` → the non-finite check
-  (one all-reduce) → ``engine.backward`` → ``engine.step()``, as ``Trainer.fit`` does; its bf16 is DeepSpeed's
-  (bf16 weights, fp32 master copy).
+  DeepSpeed engine (world size 1, ZeRO-0) and each step is the trainer's feed (``data.trim_padding``: each
+  batch's text cut to its longest caption, rounded up to 8 tokens; then ``batch.to``) → ``engine(batch)`` → the
+  non-finite check (one all-reduce) → ``engine.backward`` → ``engine.step()``, as ``Trainer.fit`` does; its bf16
+  is DeepSpeed's (bf16 weights, fp32 master copy).
 
 Per precision, in ONE process, each trial runs ``--steps`` open_clip steps then ``--steps`` mmssl steps; the first
 trial is warm-up and excluded; samples/s is the median over the other trials. Peak memory: each framework and
