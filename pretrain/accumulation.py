@@ -82,14 +82,15 @@ def cached_accumulation_step(engine: Any, batches: list[Batch],
     update entirely (the trainer's non-finite guard; every rank must give the same answer)."""
     task = engine.module
     states, cached = [], []
-    with torch.no_grad():
+    with torch.no_grad(), task.attention_scope():
         for batch in batches:
             states.append(_rng_state())
             cached.append(task.model(batch.inputs, batch.present))
     leaves = cached_leaves(cached)
     # the leaves by reference: under ZeRO-3 DeepSpeed's module hooks replace the dicts' tensors in place
     held = {(field, key): leaf for field in OUTPUT_FIELDS for key, leaf in getattr(leaves, field).items()}
-    result: LossOutput = task.loss(leaves, cat_batches(batches))
+    with task.attention_scope():
+        result: LossOutput = task.loss(leaves, cat_batches(batches))
     if proceed is not None and not proceed(result):
         return result
     engine.backward(result.loss, scale_wrt_gas=False)

@@ -23,7 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmssl.pretrain.precision import check_precision, deepspeed_precision, prepare_for_precision
+from mmssl.pretrain.precision import (
+    check_attention_kernel,
+    check_precision,
+    deepspeed_precision,
+    prepare_for_precision,
+)
 from mmssl.pretrain.recipe import RecipeError, TrainConfig
 
 
@@ -46,6 +51,7 @@ OPTIMIZER_IMPLS: dict[str, dict[str, bool]] = {"fused": {"fused": True}, "foreac
 
 def check_train_config(train: TrainConfig) -> None:
     check_precision(train)
+    check_attention_kernel(train)
     if train.optimizer_impl not in OPTIMIZER_IMPLS:
         raise RecipeError(f"train.optimizer_impl must be one of {list(OPTIMIZER_IMPLS)}, got {train.optimizer_impl!r}")
     if train.compile and train.zero_stage == 3:

@@ -51,6 +51,12 @@ def input_dtype(precision: str) -> torch.dtype | None:
     return None if precision == "fp32" else DTYPES[precision]
 
 
+def check_attention_kernel(train: TrainConfig) -> None:
+    if train.attention_kernel not in ATTENTION_KERNELS:
+        raise RecipeError(f"train.attention_kernel must be one of {list(ATTENTION_KERNELS)}, "
+                          f"got {train.attention_kernel!r}")
+
+
 def check_precision(train: TrainConfig) -> None:
     """Refuse precisions and combinations the engine cannot train as documented above, naming the recipe key."""
     if train.precision not in PRECISIONS:
@@ -90,6 +96,27 @@ def configure_numerics(train: TrainConfig, device: torch.device) -> bool:
         torch.backends.cuda.matmul.allow_tf32 = not deterministic
         torch.backends.cudnn.allow_tf32 = not deterministic
     return deterministic
+
+
+ATTENTION_KERNELS = ("auto", "torch", "math", "flash", "efficient")
+
+
+def attention_backends(train: TrainConfig, device: torch.device) -> list[Any] | None:
+    """The ``torch.nn.attention.sdpa_kernel`` backends the run's attention may use (``train.attention_kernel``), or
+    None for torch's own choice (``torch``).
+
+    ``auto`` (default) is torch's choice except on the CPU in bf16, where it is the math path (``matmul, softmax,
+    matmul``, differentiated by autograd): there torch's fused flash kernel runs its bf16 backward several times
+    slower than the math path (measured with torch 2.14 on AVX-512 at CLIP's shapes, 65 and 24 tokens x 64-d heads:
+    2.8x and 3.8x per forward + backward, docs/performance.md), while on CUDA and in fp32 the fused kernels win."""
+    from torch.nn.attention import SDPBackend
+
+    choice = train.attention_kernel
+    if choice == "auto":
+        choice = "math" if device.type == "cpu" and train.precision == "bf16" else "torch"
+    named = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    return [named[choice]] if choice in named else None
 
 
 # ---------------------------------------------------------------------------------------------- batch norm

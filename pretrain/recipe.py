@@ -76,6 +76,9 @@ class TrainConfig:
     grad_accum: int = 1
     optimizer_impl: str = "fused"  # AdamW's kernels: "fused", "foreach" or "loop" (`pretrain.engine.OPTIMIZER_IMPLS`)
     compile: bool = False  # torch.compile the towers (inductor): faster steps after a compilation, rounding differs
+    # scaled-dot-product attention's kernel: auto (math on the CPU in bf16, torch's choice elsewhere), torch, math,
+    # flash or efficient (`pretrain.precision.attention_backends`)
+    attention_kernel: str = "auto"
     accumulation: str = "cached"  # "cached": negatives span the whole accumulated batch (gradient cache); "naive"
     zero_stage: int = 2
     precision: str = "fp32"

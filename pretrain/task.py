@@ -7,17 +7,22 @@ engine optimises and checkpoints them with the model; export keeps only the mode
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.attention import sdpa_kernel
 
 from mmssl.data_pipelines.batch import Batch
 from mmssl.objectives.base import LossOutput, ModelOutputs, Objective
 
 
 class PretrainTask(nn.Module):
-    def __init__(self, model: nn.Module, objectives: Mapping[str, Objective], weights: Mapping[str, float]) -> None:
+    def __init__(self, model: nn.Module, objectives: Mapping[str, Objective], weights: Mapping[str, float],
+                 attention: Sequence[Any] | None = None) -> None:
         super().__init__()
+        self.attention = list(attention) if attention else None  # `precision.attention_backends`
         self.model = model
         self.objectives = nn.ModuleDict(dict(objectives))
         self.weights = dict(weights)
@@ -27,8 +32,13 @@ class PretrainTask(nn.Module):
     def forward(self, batch: Batch, mode: str = "loss") -> LossOutput | ModelOutputs:
         """``mode="loss"``: the weighted loss of the batch; ``"outputs"``: the model's outputs only (the gradient
         cache re-forwards micro-batches through the engine this way)."""
-        outputs = self.model(batch.inputs, batch.present)
-        return outputs if mode == "outputs" else self.loss(outputs, batch)
+        with self.attention_scope():
+            outputs = self.model(batch.inputs, batch.present)
+            return outputs if mode == "outputs" else self.loss(outputs, batch)
+
+    def attention_scope(self) -> AbstractContextManager[Any]:
+        """The run's attention kernels (``train.attention_kernel``) for the towers and the objectives' decoders."""
+        return sdpa_kernel(self.attention) if self.attention else nullcontext()
 
     def loss(self, outputs: ModelOutputs, batch: Batch) -> LossOutput:
         """``Σ_i w_i L_i(outputs, batch)``; each term and metric is logged under ``<objective>/<name>``."""

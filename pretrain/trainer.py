@@ -45,7 +45,7 @@ from mmssl.pretrain.data import batches_per_epoch, build_loader, device_transfor
 from mmssl.pretrain.distributed import init_distributed, seed_everything, set_threads
 from mmssl.pretrain.engine import build_engine
 from mmssl.pretrain.frozen import frozen_reference, frozen_state_sha256
-from mmssl.pretrain.precision import compute_dtype, configure_numerics, input_dtype
+from mmssl.pretrain.precision import attention_backends, compute_dtype, configure_numerics, input_dtype
 from mmssl.pretrain.recipe import Recipe, RecipeError, to_dict
 from mmssl.pretrain.runlog import MetricsWriter, metric_sinks, setup_text_logs
 from mmssl.pretrain.step import NonFiniteGuard, PhaseTimer, StepResult, optimizer_step
@@ -92,7 +92,7 @@ class Trainer:
             for tower in getattr(self.model, "towers", {}).values():
                 tower.compile()
         objectives, weights = build_objectives(recipe.objectives, self.model.spec)
-        task = PretrainTask(self.model, objectives, weights)
+        task = PretrainTask(self.model, objectives, weights, attention_backends(cfg, self.device))
         self.frozen = frozen_reference(self.model, task, self.dtype)  # before ZeRO-3 partitions the weights
         self.sizes = model_summary(self.model)  # likewise
         self.engine, _, self.scheduler = build_engine(task, cfg, recipe.data.batch_size, self.world,

@@ -11,8 +11,11 @@ from typing import Any
 import pytest
 import torch
 
+from mmssl.data_pipelines.batch import Batch
 from mmssl.pretrain.engine import OPTIMIZER_IMPLS, check_train_config
+from mmssl.pretrain.precision import attention_backends
 from mmssl.pretrain.recipe import RecipeError, TrainConfig
+from mmssl.pretrain.task import PretrainTask
 from tests.helpers.tiny_recipes import tiny_overrides
 
 STEPS = 8
@@ -43,6 +46,44 @@ def test_settings_are_checked_before_launch() -> None:
         check_train_config(TrainConfig(optimizer_impl="adam"))
     with pytest.raises(RecipeError, match=r"train.compile=true with train.zero_stage=3"):
         check_train_config(TrainConfig(compile=True, zero_stage=3))
+    with pytest.raises(RecipeError, match=r"train.attention_kernel must be one of \['auto', 'torch', 'math', "
+                                          r"'flash', 'efficient'\], got 'fast'"):
+        check_train_config(TrainConfig(attention_kernel="fast"))
+
+
+def test_attention_kernel_auto_is_the_math_path_on_the_cpu_in_bf16_only() -> None:
+    from torch.nn.attention import SDPBackend
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_backends(TrainConfig(precision="bf16"), cpu) == [SDPBackend.MATH]
+    assert attention_backends(TrainConfig(precision="fp32"), cpu) is None  # torch's choice
+    assert attention_backends(TrainConfig(precision="bf16"), cuda) is None
+    assert attention_backends(TrainConfig(precision="bf16", attention_kernel="torch"), cpu) is None
+    assert attention_backends(TrainConfig(attention_kernel="flash"), cuda) == [SDPBackend.FLASH_ATTENTION]
+
+
+class _Attend(torch.nn.Module):
+    def forward(self, inputs: dict[str, torch.Tensor], present: object) -> torch.Tensor:
+        x = inputs["x"]
+        return torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
+
+
+@pytest.mark.parametrize(("backends", "ran", "not_ran"), [
+    (None, "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::bmm"),
+    ("math", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu")])
+def test_the_task_runs_its_attention_on_the_chosen_kernel(backends: str | None, ran: str, not_ran: str) -> None:
+    """What the profiler sees of one forward + backward of a task over a model that attends (bf16, CPU): torch's
+    fused flash kernel by default, matmuls (``bmm``) and a softmax under ``train.attention_kernel: math``."""
+    from torch.nn.attention import SDPBackend
+    from torch.profiler import ProfilerActivity, profile
+
+    task = PretrainTask(_Attend(), {}, {}, [SDPBackend.MATH] if backends else None)
+    x = torch.randn(2, 2, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+    batch = Batch(inputs={"x": x}, present={"x": torch.ones(2, dtype=torch.bool)}, keys=["a", "b"])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        task(batch, mode="outputs").float().sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert ran in names and not_ran not in names, sorted(names)
 
 
 def _losses(run: Path) -> list[float]:
