@@ -55,8 +55,10 @@ SETTINGS = {  # what each side runs with, printed under the table
     "open_clip": "open_clip_train.train.train_one_epoch; torch AdamW, its CPU default (a loop over parameters); fp32, "
                  "or bf16 autocast over fp32 weights (amp_bf16); + torch.compile: torch.compile(model), its "
                  "--torchcompile",
-    "mmssl": "Trainer's step on a DeepSpeed engine, ZeRO-0, 1 rank; defaults: AdamW train.optimizer_impl=fused; fp32, "
-             "or bf16 weights with fp32 masters (DeepSpeed bf16); + train.compile: its towers compiled in place",
+    "mmssl": "Trainer's step on a DeepSpeed engine, ZeRO-0, 1 rank; defaults: AdamW train.optimizer_impl=fused, "
+             "data.trim_padding (each batch's text cut to its longest caption, rounded up to 8), "
+             "train.attention_kernel=auto (the math path on the CPU in bf16); fp32, or bf16 weights with fp32 "
+             "masters (DeepSpeed bf16); + train.compile: its towers compiled in place",
 }
 PRECISIONS = {"fp32": "fp32", "bf16": "amp_bf16"}  # mmssl train.precision -> open_clip --precision
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
