@@ -101,3 +101,19 @@ def test_bad_options_name_the_option() -> None:
         bench.parse_args(["--width", "30", "--heads", "4"])
     with pytest.raises(bench.ToolError, match="--trials"):
         bench.parse_args(["--trials", "1"])
+
+
+def test_best_against_best_takes_each_sides_fastest_row() -> None:
+    """Each side's fastest in-memory row per precision (its defaults or compiled), never the end-to-end row."""
+    def row(precision: str, framework: str, rate: float, data: str = "pre-decoded, in memory") -> dict:
+        return {"precision": precision, "framework": framework, "samples_per_s": rate, "data": data}
+
+    rows = [row("fp32", "open_clip", 100.0), row("fp32", "mmssl", 120.0),
+            row("fp32", "open_clip + torch.compile", 110.0), row("fp32", "mmssl + train.compile", 115.0),
+            row("fp32", "mmssl (Trainer.fit)", 500.0, "shards, ShardStream, 1 worker"),
+            row("bf16", "open_clip", 150.0), row("bf16", "mmssl", 160.0),
+            row("bf16", "open_clip + torch.compile", 140.0), row("bf16", "mmssl + train.compile", 200.0)]
+    best = bench.best_against_best(rows)
+    assert [(b["precision"], b["mmssl"], b["open_clip"]) for b in best] == [
+        ("fp32", "mmssl", "open_clip + torch.compile"), ("bf16", "mmssl + train.compile", "open_clip")]
+    assert [round(b["ratio"], 4) for b in best] == [round(120 / 110, 4), round(200 / 150, 4)]

@@ -433,6 +433,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         del sides
         if args.best:
             rows.extend(best_rows(args, size, vocab, precision, pool, workdir, flops, peak))
+    if args.best:
+        result["best"] = best_against_best(rows)
     if not args.no_real_loader:
         recipe = prepare(workdir, size, args.batch, "fp32", args.limit)
         summary = mmssl_fit(recipe, workdir / "fit", 1 + args.steps * (args.trials - 1))
@@ -459,6 +461,21 @@ def best_rows(args: argparse.Namespace, size: ClipSize, vocab: int, precision: s
             for side, base in zip(sides, ("open_clip", "mmssl"), strict=True)]
 
 
+def best_against_best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per precision, each side's fastest in-memory row (its defaults or compiled) and their ratio."""
+    out = []
+    for precision in dict.fromkeys(r["precision"] for r in rows):
+        best = {}
+        for side in ("open_clip", "mmssl"):
+            mine = [r for r in rows if r["precision"] == precision and r["framework"].split(" + ")[0] == side
+                    and r["data"].startswith("pre-decoded")]
+            best[side] = max(mine, key=lambda r: r["samples_per_s"])
+        out.append({"precision": precision, "open_clip": best["open_clip"]["framework"],
+                    "mmssl": best["mmssl"]["framework"],
+                    "ratio": best["mmssl"]["samples_per_s"] / best["open_clip"]["samples_per_s"]})
+    return out
+
+
 def report(result: dict[str, Any]) -> str:
     cfg, params = result["config"], result["parameters"]
     head = (f"### mmssl vs open_clip: CLIP ViT {cfg['width']}w x {cfg['depth']}L patch {cfg['patch_size']} at "
@@ -470,6 +487,8 @@ def report(result: dict[str, Any]) -> str:
             f"parameters: open_clip {params['open_clip']:,}, mmssl {params['mmssl']:,} "
             f"({100 * (params['mmssl'] / params['open_clip'] - 1):+.2f} %)\n")
     out = [head, table(result["rows"]), ""]
+    out += [f"best against best ({b['precision']}, each side's fastest row): {b['mmssl']} / {b['open_clip']} = "
+            f"{b['ratio']:.2f}x" for b in result.get("best", [])]
     out += [f"{name}: {text}" for name, text in result.get("settings", {}).items()]
     for name, text in result.get("profile", {}).items():
         out.append(f"\n#### profile: {name} (fp32, ops by self CPU time)\n\n```\n{text}\n```")
