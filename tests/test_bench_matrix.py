@@ -39,10 +39,15 @@ def test_flip_rows_report_the_kept_tokens(tmp_path: Path) -> None:
     done = mmssl("bench", "flip", "--rates", "0", "0.5", "--steps", "1", "--trials", "2", "--batch", "8",
                  "--limit", "32", "--workdir", str(tmp_path / "w"), "--json", str(out), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows, r0 = result["rows"], result["rate0"]
     assert [r["image_tokens"] for r in rows] == [1 + 64, 1 + 32]  # 64 px / patch 8: 64 patches + [CLS]
     assert rows[0]["step_speedup"] == 1.0 and rows[0]["image_tower_speedup"] == 1.0
     assert rows[1]["step_speedup"] == pytest.approx(rows[1]["samples_per_s"] / rows[0]["samples_per_s"])
+    assert r0["step_ms"] == pytest.approx(1000 * 8 / rows[0]["samples_per_s"])
+    assert rows[0]["ceiling"] == pytest.approx(1.0)  # Amdahl: t / (t - I (1 - kept)), kept = 33 / 65 at 50 %
+    saved = r0["image_tower_ms"] * (1 - 33 / 65)
+    assert rows[1]["ceiling"] == pytest.approx(r0["step_ms"] / (r0["step_ms"] - saved))
 
 
 def test_bad_bench_options_name_the_option() -> None:
@@ -54,3 +59,5 @@ def test_bad_bench_options_name_the_option() -> None:
         parse_args(["matrix", "--stages", "2", "4"])
     done = mmssl_in_process("bench", "flip", "--rates", "1.0")
     assert done.returncode == 2 and "--rates must be in [0, 1)" in done.stderr
+    done = mmssl_in_process("bench", "flip", "--image-size", "60")
+    assert done.returncode == 2 and "--image-size 60 is not a multiple of --patch-size 8" in done.stderr

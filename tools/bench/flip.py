@@ -6,9 +6,12 @@ One process, one rank: for each rate the same recipe with ``model.image.patch_dr
 Fashion-MNIST batches (`tools.bench.open_clip.MmsslSide`). Trials alternate between the rates; the first is
 warm-up; samples/s is the median of the others. Two speed-ups are reported against rate 0: the whole step
 (image + text towers, loss, optimizer), and the image tower alone (its forward + backward on the same batch, timed in
-isolation), the part FLIP shortens.
+isolation), the part FLIP shortens. The table also gives each rate's ceiling (Amdahl's law: the step speed-up if
+only the image tower shrank, in exact proportion to its tokens) and, at rate 0, the step's split between the
+image tower and the text tower.
 
-    mmssl bench flip [--rates 0 0.5 0.75] [--steps 5] [--trials 6] [--batch 64] [--json out.json]
+    mmssl bench flip [--rates 0 0.5 0.75] [--steps 5] [--trials 6] [--batch 64] [--image-size 64]
+                     [--patch-size 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -36,21 +39,28 @@ def with_patch_dropout(recipe: Path, rate: float) -> Path:
     return out
 
 
-def image_tower_seconds(side: MmsslSide, batch: Any, repeat: int) -> float:
-    """Median seconds of the image tower's forward + backward on ``batch`` (training mode)."""
-    tower = side.model.model.towers["image"]
-    x = batch.inputs["image"].to(side.device)
+def tower_seconds(side: MmsslSide, batch: Any, modality: str, repeat: int) -> float:
+    """Median seconds of one tower's forward + backward on ``batch`` as the trainer feeds it (training mode)."""
+    tower = side.model.model.towers[modality]
+    _, moved = side.trainer.feed.take(batch)
+    x = moved.inputs[modality]
 
     def once() -> None:
         tower(x).features.float().square().mean().backward()
 
-    times = [timed(once, x.device) for _ in range(repeat + 1)]
+    times = [timed(once, side.device) for _ in range(repeat + 1)]
     tower.zero_grad(set_to_none=True)
     return statistics.median(times[1:])
 
 
+def amdahl_ceiling(step_s: float, tower_s: float, kept: float) -> float:
+    """The step speed-up if only the image tower shrank, and in exact proportion to its tokens: ``t / (t - I·(1 -
+    kept))`` (``t`` the step at rate 0, ``I`` its image tower, ``kept`` the fraction of image tokens kept)."""
+    return step_s / (step_s - tower_s * (1 - kept))
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    size = ClipSize()
+    size = ClipSize(image_size=args.image_size, patch_size=args.patch_size)
     base = prepare(workdir, size, args.batch, "fp32", args.limit)
     batches = decoded_batches(base, min(16, args.steps * args.trials))
     sides = {rate: MmsslSide(with_patch_dropout(base, rate), workdir / f"run-{rate}") for rate in args.rates}
@@ -62,29 +72,38 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             rates[rate].append(samples / side.run(chunk))
     rows = []
     ref = statistics.median(rates[args.rates[0]][1:])
-    tower_ref = None
+    grid = (size.image_size // size.patch_size) ** 2
+    first = sides[args.rates[0]]
+    tower_ref = tower_seconds(first, batches[0], "image", args.steps)
+    text_s = tower_seconds(first, batches[0], "text", args.steps)
+    step_ref = args.batch / ref
     for rate, side in sides.items():
-        tower_s = image_tower_seconds(side, batches[0], args.steps)
-        tower_ref = tower_ref or tower_s
-        grid = (size.image_size // size.patch_size) ** 2
+        tower_s = tower_seconds(side, batches[0], "image", args.steps) if side is not first else tower_ref
         median = statistics.median(rates[rate][1:])
-        rows.append({"patch_dropout": rate, "image_tokens": 1 + int(grid * (1 - rate)), "samples_per_s": median,
+        tokens = 1 + int(grid * (1 - rate))
+        rows.append({"patch_dropout": rate, "image_tokens": tokens, "samples_per_s": median,
                      "step_speedup": median / ref, "image_tower_ms": 1000 * tower_s,
-                     "image_tower_speedup": tower_ref / tower_s, "trials": rates[rate][1:]})
+                     "image_tower_speedup": tower_ref / tower_s,
+                     "ceiling": amdahl_ceiling(step_ref, tower_ref, tokens / (1 + grid)), "trials": rates[rate][1:]})
     return {"config": {"image_size": size.image_size, "patch_size": size.patch_size, "width": size.width,
                        "depth": size.depth, "batch": args.batch, "steps": args.steps, "trials": args.trials,
-                       "threads": args.threads}, "rows": rows}
+                       "threads": args.threads}, "rows": rows,
+            "rate0": {"step_ms": 1000 * step_ref, "image_tower_ms": 1000 * tower_ref, "text_tower_ms": 1000 * text_s}}
 
 
 def table(result: dict[str, Any]) -> str:
-    c = result["config"]
+    c, r0 = result["config"], result["rate0"]
     lines = [f"### FLIP patch dropout: CLIP ViT {c['width']}w x {c['depth']}L, {c['image_size']} px / patch "
              f"{c['patch_size']}, batch {c['batch']}, {c['threads']} threads, 1 rank, CPU", "",
-             "| patch dropout | image tokens | samples/s | step speed-up | image tower fwd+bwd ms | tower speed-up |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             f"at 0 %: step {r0['step_ms']:.0f} ms, image tower fwd+bwd {r0['image_tower_ms']:.0f} ms "
+             f"({r0['image_tower_ms'] / r0['step_ms']:.0%} of the step), text tower {r0['text_tower_ms']:.0f} ms", "",
+             "| patch dropout | image tokens | samples/s | step speed-up | ceiling (Amdahl) | image tower fwd+bwd ms "
+             "| tower speed-up |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {100 * r['patch_dropout']:.0f} % | {r['image_tokens']} | {r['samples_per_s']:.1f} "
-                     f"| {r['step_speedup']:.2f}x | {r['image_tower_ms']:.1f} | {r['image_tower_speedup']:.2f}x |")
+                     f"| {r['step_speedup']:.2f}x | {r['ceiling']:.2f}x | {r['image_tower_ms']:.1f} "
+                     f"| {r['image_tower_speedup']:.2f}x |")
+    lines += ["", "ceiling: the step speed-up if only the image tower shrank, in proportion to its tokens"]
     return "\n".join(lines)
 
 
@@ -96,6 +115,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--limit", type=int, default=1024)
+    p.add_argument("--image-size", type=int, default=ClipSize.image_size)
+    p.add_argument("--patch-size", type=int, default=ClipSize.patch_size)
     p.add_argument("--json", default=None)
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
@@ -103,7 +124,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise ToolError(f"--rates must be in [0, 1), got {args.rates}")
     if args.trials < 2:
         raise ToolError(f"--trials must be >= 2 (the first is warm-up), got {args.trials}")
-    for key in ("steps", "batch", "threads", "limit"):
+    if args.image_size % args.patch_size:
+        raise ToolError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
+    for key in ("steps", "batch", "threads", "limit", "image_size", "patch_size"):
         if getattr(args, key) < 1:
             raise ToolError(f"--{key} must be >= 1, got {getattr(args, key)}")
     return args
