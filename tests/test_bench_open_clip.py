@@ -68,6 +68,18 @@ def test_same_model_sizes(workdir: Path) -> None:
     assert any(not torch.equal(before[n], p) for n, p in open_clip_side.model.named_parameters())
 
 
+def test_set_overrides_mmssls_recipe(workdir: Path) -> None:
+    """``--set`` reaches the recipe every mmssl side of the benchmark loads (the profiles before / after a setting)."""
+    from mmssl.pretrain.recipe import load_recipe
+
+    args = bench.parse_args([*TINY, "--workdir", str(workdir), "--set", "data.trim_padding=false",
+                             "train.attention_kernel=torch"])
+    recipe = load_recipe(str(bench.prepare(workdir, bench._size(args), args.batch, "bf16", args.limit,
+                                           overrides=args.set)))
+    assert (recipe.data.trim_padding, recipe.train.attention_kernel, recipe.train.precision) == (False, "torch", "bf16")
+    assert "--set" in bench._size_argv(args)  # the memory child builds the same recipe
+
+
 def test_mmssl_bench_prints_the_side_by_side_table(workdir: Path) -> None:
     """`mmssl bench --compare open_clip` (its own process: the mmssl side starts a DeepSpeed process group) prints
     one row per framework, the ratio column equals samples/s over open_clip's, and both sides trained."""

@@ -27,6 +27,7 @@ its growth over the RSS at that point, i.e. what the model, optimizer and steps 
 median (pre-decoded).
 
     mmssl bench --compare open_clip [--steps 5] [--trials 6] [--batch 64] [--json out.json] [--profile]
+                                    [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ class ClipSize:
 
 # --- data -----------------------------------------------------------------------------------------------------
 def prepare(workdir: Path, size: ClipSize, batch: int, precision: str, limit: int, zero_stage: int = 0,
-            compile: bool = False) -> Path:
-    """Fashion-MNIST shards, a sentencepiece vocabulary of its captions and the mmssl recipe; returns the recipe."""
+            compile: bool = False, overrides: Sequence[str] = ()) -> Path:
+    """Fashion-MNIST shards, a sentencepiece vocabulary of its captions and the mmssl recipe (with ``overrides``,
+    ``KEY=VALUE`` as ``mmssl pretrain`` takes them); returns the recipe."""
     from mmssl.data_pipelines.sources import fashion_mnist
     from mmssl.data_pipelines.tokenizer_training import train_sentencepiece
 
@@ -112,6 +114,10 @@ def prepare(workdir: Path, size: ClipSize, batch: int, precision: str, limit: in
     }
     path = workdir / f"recipe-{precision}{'-compiled' if compile else ''}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    if overrides:
+        from mmssl.pretrain.recipe import load_recipe, to_dict
+
+        path.write_text(yaml.safe_dump(to_dict(load_recipe(str(path), list(overrides))), sort_keys=False))
     return path
 
 
@@ -327,7 +333,8 @@ def _size_argv(args: argparse.Namespace) -> list[str]:
     return ["--steps", str(args.steps), "--batch", str(args.batch), "--image-size", str(args.image_size),
             "--patch-size", str(args.patch_size), "--width", str(args.width), "--depth", str(args.depth),
             "--heads", str(args.heads), "--context", str(args.context), "--embed-dim", str(args.embed_dim),
-            "--limit", str(args.limit), "--zero-stage", str(args.zero_stage)]
+            "--limit", str(args.limit), "--zero-stage", str(args.zero_stage),
+            *(["--set", *args.set] if args.set else [])]
 
 
 def vocab_size(recipe_path: Path) -> int:
@@ -362,7 +369,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3], help="mmssl's ZeRO stage (1 rank)")
     p.add_argument("--limit", type=int, default=1024, help="Fashion-MNIST images per split to shard")
     p.add_argument("--json", default=None)
-    p.add_argument("--profile", action="store_true", help="print torch.profiler top ops of both steps (fp32)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler top ops of both steps")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="mmssl recipe overrides, e.g. data.trim_padding=false train.attention_kernel=torch")
     p.add_argument("--best", action="store_true",
                    help="add best-against-best rows: open_clip with torch.compile, mmssl with train.compile=true")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -409,7 +418,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                               "rows": rows, "matmul_peak_flops": {}, "settings": SETTINGS}
     pool = None
     for precision in args.precisions:
-        recipe = prepare(workdir, size, args.batch, precision, args.limit, args.zero_stage)
+        recipe = prepare(workdir, size, args.batch, precision, args.limit, args.zero_stage, overrides=args.set)
         vocab = vocab_size(recipe)
         pool = pool or decoded_batches(recipe, min(16, args.steps * args.trials))
         sides = [OpenClipSide(size, vocab, precision, args.batch, workdir, device),
@@ -428,15 +437,15 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                          "ratio": median[name] / median["open_clip"], "flops_per_sample": flops[name],
                          "mfu": median[name] * flops[name] / peak, **mem,
                          "memory_ratio": (mem["growth_mb"] / memory["open_clip"]["growth_mb"]) if mem else None})
-        if args.profile and precision == "fp32":
-            result["profile"] = {s.name: profile_steps(s, pool[: args.steps]) for s in sides}
+        if args.profile:
+            result.setdefault("profile", {})[precision] = {s.name: profile_steps(s, pool[: args.steps]) for s in sides}
         del sides
         if args.best:
             rows.extend(best_rows(args, size, vocab, precision, pool, workdir, flops, peak))
     if args.best:
         result["best"] = best_against_best(rows)
     if not args.no_real_loader:
-        recipe = prepare(workdir, size, args.batch, "fp32", args.limit)
+        recipe = prepare(workdir, size, args.batch, "fp32", args.limit, overrides=args.set)
         summary = mmssl_fit(recipe, workdir / "fit", 1 + args.steps * (args.trials - 1))
         ref = next(r for r in rows if r["framework"] == "open_clip" and r["precision"] == "fp32")
         rows.append({"precision": "fp32", "framework": "mmssl (Trainer.fit)",
@@ -449,7 +458,8 @@ def best_rows(args: argparse.Namespace, size: ClipSize, vocab: int, precision: s
               workdir: Path, flops: dict[str, float], peak: float) -> list[dict[str, Any]]:
     """Best against best: open_clip compiled as its ``--torchcompile`` does (``torch.compile(model)``) and mmssl with
     ``train.compile=true`` (its towers compiled) on top of its defaults; the first trial (compilation) excluded."""
-    recipe = prepare(workdir, size, args.batch, precision, args.limit, args.zero_stage, compile=True)
+    recipe = prepare(workdir, size, args.batch, precision, args.limit, args.zero_stage, compile=True,
+                     overrides=args.set)
     sides = [OpenClipSide(size, vocab, precision, args.batch, workdir, compile=True),
              MmsslSide(recipe, workdir / f"{precision}-compiled")]
     rates = alternate(sides, pool, args.steps, args.trials)
@@ -490,8 +500,9 @@ def report(result: dict[str, Any]) -> str:
     out += [f"best against best ({b['precision']}, each side's fastest row): {b['mmssl']} / {b['open_clip']} = "
             f"{b['ratio']:.2f}x" for b in result.get("best", [])]
     out += [f"{name}: {text}" for name, text in result.get("settings", {}).items()]
-    for name, text in result.get("profile", {}).items():
-        out.append(f"\n#### profile: {name} (fp32, ops by self CPU time)\n\n```\n{text}\n```")
+    for precision, profiles in result.get("profile", {}).items():
+        for name, text in profiles.items():
+            out.append(f"\n#### profile: {name} ({precision}, ops by self CPU time)\n\n```\n{text}\n```")
     return "\n".join(out)
 
 
@@ -501,7 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench_device()  # sets DeepSpeed's CPU accelerator when there is no GPU
     if args.memory_child:
         workdir = Path(args.workdir)
-        recipe = prepare(workdir, _size(args), args.batch, args.precision, args.limit, args.zero_stage)
+        recipe = prepare(workdir, _size(args), args.batch, args.precision, args.limit, args.zero_stage,
+                         overrides=args.set)
         print(json.dumps(memory_child(args.memory_child, recipe, _size(args), vocab_size(recipe), args.precision,
                                       args.batch, args.steps, workdir)))
         return 0
