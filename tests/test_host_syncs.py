@@ -9,7 +9,9 @@ dispatcher on CPU tensors, so they are wrapped for the test). Each event is attr
 belongs to mmssl or to DeepSpeed. mmssl must have none.
 
 Not counted, by construction of a CPU test, and named here so the reader can check them: reads of tensors that live
-on the host anyway — `objectives.distributed.host_all_gather` (lengths exchanged over gloo), the masks the model draws
+on the host anyway — `objectives.distributed.host_all_gather` (lengths exchanged over gloo),
+`data_pipelines.batch.trim_padding` (the longest row of the host batch's attention mask, read before the batch is
+copied to the device), the masks the model draws
 from the host batch (`architectures.modalities.masking`'s generators, `objectives.masking.bert_mask`) and the
 counts objectives read off them (`objectives.masking.host_row_counts`). DeepSpeed's own reads (its ZeRO optimizer
 reads the gradient norm on the host every step, for clipping and its non-finite check, which is mmssl's guard) are
@@ -31,8 +33,8 @@ from tests.conftest import ROOT, tiny_recipe_dict, write_recipe
 from tests.helpers.spawn import spawn_ranks
 from tests.helpers.tiny_recipes import tiny_overrides
 
-HOST_SIDE = ("host_all_gather", "bert_mask", "host_row_counts", "random_token_mask", "tube_mask", "span_mask",
-             "block_mask", "time_span_mask")
+HOST_SIDE = ("host_all_gather", "trim_padding", "bert_mask", "host_row_counts", "random_token_mask", "tube_mask",
+             "span_mask", "block_mask", "time_span_mask")
 OURS = tuple(str(ROOT / room) for room in ("pretrain", "objectives", "architectures", "data_pipelines"))
 
 
