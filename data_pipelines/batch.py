@@ -195,26 +195,40 @@ def cat_batches(batches: Sequence[Batch]) -> Batch:
     )
 
 
-def trim_padding(batch: Batch, modalities: Sequence[str], multiple: int = 8) -> Batch:
-    """The batch without the padding columns all its rows share (dynamic padding), for token inputs on the host.
+def trim_padding(batches: Sequence[Batch], modalities: Sequence[str], multiple: int = 8) -> list[Batch]:
+    """The batches without the padding columns all their rows share (dynamic padding), for token inputs on the host.
 
     For each modality in ``modalities`` whose input is a dict with an ``attention_mask [B, L]`` (text: fixed
     ``max_len`` from the tokenizer), keep the first ``L' = min(L, multiple·⌈n / multiple⌉)`` columns of every
-    ``[B, L, ...]`` entry, ``n = 1 +`` the last column where any row's mask is set (``L' = multiple`` capped at
-    ``L`` when no row has a token). Exact for every consumer that masks padded keys or is causal and reads real
+    ``[B, L, ...]`` entry, ``n = 1 +`` the last column where any row of any of the batches has its mask set
+    (``L' = multiple`` capped at ``L`` when no row has a token); so the batches keep one common length (micro-batches
+    that are concatenated later). Exact for every consumer that masks padded keys or is causal and reads real
     positions only (the cut columns hold padding in every row). ``multiple`` keeps the set of shapes small (fewer
-    kernel and ``torch.compile`` variants). Other modalities and the rest of the batch are unchanged; the host
-    batch is returned as a new `Batch` (the input is not modified)."""
-    inputs: dict[str, TensorTree] = dict(batch.inputs)
+    kernel and ``torch.compile`` variants). Other modalities and the rest of each batch are unchanged; a cut batch
+    is returned as a new `Batch` (the inputs are not modified)."""
+    keeps: dict[str, int] = {}
     for m in modalities:
+        masks = [b.inputs[m]["attention_mask"] for b in batches  # type: ignore[index]
+                 if isinstance(b.inputs.get(m), Mapping) and "attention_mask" in b.inputs[m]]  # type: ignore[operator]
+        if masks and len({mask.shape[1] for mask in masks}) == 1:
+            n = max(_last_token(mask) for mask in masks)
+            keeps[m] = min(masks[0].shape[1], multiple * max(1, -(-n // multiple)))
+    return [_cut(b, keeps) for b in batches]
+
+
+def _last_token(mask: Tensor) -> int:
+    """``1 +`` the last column where any row's mask is set (0 for none)."""
+    used = mask.reshape(mask.shape[0], mask.shape[1]).ne(0).any(0).nonzero()
+    return int(used[-1]) + 1 if used.numel() else 0
+
+
+def _cut(batch: Batch, keeps: Mapping[str, int]) -> Batch:
+    inputs: dict[str, TensorTree] = dict(batch.inputs)
+    for m, keep in keeps.items():
         value = inputs.get(m)
         if not isinstance(value, Mapping) or "attention_mask" not in value:
             continue
-        mask = value["attention_mask"]
-        width = mask.shape[1]
-        used = mask.reshape(mask.shape[0], width).ne(0).any(0).nonzero()
-        n = int(used[-1]) + 1 if used.numel() else 0
-        keep = min(width, multiple * max(1, -(-n // multiple)))
+        width = value["attention_mask"].shape[1]
         if keep < width:
             inputs[m] = {k: _first_columns(t, keep) if t.dim() >= 2 and t.shape[1] == width else t
                          for k, t in value.items()}

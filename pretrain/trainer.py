@@ -109,11 +109,10 @@ class Trainer:
                                        start_batch=self.state.next_batch, pin_memory=self.device.type == "cuda",
                                        positions=self.positions, compact=True))
         trimmed = trimmed_modalities(self.model.spec.modalities, self.engine.module.objectives.values(),
-                                     enabled=recipe.data.trim_padding, grad_accum=cfg.grad_accum,
-                                     cached=cfg.accumulation == "cached")
+                                     enabled=recipe.data.trim_padding)
         self.feed = DeviceFeed(source, self.device, input_dtype(cfg.precision),
-                               device_transforms(recipe) if batches is None else None,
-                               trim=trimmed)
+                               device_transforms(recipe) if batches is None else None, trim=trimmed,
+                               group=cfg.grad_accum if trimmed and cfg.accumulation == "cached" else 1)
         self.keylog = KeyLog(run_dir, self.rank, cfg.log_keys, self.state.step)
         self.account = DataAccount(self.rank, self.state.next_batch, self.positions, self.keylog)
         self.guard = NonFiniteGuard(self.engine, rank=self.rank, world=self.world, device=self.device)

@@ -9,9 +9,11 @@ side stream as soon as the current one is handed out, so it overlaps the current
 waits for it before use (``wait_stream``) and the tensors are marked as used there (``record_stream``) so the
 allocator does not reuse their memory early. On the CPU there is nothing to overlap: batches are moved on demand.
 
-Before the copy, ``trim`` may cut the host batch's text padding (`data_pipelines.batch.trim_padding`, for the
+Before the copy, ``trim`` may cut the host batches' text padding (`data_pipelines.batch.trim_padding`, for the
 modalities `trimmed_modalities` allows), so the towers run on each batch's longest caption instead of ``max_len``;
-the returned host batch is the trimmed one.
+the returned host batch is the cut one. With ``group = k`` the feed takes ``k`` loader batches at a time (one
+optimizer step's micro-batches under the gradient cache) and cuts them to one common length, since the gradient
+cache concatenates their outputs.
 """
 
 from __future__ import annotations
@@ -25,15 +27,12 @@ from mmssl.data_pipelines.batch import Batch, trim_padding
 from mmssl.objectives.base import Objective, base_modality
 
 
-def trimmed_modalities(modalities: Iterable[str], objectives: Iterable[Objective], *, enabled: bool,
-                       grad_accum: int, cached: bool) -> tuple[str, ...]:
-    """The modalities whose padding the feed may cut (``data.trim_padding``): every one the model reads, except
-
-    * one an objective masks (``Requirements.needs_masked_view``: its mask is drawn over the padded length, so a
-      cut would change which tokens are drawn, and differently on 1 and 2 ranks);
-    * all of them under the gradient cache with ``grad_accum > 1`` (its micro-batches' outputs are concatenated,
-      so they must share one length)."""
-    if not enabled or (cached and grad_accum > 1):
+def trimmed_modalities(modalities: Iterable[str], objectives: Iterable[Objective], *,
+                       enabled: bool) -> tuple[str, ...]:
+    """The modalities whose padding the feed may cut (``data.trim_padding``): every one the model reads, except one
+    an objective masks (``Requirements.needs_masked_view``: its mask is drawn over the padded length, so a cut would
+    change which tokens are drawn, and differently on 1 and 2 ranks)."""
+    if not enabled:
         return ()
     masked = {base_modality(m) for o in objectives for m in o.requires.needs_masked_view}
     return tuple(m for m in modalities if base_modality(m) not in masked)
@@ -42,28 +41,32 @@ def trimmed_modalities(modalities: Iterable[str], objectives: Iterable[Objective
 class DeviceFeed:
     def __init__(self, source: Iterator[Batch], device: torch.device, float_dtype: torch.dtype | None,
                  transforms: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
-                 trim: Sequence[str] = ()) -> None:
+                 trim: Sequence[str] = (), group: int = 1) -> None:
         self.source, self.device, self.float_dtype = source, device, float_dtype
         self.transforms = dict(transforms or {})
-        self.trim = tuple(trim)
+        self.trim, self.group = tuple(trim), max(1, group)
         self.positions: dict[str, list[int]] = {}  # trimmed modality -> [token positions kept, positions loaded]
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.ahead: tuple[Batch, Batch] | None = None
+        self.ready: list[tuple[Batch, Batch]] = []  # moved, not handed out yet (in order)
+        self.ahead: list[tuple[Batch, Batch]] | None = None  # CUDA: the next group, its copy issued
 
     def __iter__(self) -> DeviceFeed:
         return self
 
-    def take(self, host: Batch) -> tuple[Batch, Batch]:
-        """``(host, device batch)`` for one loader batch: its padding cut (``trim``), then moved and finished."""
+    def take(self, hosts: Sequence[Batch]) -> list[tuple[Batch, Batch]]:
+        """``(host, device batch)`` for loader batches taken together: their padding cut to one length (``trim``),
+        then moved and finished."""
         if self.trim:
-            cut = trim_padding(host, self.trim)
-            for m in self.trim:
-                if isinstance(host.inputs.get(m), Mapping) and "attention_mask" in host.inputs[m]:  # type: ignore[operator]
-                    count = self.positions.setdefault(m, [0, 0])
-                    count[0] += cut.inputs[m]["attention_mask"].numel()  # type: ignore[index]
-                    count[1] += host.inputs[m]["attention_mask"].numel()  # type: ignore[index]
-            host = cut
-        return host, self._move(host)
+            cut = trim_padding(hosts, self.trim)
+            for host, short in zip(hosts, cut, strict=True):
+                for m in self.trim:
+                    value = host.inputs.get(m)
+                    if isinstance(value, Mapping) and "attention_mask" in value:
+                        count = self.positions.setdefault(m, [0, 0])
+                        count[0] += short.inputs[m]["attention_mask"].numel()  # type: ignore[index]
+                        count[1] += value["attention_mask"].numel()
+            hosts = cut
+        return [(host, self._move(host)) for host in hosts]
 
     def _move(self, host: Batch) -> Batch:
         batch = host.to(self.device, float_dtype=self.float_dtype, non_blocking=True)
@@ -73,24 +76,37 @@ class DeviceFeed:
                 batch.inputs[key] = x.to(self.float_dtype) if self.float_dtype is not None else x
         return batch
 
-    def _issue(self) -> tuple[Batch, Batch] | None:
-        """Take the next host batch and start its copy on the side stream (CUDA)."""
-        try:
-            host = next(self.source)
-        except StopIteration:
-            return None
+    def _pull(self) -> list[Batch]:
+        """Up to ``group`` host batches (fewer at the end of the source)."""
+        hosts: list[Batch] = []
+        for _ in range(self.group):
+            try:
+                hosts.append(next(self.source))
+            except StopIteration:
+                break
+        return hosts
+
+    def _issue(self) -> list[tuple[Batch, Batch]]:
+        """Take the next group and start its copy on the side stream (CUDA)."""
+        hosts = self._pull()
         assert self.stream is not None
         with torch.cuda.stream(self.stream):
-            return self.take(host)
+            return self.take(hosts) if hosts else []
 
     def __next__(self) -> tuple[Batch, Batch]:
         if self.stream is None:
-            return self.take(next(self.source))
-        current = self.ahead if self.ahead is not None else self._issue()
-        if current is None:
-            raise StopIteration
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        for t in current[1].tensors():
-            t.record_stream(torch.cuda.current_stream(self.device))
-        self.ahead = self._issue()
-        return current
+            if not self.ready:
+                self.ready = self.take(hosts) if (hosts := self._pull()) else []
+            if not self.ready:
+                raise StopIteration
+            return self.ready.pop(0)
+        if not self.ready:
+            self.ready = self.ahead if self.ahead is not None else self._issue()
+            if not self.ready:
+                raise StopIteration
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            for _, moved in self.ready:
+                for t in moved.tensors():
+                    t.record_stream(torch.cuda.current_stream(self.device))
+            self.ahead = self._issue()
+        return self.ready.pop(0)

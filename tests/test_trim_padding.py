@@ -1,9 +1,11 @@
 """Dynamic padding (``data.trim_padding``): a batch's text is cut to its longest row, rounded up to 8 tokens, on the
-host before the copy; the cut is exact for the text towers (bidirectional with a padding mask, or causal pooled at
-the end of text), and the trainer cuts only where nothing depends on the padded length."""
+host before the copy (micro-batches of one gradient-cache step to one common length); the cut is exact for the text
+towers (bidirectional with a padding mask, or causal pooled at the end of text), and the trainer cuts only where
+nothing depends on the padded length."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,7 +39,7 @@ def _batch(lengths: list[int], width: int = 32) -> Batch:
 def test_cut_to_the_longest_row_rounded_up_to_eight(lengths: list[int], kept: int) -> None:
     batch = _batch(lengths)
     before = {k: v.clone() for k, v in batch.inputs["text"].items()}
-    out = trim_padding(batch, ["text", "image", "series"])
+    [out] = trim_padding([batch], ["text", "image", "series"])
     text = out.inputs["text"]
     assert text["input_ids"].shape == text["attention_mask"].shape == (len(lengths), kept)
     for key, full in before.items():
@@ -53,9 +55,18 @@ def test_cut_to_the_longest_row_rounded_up_to_eight(lengths: list[int], kept: in
 
 def test_only_the_named_modalities_and_another_multiple() -> None:
     batch = _batch([3, 5])
-    assert trim_padding(batch, ["image"]) is batch
-    assert trim_padding(batch, ["text"], multiple=4).inputs["text"]["input_ids"].shape == (2, 8)
-    assert trim_padding(batch, ["text"], multiple=1).inputs["text"]["input_ids"].shape == (2, 5)
+    assert trim_padding([batch], ["image"]) == [batch]
+    assert trim_padding([batch], ["text"], multiple=4)[0].inputs["text"]["input_ids"].shape == (2, 8)
+    assert trim_padding([batch], ["text"], multiple=1)[0].inputs["text"]["input_ids"].shape == (2, 5)
+
+
+def test_batches_cut_together_share_one_length() -> None:
+    """Micro-batches of one gradient-cache step: cut to the longest row of any of them."""
+    short, long, empty = _batch([3, 2]), _batch([17, 4]), _batch([0, 0])
+    cut = trim_padding([short, long, empty], ["text"])
+    assert [b.inputs["text"]["input_ids"].shape[1] for b in cut] == [24, 24, 24]
+    for before, after in zip((short, long, empty), cut, strict=True):
+        assert torch.equal(after.inputs["text"]["input_ids"], before.inputs["text"]["input_ids"][:, :24])
 
 
 def _tower(tmp_path: Path, arch: str, pool: str) -> tuple[torch.nn.Module, TextConfig]:
@@ -75,7 +86,7 @@ def test_the_text_towers_give_the_same_features_on_the_cut_batch(tmp_path: Path,
     encoded = [tok.encode(t) for t in texts]
     full = {k: torch.stack([e[k] for e in encoded]) for k in encoded[0]}
     batch = Batch(inputs={"text": full}, present={"text": torch.ones(3, dtype=torch.bool)}, keys=["a", "b", "c"])
-    cut = trim_padding(batch, ["text"]).inputs["text"]
+    cut = trim_padding([batch], ["text"])[0].inputs["text"]
     assert cut["input_ids"].shape[1] == 16 < full["input_ids"].shape[1]
     with torch.no_grad():
         a, b = tower(full), tower(cut)
@@ -90,14 +101,10 @@ def _objective(*masked: str) -> SimpleNamespace:
 
 def test_where_the_trainer_cuts() -> None:
     mods = ("image", "text")
-    assert trimmed_modalities(mods, [_objective()], enabled=True, grad_accum=1, cached=True) == mods
-    assert trimmed_modalities(mods, [_objective()], enabled=True, grad_accum=4, cached=False) == mods
+    assert trimmed_modalities(mods, [_objective()], enabled=True) == mods
     # a masked-text objective draws its mask over the padded length: its modality keeps it
-    assert trimmed_modalities(mods, [_objective(), _objective("text")], enabled=True, grad_accum=1,
-                              cached=True) == ("image",)
-    # the gradient cache concatenates its micro-batches' outputs: one length for all
-    assert trimmed_modalities(mods, [_objective()], enabled=True, grad_accum=2, cached=True) == ()
-    assert trimmed_modalities(mods, [_objective()], enabled=False, grad_accum=1, cached=True) == ()
+    assert trimmed_modalities(mods, [_objective(), _objective("text")], enabled=True) == ("image",)
+    assert trimmed_modalities(mods, [_objective()], enabled=False) == ()
 
 
 def test_the_feed_returns_the_cut_host_batch_and_moves_it() -> None:
@@ -108,3 +115,16 @@ def test_the_feed_returns_the_cut_host_batch_and_moves_it() -> None:
     assert moved.host is host
     next(feed)
     assert feed.positions == {"text": [2 * 16 + 2 * 32, 4 * 32]}  # what the towers ran against what was loaded
+    with pytest.raises(StopIteration):
+        next(feed)
+
+
+def test_the_feed_cuts_each_group_to_one_length() -> None:
+    """``group=2`` (a gradient-cache step of 2 micro-batches): batches 0-1 to their common length, then 2-3, and a
+    last short group at the end of the source; every batch once, in order."""
+    lengths = [[3, 2], [12, 4], [5, 5], [2, 1], [20, 1]]
+    batches = [replace(_batch(rows), index=i) for i, rows in enumerate(lengths)]
+    feed = DeviceFeed(iter(batches), torch.device("cpu"), None, trim=["text"], group=2)
+    out = list(feed)
+    assert [moved.inputs["text"]["input_ids"].shape[1] for _, moved in out] == [16, 16, 8, 8, 24]
+    assert [host.index for host, _ in out] == [moved.index for _, moved in out] == [0, 1, 2, 3, 4]

@@ -42,7 +42,7 @@ def with_patch_dropout(recipe: Path, rate: float) -> Path:
 def tower_seconds(side: MmsslSide, batch: Any, modality: str, repeat: int) -> float:
     """Median seconds of one tower's forward + backward on ``batch`` as the trainer feeds it (training mode)."""
     tower = side.model.model.towers[modality]
-    _, moved = side.trainer.feed.take(batch)
+    [(_, moved)] = side.trainer.feed.take([batch])
     x = moved.inputs[modality]
 
     def once() -> None:

@@ -248,7 +248,7 @@ class MmsslSide:
         from mmssl.pretrain.step import optimizer_step
 
         trainer = self.trainer
-        _, moved = trainer.feed.take(batch)  # the feed's trim (data.trim_padding), copy and cast
+        [(_, moved)] = trainer.feed.take([batch])  # the feed's cut (data.trim_padding), copy and cast
         result = optimizer_step(trainer.engine, lambda: moved, grad_accum=1, cached=True, guard=trainer.guard,
                                 timer=trainer.timer)
         return result.loss
