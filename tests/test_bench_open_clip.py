@@ -129,3 +129,25 @@ def test_best_against_best_takes_each_sides_fastest_row() -> None:
     assert [(b["precision"], b["mmssl"], b["open_clip"]) for b in best] == [
         ("fp32", "mmssl", "open_clip + torch.compile"), ("bf16", "mmssl + train.compile", "open_clip")]
     assert [round(b["ratio"], 4) for b in best] == [round(120 / 110, 4), round(200 / 150, 4)]
+
+
+def test_the_bare_torch_step_makes_the_engines_update(workdir: Path) -> None:
+    """``--bare``: from the same weights, one plain-torch step of mmssl's task (fp32) makes the same update as the
+    DeepSpeed ZeRO-0 engine's step, so the row times the same work without the engine."""
+    from mmssl.tools.bench.bare import BareTorchSide
+
+    args = bench.parse_args([*TINY, "--workdir", str(workdir), "--bare"])
+    recipe = bench.prepare(workdir, bench._size(args), args.batch, "fp32", args.limit)
+    batch = bench.decoded_batches(recipe, 1)[0]
+    mmssl_side = bench.MmsslSide(recipe, workdir / "bare-run")
+    bare = BareTorchSide(mmssl_side)
+    task = mmssl_side.model
+    start = {k: v.clone() for k, v in task.state_dict().items()}
+    bare.step(batch)
+    after_bare = {k: v.clone() for k, v in task.state_dict().items()}
+    task.load_state_dict(start)
+    mmssl_side.step(batch)
+    changed = [k for k in start if not torch.equal(start[k], after_bare[k])]
+    assert len(changed) > 10
+    for k in changed:
+        torch.testing.assert_close(task.state_dict()[k], after_bare[k], rtol=1e-4, atol=1e-6)

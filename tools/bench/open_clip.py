@@ -375,6 +375,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--best", action="store_true",
                    help="add best-against-best rows: open_clip with torch.compile, mmssl with train.compile=true")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--bare", action="store_true",
+                   help="add a row (fp32): mmssl's task stepped by plain torch, no DeepSpeed engine (tools.bench.bare)")
     p.add_argument("--no-real-loader", action="store_true", help="skip the Trainer.fit row on the shards")
     p.add_argument("--workdir", default=None, help="where shards and runs go (default: a temporary directory)")
     for name, default in asdict(ClipSize()).items():
@@ -423,14 +425,18 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         pool = pool or decoded_batches(recipe, min(16, args.steps * args.trials))
         sides = [OpenClipSide(size, vocab, precision, args.batch, workdir, device),
                  MmsslSide(recipe, workdir / precision)]
+        if args.bare and precision == "fp32":
+            from mmssl.tools.bench.bare import BareTorchSide
+
+            sides.append(BareTorchSide(sides[1]))
         result["parameters"] = parameter_counts(sides[0].model, sides[1].model)
         flops = {s.name: step_flops(lambda s=s, first=pool[:1]: s.run(first)) / len(pool[0]) for s in sides}
         peak = result["matmul_peak_flops"][precision] = matmul_peak(device, DTYPES[precision])
         rates = alternate(sides, pool, args.steps, args.trials)
         median = {name: statistics.median(r[1:]) for name, r in rates.items()}
-        memory = {name: measure_memory(name, precision, args, workdir) for name in rates} if not args.no_memory \
-            else {}
-        for name in ("open_clip", "mmssl"):
+        memory = {name: measure_memory(name, precision, args, workdir) for name in ("open_clip", "mmssl")} \
+            if not args.no_memory else {}
+        for name in rates:
             mem = memory.get(name, {})
             rows.append({"precision": precision, "framework": name, "data": "pre-decoded, in memory",
                          "samples_per_s": median[name], "trials": rates[name][1:],
