@@ -131,15 +131,15 @@ def test_best_against_best_takes_each_sides_fastest_row() -> None:
     assert [round(b["ratio"], 4) for b in best] == [round(120 / 110, 4), round(200 / 150, 4)]
 
 
-def test_the_bare_torch_step_makes_the_engines_update(workdir: Path) -> None:
-    """``--bare``: from the same weights, one plain-torch step of mmssl's task (fp32) makes the same update as the
-    DeepSpeed ZeRO-0 engine's step, so the row times the same work without the engine."""
+def _bare_and_engine_steps(rank: int, world: int, workdir: str) -> dict[str, float]:
+    """One bare-torch step and one engine step from the same weights (in a spawned rank: the engine needs a process
+    group, which must not outlive the test in pytest's own process)."""
     from mmssl.tools.bench.bare import BareTorchSide
 
-    args = bench.parse_args([*TINY, "--workdir", str(workdir), "--bare"])
-    recipe = bench.prepare(workdir, bench._size(args), args.batch, "fp32", args.limit)
+    args = bench.parse_args([*TINY, "--workdir", workdir, "--bare"])
+    recipe = bench.prepare(Path(workdir), bench._size(args), args.batch, "fp32", args.limit)
     batch = bench.decoded_batches(recipe, 1)[0]
-    mmssl_side = bench.MmsslSide(recipe, workdir / "bare-run")
+    mmssl_side = bench.MmsslSide(recipe, Path(workdir) / "bare-run")
     bare = BareTorchSide(mmssl_side)
     task = mmssl_side.model
     start = {k: v.clone() for k, v in task.state_dict().items()}
@@ -147,7 +147,19 @@ def test_the_bare_torch_step_makes_the_engines_update(workdir: Path) -> None:
     after_bare = {k: v.clone() for k, v in task.state_dict().items()}
     task.load_state_dict(start)
     mmssl_side.step(batch)
+    after_engine = task.state_dict()
     changed = [k for k in start if not torch.equal(start[k], after_bare[k])]
-    assert len(changed) > 10
-    for k in changed:
-        torch.testing.assert_close(task.state_dict()[k], after_bare[k], rtol=1e-4, atol=1e-6)
+    moved = max(float((after_bare[k] - start[k]).abs().max()) for k in changed)
+    apart = max(float((after_engine[k] - after_bare[k]).abs().max()) for k in changed)
+    return {"changed": len(changed), "moved": moved, "apart": apart}
+
+
+def test_the_bare_torch_step_makes_the_engines_update(workdir: Path) -> None:
+    """``--bare``: from the same weights, one plain-torch step of mmssl's task (fp32) makes the same update as the
+    DeepSpeed ZeRO-0 engine's step, so the row times the same work without the engine."""
+    from tests.helpers.spawn import spawn_ranks
+
+    [found] = spawn_ranks(_bare_and_engine_steps, str(workdir), world=1)
+    print(found)
+    assert found["changed"] > 10
+    assert found["apart"] < 1e-3 * found["moved"]  # the largest weight change vs the largest disagreement
