@@ -78,6 +78,11 @@ def test_set_overrides_mmssls_recipe(workdir: Path) -> None:
                                            overrides=args.set)))
     assert (recipe.data.trim_padding, recipe.train.attention_kernel, recipe.train.precision) == (False, "torch", "bf16")
     assert "--set" in bench._size_argv(args)  # the memory child builds the same recipe
+    from mmssl.pretrain.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"data\.trim_paddnig"):  # a misspelt key is named, not ignored
+        bench.prepare(workdir, bench._size(args), args.batch, "fp32", args.limit,
+                      overrides=["data.trim_paddnig=false"])
 
 
 def test_mmssl_bench_prints_the_side_by_side_table(workdir: Path) -> None:
@@ -113,6 +118,8 @@ def test_bad_options_name_the_option() -> None:
         bench.parse_args(["--width", "30", "--heads", "4"])
     with pytest.raises(bench.ToolError, match="--trials"):
         bench.parse_args(["--trials", "1"])
+    with pytest.raises(bench.ToolError, match="--bare times an fp32 step; --precisions bf16 has no fp32"):
+        bench.parse_args(["--bare", "--precisions", "bf16"])
 
 
 def test_best_against_best_takes_each_sides_fastest_row() -> None:

@@ -104,6 +104,9 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             "cached": Job("clip-tiny", [*base, "train.grad_accum=2"], str(root / "cached")),
             "cached-untrimmed": Job("clip-tiny", [*base, "train.grad_accum=2", "data.trim_padding=false"],
                                     str(root / "cached-untrimmed")),
+            "bf16": Job("clip-tiny", [*base, "train.precision=bf16"], str(root / "bf16")),
+            "bf16-untrimmed": Job("clip-tiny", [*base, "train.precision=bf16", "data.trim_padding=false"],
+                                  str(root / "bf16-untrimmed")),
             "loop": Job("clip-tiny", [*base, "train.optimizer_impl=loop"], str(root / "loop")),
             "compiled": Job("clip-tiny", [*base, "train.compile=true"], str(root / "compiled")),
             "split": Job("clip-tiny", [*base, "train.compile=true", f"train.stop_at={STEPS // 2}"],
@@ -136,11 +139,13 @@ def test_a_compiled_run_resumes_bit_identically(runs: dict[str, Path]) -> None:
 
 @pytest.mark.distributed
 def test_cutting_the_text_padding_keeps_the_curve(runs: dict[str, Path]) -> None:
-    """2 ranks, clip-tiny with ``max_len`` 32, with and without the gradient cache over 2 micro-batches: with the
-    padding cut the text tower runs at most 80 % of the loaded positions, and the loss curve equals the full-length
-    run's step by step (the same math: the cut columns are padding in every row; only the rounding of shorter
-    softmax rows differs)."""
-    for cut, full in (("eager", "untrimmed"), ("cached", "cached-untrimmed")):
+    """2 ranks, clip-tiny with ``max_len`` 32, with and without the gradient cache over 2 micro-batches, and in
+    bf16: with the padding cut the text tower runs at most 80 % of the loaded positions, and the loss curve equals
+    the full-length run's step by step (the same math: the cut columns are padding in every row; only the rounding
+    of shorter rows differs)."""
+    # bf16: the same math in bf16 matmuls whose blocking follows the shorter shapes (measured 6.0e-04 over 8 steps)
+    for cut, full, bound in (("eager", "untrimmed", 1e-4), ("cached", "cached-untrimmed", 1e-4),
+                             ("bf16", "bf16-untrimmed", 5e-3)):
         summaries = {name: json.loads((runs[name] / "summary.json").read_text()) for name in (cut, full)}
         computed = summaries[cut]["token_positions_computed"]["text"]
         print(f"{cut}: text positions computed with the cut: {computed:.1%} of those loaded")
@@ -149,4 +154,4 @@ def test_cutting_the_text_padding_keeps_the_curve(runs: dict[str, Path]) -> None
         losses, reference = _losses(runs[cut]), _losses(runs[full])
         worst = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
         print(f"{cut}: max |loss(cut) - loss(full length)| over {STEPS} steps {worst:.2e}")
-        assert len(losses) == STEPS and worst < 1e-4, (cut, losses, reference)
+        assert len(losses) == STEPS and worst < bound, (cut, losses, reference)

@@ -390,6 +390,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             raise ToolError(f"--{key} must be >= 1, got {getattr(args, key)}")
     if args.trials < 2:
         raise ToolError(f"--trials must be >= 2 (the first is warm-up), got {args.trials}")
+    if args.bare and "fp32" not in args.precisions:
+        raise ToolError(f"--bare times an fp32 step; --precisions {' '.join(args.precisions)} has no fp32")
     if args.width % args.heads:
         raise ToolError(f"--width {args.width} is not a multiple of --heads {args.heads}")
     if args.image_size % args.patch_size:
