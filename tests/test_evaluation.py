@@ -152,3 +152,34 @@ def test_unified_model_fused_feature_is_the_query_fusion_state(asterisk_data: Pa
     results = evaluate(model_dir, shards=str(asterisk_data / "train"), test_shards=str(asterisk_data / "test"),
                        label="family", out_dir=tmp_path / "eval", match_field="text", floor=False, robustness=False)
     assert results["family"] == "unified" and "fused" in results["pretrained"]["probe"]
+
+
+def test_feature_extraction_cuts_text_padding_and_equals_the_full_length_pass(asterisk_data: Path,
+                                                                               tmp_path: Path) -> None:
+    """Both extractors run each batch's text cut to its longest transcript (`trim_padding`, as the trainer's feed):
+    the text tower sees fewer positions than ``max_len`` and the features equal the uncut pass (1e-5)."""
+    from mmssl.architectures.encoder import save_encoder
+    from mmssl.data_pipelines.shards import resolve_shards
+    from mmssl.data_pipelines.stream import read_once
+    from mmssl.tools.evaluation.features import extract
+
+    text = TextConfig(arch="clip", tokenizer=str(asterisk_data / "spm.model"), width=32, depth=2, heads=2, max_len=64)
+    cfg = ModelConfig(embed_dim=16, towers={"text": text})
+    loaded = load_model(save_model(tmp_path / "model", cfg, build_model(cfg, seed=5)))
+    tower = loaded.model.towers["text"]
+    seen: list[int] = []
+    hook = tower.register_forward_pre_hook(lambda _, args: seen.append(args[0]["input_ids"].shape[1]))
+    feats = extract_model_features(loaded, str(asterisk_data / "test"), batch_size=8, cache=False)
+    hook.remove()
+    batches = list(read_once(resolve_shards(str(asterisk_data / "test")), fields=loaded.fields(["text"]),
+                             decoders=loaded.decoders(["text"]), batch_size=8))
+    longest = [int(b.inputs["text"]["attention_mask"].sum(1).max()) for b in batches]  # right padding
+    assert seen == [min(64, 8 * -(-n // 8)) for n in longest] and min(seen) < 64
+    with torch.no_grad():
+        full = torch.cat([loaded.model(b.inputs, b.present).embeddings["text"] for b in batches])
+    assert full.shape == feats.embeddings["text"].shape
+    torch.testing.assert_close(feats.embeddings["text"], full, rtol=1e-5, atol=1e-5)
+
+    encoder_dir = save_encoder(tmp_path / "encoder", "text", text, tower, loaded.model.heads["text"], 16)
+    one = extract(encoder_dir, str(asterisk_data / "test"), batch_size=8, cache=False)
+    torch.testing.assert_close(one.embeddings, full, rtol=1e-5, atol=1e-5)

@@ -66,6 +66,29 @@ def test_encode_texts_equals_the_encoder_on_the_collated_decoded_batch(text_enco
     assert encode_texts(text_encoder, [], batch_size=4).shape == (0, 16)
 
 
+@pytest.mark.parametrize("arch", ["clip", "bert"])
+def test_encode_texts_cuts_padding_and_equals_the_full_length_pass(arch: str, spm: Path, tmp_path: Path) -> None:
+    """Prompts run cut to the batch's longest one (`trim_padding`): a 64-token context holding short prompts runs 8
+    or 16 positions, and the embeddings equal the full-length pass (causal EOT and bidirectional mean towers)."""
+    cfg = TextConfig(arch=arch, tokenizer=str(spm), width=32, depth=2, heads=2, max_len=64,
+                     pool="eot" if arch == "clip" else "mean")
+    torch.manual_seed(0)
+    tower = get_modality("text").build_tower(cfg)
+    encoder = Encoder.from_dir(save_encoder(tmp_path / "text", "text", cfg, tower, ProjectionHead(32, 16), 16))
+    texts = ["goodbye", "press one for sales", "please enter your password now", "support"]
+    seen: list[int] = []
+    encoder.tower.register_forward_pre_hook(lambda _, args: seen.append(args[0]["input_ids"].shape[1]))
+    got = encode_texts(encoder, texts, batch_size=2)
+    decode = encoder.decoder()
+    batches = [collate([{"__key__": str(i), "text": decode(t.encode(), np.random.default_rng(0))}
+                        for i, t in enumerate(texts[j : j + 2])], ["text"]) for j in (0, 2)]
+    longest = [int(b.inputs["text"]["attention_mask"].sum(1).max()) for b in batches]
+    assert seen == [8 * -(-n // 8) for n in longest] and max(seen) < 64
+    with torch.no_grad():
+        full = torch.cat([encoder(b.inputs["text"])[1] for b in batches])
+    torch.testing.assert_close(got, full, rtol=0, atol=1e-5)
+
+
 def test_class_embeddings_follow_the_prompt_ensemble_formula(text_encoder: Encoder) -> None:
     templates = ["{}", "a recording of {}.", "please press {} now"]
     got = class_embeddings(text_encoder, CLASSES, templates, batch_size=5)

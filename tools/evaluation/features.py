@@ -40,7 +40,7 @@ from torch import Tensor
 
 from mmssl.architectures.encoder import Encoder
 from mmssl.architectures.modalities import get_modality
-from mmssl.data_pipelines.batch import Batch
+from mmssl.data_pipelines.batch import Batch, trim_padding
 from mmssl.data_pipelines.shards import resolve_shards, shard_sizes
 from mmssl.objectives.base import fused_summary, fusion_view
 from mmssl.tools.evaluation.parallel import OrderedBatches
@@ -49,7 +49,9 @@ from mmssl.tools.export.model import CONFIG, ITM_HEAD, WEIGHTS, LoadedModel
 
 CACHE_DIR = "feature_cache"
 FUSED = "fused"
-FEATURES_FORMAT = 2  # part of the cache key: bump when what a feature holds changes (2: fused summary, fusion view)
+# part of the cache key: bump when what a feature holds or how it is computed changes (2: fused summary, fusion view;
+# 3: text run cut to its longest row)
+FEATURES_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -204,8 +206,8 @@ def extract(encoder_dir: str | Path, shards: str | list[str], *, where: str = "-
     src = Path(encoder_dir)
     urls = resolve_shards(shards, where=where)
     rt = _runtime(runtime, torch.device("cpu"), batch_size)
-    key = cache_key(src, ("model.safetensors", "head.safetensors", "config.json"), urls, random_init, seed,
-                    rt.cache_tag())
+    key = cache_key(src, ("model.safetensors", "head.safetensors", "config.json"), urls, FEATURES_FORMAT, random_init,
+                    seed, rt.cache_tag())
 
     def compute() -> Read:
         encoder = Encoder.from_dir(src, random_init=random_init, seed=seed).to(rt.device)
@@ -213,7 +215,8 @@ def extract(encoder_dir: str | Path, shards: str | list[str], *, where: str = "-
 
         def encode(batch: Batch) -> dict[str, Tensor]:
             n = len(batch)
-            dev = batch.to(rt.device)
+            [dev] = trim_padding([batch], [m])  # text cut to its longest row, as the trainer's feed does
+            dev = dev.to(rt.device)
             if m in dev.inputs:
                 with rt.autocast():
                     pooled, emb = encoder(dev.inputs[m])
@@ -255,7 +258,9 @@ def extract_model_features(loaded: LoadedModel, shards: str | list[str], *, wher
 
     def encode(batch: Batch) -> dict[str, Tensor]:
         n = len(batch)
-        dev = batch.to(rt.device)
+        # text cut to its longest row as the trainer's feed does; not with keep_tokens (token states of every
+        # batch are concatenated at the loaded length)
+        dev = (batch if keep_tokens else trim_padding([batch], names)[0]).to(rt.device)
         present = {m: dev.present[m].clone() for m in names}
         if corruption is not None and corruption.kind == "removed":
             present[corruption.modality][:] = False

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from mmssl.architectures.modalities import get_modality
 from mmssl.architectures.modalities.base import DecoderFn
-from mmssl.data_pipelines.batch import collate
+from mmssl.data_pipelines.batch import collate, trim_padding
 from mmssl.tools.errors import ToolError
 from mmssl.tools.evaluation.prompts import check_classnames, check_templates, load_prompt_file, render
 
@@ -70,8 +70,10 @@ def load_prompts(path: str | Path) -> Prompts:
 @torch.no_grad()
 def encode_texts(encoder: TextEncoder, texts: Sequence[str], batch_size: int = 64) -> Tensor:
     """Projected embeddings ``[N, E]`` of ``texts`` through the encoder's own evaluation preprocessing (the
-    tokenizer run on the UTF-8 bytes, exactly as for shard members), batched with `collate`, without gradients and
-    (for an ``nn.Module``) in eval mode, its previous mode restored afterwards."""
+    tokenizer run on the UTF-8 bytes, exactly as for shard members), batched with `collate`, each batch's padding cut
+    to its longest text as the trainer cuts it (`trim_padding`: exact; a 77-token context holding 10-token prompts
+    runs 16 positions), without gradients and (for an ``nn.Module``) in eval mode, its previous mode restored
+    afterwards."""
     if batch_size < 1:
         raise ToolError(f"batch_size must be positive, got {batch_size}")
     if "txt" not in get_modality(encoder.modality).extensions:
@@ -89,7 +91,7 @@ def encode_texts(encoder: TextEncoder, texts: Sequence[str], batch_size: int = 6
             chunk = texts[start : start + batch_size]
             samples = [{"__key__": str(start + i), encoder.modality: decode(t.encode("utf-8"), rng)}
                        for i, t in enumerate(chunk)]
-            batch = collate(samples, [encoder.modality])
+            [batch] = trim_padding([collate(samples, [encoder.modality])], [encoder.modality])
             if module is not None:  # an encoder on a GPU takes its inputs there
                 batch = batch.to(next((p.device for p in module.parameters()), torch.device("cpu")))
             out.append(encoder(batch.inputs[encoder.modality])[1].float().cpu())
