@@ -1,7 +1,7 @@
 """The DeepSpeed engine's cost per step: mmssl's own task stepped by plain torch, for ``mmssl bench --compare
 open_clip --bare`` (fp32).
 
-`BareTorchSide` shares the `PretrainTask` (model and objectives) of an `tools.bench.open_clip.MmsslSide` and runs
+`BareTorchSide` shares the `PretrainTask` (model and objectives) of an `tools.bench.clip_sides.MmsslSide` and runs
 what its step computes without the engine: the trainer's feed (the same padding cut and copy), ``task(batch)``,
 ``loss.backward()``, ``clip_grad_norm_`` at ``train.grad_clip`` and a fused torch AdamW over the engine's own
 parameter groups (the same weight-decay split, the learning rate the engine's schedule is at). No non-finite

@@ -3,7 +3,7 @@ Pre-training via Masking") at 0 / 50 / 75 % on the CLIP model of ``mmssl bench -
 
 One process, one rank: for each rate the same recipe with ``model.image.patch_dropout`` set builds mmssl's trainer
 (model, objectives, DeepSpeed engine at ZeRO-0), and each step is the trainer's step on the same pre-decoded
-Fashion-MNIST batches (`tools.bench.open_clip.MmsslSide`). Trials alternate between the rates; the first is
+Fashion-MNIST batches (`tools.bench.clip_sides.MmsslSide`). Trials alternate between the rates; the first is
 warm-up; samples/s is the median of the others. Two speed-ups are reported against rate 0: the whole step
 (image + text towers, loss, optimizer), and the image tower alone (its forward + backward on the same batch, timed in
 isolation), the part FLIP shortens. The table also gives each rate's ceiling (Amdahl's law: the step speed-up if
@@ -26,8 +26,9 @@ from typing import Any
 import torch
 import yaml
 
+from mmssl.tools.bench.clip_sides import ClipSize, MmsslSide, decoded_batches, prepare
 from mmssl.tools.bench.device import bench_device, timed
-from mmssl.tools.bench.open_clip import ClipSize, MmsslSide, decoded_batches, prepare, run_and_report
+from mmssl.tools.bench.open_clip import run_and_report
 from mmssl.tools.errors import ToolError
 
 

@@ -49,8 +49,9 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from mmssl.tools.bench.clip_sides import BatchLoader, ClipSize, DataInfo, open_clip_config
 from mmssl.tools.bench.device import bench_device
-from mmssl.tools.bench.open_clip import BatchLoader, ClipSize, DataInfo, open_clip_config, run_and_report
+from mmssl.tools.bench.open_clip import run_and_report
 from mmssl.tools.errors import ToolError
 
 PROMPT = "a photo of a {}."
