@@ -37,6 +37,7 @@ from mmssl.architectures.checkpoints import (
 )
 from mmssl.architectures.checkpoints import load_state as load_state  # re-exported for the towers that use it
 from mmssl.architectures.errors import ArchitectureError
+from mmssl.architectures.layout import to_channels_last
 
 
 class TowerOutput(NamedTuple):
@@ -121,7 +122,12 @@ def prefixed_matcher(prefix: str, matcher: dict[str, Any]) -> dict[str, Any]:
 
 
 class TimmTower(Tower):
-    """Any timm model (ViT for images and spectrogram patches, CNNs, ...) with its classifier removed."""
+    """Any timm model (ViT for images and spectrogram patches, CNNs, ...) with its classifier removed.
+
+    ``channels_last`` (set by `architectures.layout.use_channels_last`): the plain forward hands 4-D inputs to the
+    model in channels-last layout."""
+
+    channels_last = False
 
     def __init__(self, arch: str, model_args: dict[str, Any], *, pretrained: str | None = None,
                  input_size: tuple[int, ...] | None = None, strict: bool = True, where: str = "model",
@@ -159,7 +165,7 @@ class TimmTower(Tower):
         self.num_features = int(self.model.num_features)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        return self.model.forward_features(x)
+        return self.model.forward_features(to_channels_last(x) if self.channels_last else x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = True, **kwargs: Any) -> Tensor:
         return self.model.forward_head(x, pre_logits=True)

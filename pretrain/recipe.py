@@ -79,6 +79,9 @@ class TrainConfig:
     # scaled-dot-product attention's kernel: auto (math on the CPU in bf16, torch's choice elsewhere), torch, math,
     # flash or efficient (`pretrain.precision.attention_backends`)
     attention_kernel: str = "auto"
+    # 4-D inputs of timm towers in channels-last layout (`architectures.layout`): None (auto) for convolutional
+    # towers (CNNs, hybrid ViTs), true for every timm tower, false for none
+    channels_last: bool | None = None
     accumulation: str = "cached"  # "cached": negatives span the whole accumulated batch (gradient cache); "naive"
     zero_stage: int = 2
     precision: str = "fp32"

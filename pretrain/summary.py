@@ -130,6 +130,7 @@ def write_summary(trainer: Trainer, clock: StepClock, recent_losses: list[float]
         "nonfinite_steps": state.nonfinite_steps,
         # data.trim_padding: the fraction of the loaded token positions (max_len per row) the towers ran
         "token_positions_computed": positions_computed([r["positions"] for r in per_rank]),
+        "channels_last_towers": trainer.channels_last,  # train.channels_last: the towers fed NHWC inputs
         **trainer.sizes,
         "frozen_parameters": trainer.frozen["parameters"] if trainer.frozen else 0,
         "memory_bytes_per_rank": {k: [r[k] for r in per_rank] for k in

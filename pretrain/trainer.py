@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from mmssl.architectures.config import build_model, model_summary
+from mmssl.architectures.layout import use_channels_last
 from mmssl.data_pipelines.batch import Batch
 from mmssl.objectives.registry import build_objectives
 from mmssl.pretrain import checkpoint
@@ -88,6 +89,7 @@ class Trainer:
         seed_everything(cfg.seed)
         self.dtype = compute_dtype(cfg.precision)
         self.model = build_model(recipe.model, seed=cfg.seed, frozen_dtype=self.dtype)
+        self.channels_last = use_channels_last(self.model, cfg.channels_last)
         if cfg.compile:  # in place (nn.Module.compile): parameter names and checkpoints are unchanged
             for tower in getattr(self.model, "towers", {}).values():
                 tower.compile()

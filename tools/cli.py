@@ -16,6 +16,7 @@
     mmssl bench --compare open_clip --quality             ... and how well each learns (= mmssl bench parity)
     mmssl bench matrix | scaling | flip                   family x objective x ZeRO; batch / ranks; FLIP speed-up
     mmssl bench architectures | objectives | loader | retrieval   per-family / per-objective cost, loader, retrieval
+    mmssl bench layout                                    channels-last inputs of CNN towers against NCHW
     mmssl bench gpu                                       the GPU check: every family in bf16, ViT-B/16 vs open_clip
     mmssl pretrain RECIPE [key=value ...] --nproc 2       pretrain on N local ranks (or as one rank of a launcher)
     mmssl export RUN_DIR --out DIR                        one directory per encoder
@@ -360,7 +361,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 BENCHMARKS = {  # mmssl bench NAME -> the module whose main(argv) runs it
     "matrix": "matrix", "scaling": "matrix", "flip": "flip", "gpu": "gpu", "architectures": "architectures",
-    "objectives": "objectives", "loader": "loader", "retrieval": "retrieval", "parity": "parity",
+    "objectives": "objectives", "loader": "loader", "retrieval": "retrieval", "parity": "parity", "layout": "layout",
 }
 
 
@@ -460,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", add_help=False,
                        help="benchmarks: --compare open_clip | matrix | scaling | flip | gpu | architectures | "
-                            "objectives | loader | retrieval")
+                            "objectives | loader | retrieval | layout")
     s.set_defaults(fn=cmd_bench, bench_args=[])  # its own options: tools.bench parses them
 
     s = sub.add_parser("pretrain", help="pretrain from a recipe")

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mmssl.architectures.encoder import Encoder
+from mmssl.architectures.layout import use_channels_last
 from mmssl.architectures.modalities import get_modality
 from mmssl.data_pipelines.batch import Batch, trim_padding
 from mmssl.data_pipelines.shards import resolve_shards, shard_sizes
@@ -50,7 +51,7 @@ from mmssl.tools.export.model import CONFIG, ITM_HEAD, WEIGHTS, LoadedModel
 CACHE_DIR = "feature_cache"
 FUSED = "fused"
 # part of the cache key: bump when what a feature holds or how it is computed changes (2: fused summary, fusion view;
-# 3: text run cut to its longest row)
+# 3: text run cut to its longest row, convolutional towers on channels-last inputs)
 FEATURES_FORMAT = 3
 
 
@@ -211,6 +212,7 @@ def extract(encoder_dir: str | Path, shards: str | list[str], *, where: str = "-
 
     def compute() -> Read:
         encoder = Encoder.from_dir(src, random_init=random_init, seed=seed).to(rt.device)
+        use_channels_last(encoder, None)  # convolutional towers read NHWC inputs, as in training (auto)
         m = encoder.modality
 
         def encode(batch: Batch) -> dict[str, Tensor]:
@@ -286,6 +288,7 @@ def extract_model_features(loaded: LoadedModel, shards: str | list[str], *, wher
 
     def compute() -> Read:
         loaded.model.to(rt.device)
+        use_channels_last(loaded.model, None)  # convolutional towers read NHWC inputs, as in training (auto)
         return read_features(urls, fields=loaded.fields(names), decoders=decoders, batch_size=rt.batch_size,
                              where=where, encode=encode, runtime=rt,
                              desc=f"features {where}" + (f" {corruption.tag()}" if corruption else ""))
