@@ -1,14 +1,14 @@
 """What every benchmark measures the same way, on whatever device is there: the device, clocks read after the
 device finished (CUDA runs asynchronously: a host clock alone times the launches), the device's measured matmul
 peak (the denominator of MFU), FLOPs of a step (counted by ``torch.utils.flop_counter``), and peak memory (host
-RSS and, on CUDA, ``torch.cuda.max_memory_allocated``)."""
+RSS and, on CUDA, ``torch.cuda.max_memory_allocated``); and the checks of the counts every benchmark takes."""
 
 from __future__ import annotations
 
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -77,3 +77,15 @@ def peak_memory(device: torch.device) -> dict[str, float | None]:
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def check_counts(args: Any, positive: Sequence[str], trials: str | None = "trials") -> None:
+    """One-line errors for a benchmark's count options: each of ``positive`` at least 1, ``trials`` (when named)
+    at least 2 (the first trial is warm-up)."""
+    from mmssl.tools.errors import ToolError
+
+    if trials is not None and getattr(args, trials) < 2:
+        raise ToolError(f"--{trials} must be >= 2 (the first is warm-up), got {getattr(args, trials)}")
+    for key in positive:
+        if getattr(args, key) < 1:
+            raise ToolError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")

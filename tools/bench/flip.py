@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from mmssl.tools.bench.clip_sides import ClipSize, MmsslSide, decoded_batches, prepare
-from mmssl.tools.bench.device import bench_device, timed
+from mmssl.tools.bench.device import bench_device, check_counts, timed
 from mmssl.tools.bench.open_clip import run_and_report
 from mmssl.tools.errors import ToolError
 
@@ -123,13 +123,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if any(not 0 <= r < 1 for r in args.rates):
         raise ToolError(f"--rates must be in [0, 1), got {args.rates}")
-    if args.trials < 2:
-        raise ToolError(f"--trials must be >= 2 (the first is warm-up), got {args.trials}")
+    check_counts(args, ("steps", "batch", "threads", "limit", "image_size", "patch_size"))
     if args.image_size % args.patch_size:
         raise ToolError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
-    for key in ("steps", "batch", "threads", "limit", "image_size", "patch_size"):
-        if getattr(args, key) < 1:
-            raise ToolError(f"--{key} must be >= 1, got {getattr(args, key)}")
     return args
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import yaml
 
-from mmssl.tools.bench.device import bench_device, timed
+from mmssl.tools.bench.device import bench_device, check_counts, timed
 from mmssl.tools.errors import ToolError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -164,14 +164,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default=None)
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
-    if args.trials < 2:
-        raise ToolError(f"--trials must be >= 2 (the first is warm-up), got {args.trials}")
+    check_counts(args, ("repeat", "steps", "threads"))
     known = sorted({c.arch for c in CASES})
     if args.only and set(args.only) - set(known):
         raise ToolError(f"--only {sorted(set(args.only) - set(known))}: not among the towers {known}")
-    for key in ("repeat", "steps", "threads"):
-        if getattr(args, key) < 1:
-            raise ToolError(f"--{key} must be >= 1, got {getattr(args, key)}")
     return args
 
 

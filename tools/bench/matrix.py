@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import yaml
 
-from mmssl.tools.bench.device import bench_device
+from mmssl.tools.bench.device import bench_device, check_counts
 from mmssl.tools.bench.loader import train_run
 from mmssl.tools.bench.open_clip import run_and_report
 from mmssl.tools.errors import ToolError
@@ -248,9 +248,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default=None)
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
-    for key in ("steps", "nproc", "batch", "width", "depth", "limit", "peak_size"):
-        if getattr(args, key) < 1:
-            raise ToolError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    check_counts(args, ("steps", "nproc", "batch", "width", "depth", "limit", "peak_size"), trials=None)
     if args.steps < 2:
         raise ToolError(f"--steps must be >= 2 (the first step is excluded), got {args.steps}")
     if args.width % 32:

@@ -57,7 +57,7 @@ from mmssl.tools.bench.clip_sides import (
     prepare,
     vocab_size,
 )
-from mmssl.tools.bench.device import bench_device, matmul_peak, peak_memory, reset_peak_memory, step_flops
+from mmssl.tools.bench.device import bench_device, check_counts, matmul_peak, peak_memory, reset_peak_memory, step_flops
 from mmssl.tools.errors import ToolError
 
 SETTINGS = {  # what each side runs with, printed under the table
@@ -180,11 +180,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-child", choices=["open_clip", "mmssl"], help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for key in ("steps", "batch", "threads", "limit", "width", "depth", "heads"):
-        if getattr(args, key) < 1:
-            raise ToolError(f"--{key} must be >= 1, got {getattr(args, key)}")
-    if args.trials < 2:
-        raise ToolError(f"--trials must be >= 2 (the first is warm-up), got {args.trials}")
+    check_counts(args, ("steps", "batch", "threads", "limit", "width", "depth", "heads"))
     if args.bare and "fp32" not in args.precisions:
         raise ToolError(f"--bare times an fp32 step; --precisions {' '.join(args.precisions)} has no fp32")
     if args.width % args.heads:

@@ -50,7 +50,7 @@ import yaml
 from torch import Tensor, nn
 
 from mmssl.tools.bench.clip_sides import BatchLoader, ClipSize, DataInfo, open_clip_config
-from mmssl.tools.bench.device import bench_device
+from mmssl.tools.bench.device import bench_device, check_counts
 from mmssl.tools.bench.open_clip import run_and_report
 from mmssl.tools.errors import ToolError
 
@@ -347,9 +347,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default=None)
     p.add_argument("--workdir", default=None, help="where shards and runs go (default: a temporary directory)")
     args = p.parse_args(argv)
-    for key in ("steps", "batch", "train_images", "test_images", "loss_window", "threads"):
-        if getattr(args, key) < 1:
-            raise ToolError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    check_counts(args, ("steps", "batch", "train_images", "test_images", "loss_window", "threads"), trials=None)
     if args.width % args.heads:
         raise ToolError(f"--width {args.width} is not a multiple of --heads {args.heads}")
     if args.image_size % args.patch_size:
