@@ -2,7 +2,8 @@
 
 A 4-D input ``[B, C, H, W]`` (images, spectrograms) handed to a convolution with channels-last strides
 ``(H·W·C, 1, W·C, C)`` makes PyTorch run the convolution, and every layer after it that keeps the layout
-(batch norm, activations, pooling), in NHWC: oneDNN's fast path on the CPU, the tensor-core path of cuDNN on a GPU.
+(batch norm, activations, pooling), in NHWC: oneDNN's NHWC kernels on the CPU, cuDNN's on a GPU (not measured
+here: no GPU has been lent).
 Weights keep their layout (DeepSpeed flattens them into its own buffers anyway); the convolutions take the input's.
 The same values in another order of floating point operations: features differ from the NCHW pass by rounding.
 
