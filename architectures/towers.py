@@ -124,8 +124,8 @@ def prefixed_matcher(prefix: str, matcher: dict[str, Any]) -> dict[str, Any]:
 class TimmTower(Tower):
     """Any timm model (ViT for images and spectrogram patches, CNNs, ...) with its classifier removed.
 
-    ``channels_last`` (set by `architectures.layout.use_channels_last`): the plain forward hands 4-D inputs to the
-    model in channels-last layout."""
+    ``channels_last`` (set by `architectures.layout.use_channels_last`): both forwards hand 4-D inputs to the model
+    in channels-last layout."""
 
     channels_last = False
 
@@ -165,7 +165,10 @@ class TimmTower(Tower):
         self.num_features = int(self.model.num_features)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        return self.model.forward_features(to_channels_last(x) if self.channels_last else x)
+        return self.model.forward_features(self._layout(x))
+
+    def _layout(self, x: Tensor) -> Tensor:
+        return to_channels_last(x) if self.channels_last else x
 
     def forward_head(self, x: Tensor, pre_logits: bool = True, **kwargs: Any) -> Tensor:
         return self.model.forward_head(x, pre_logits=True)
@@ -203,7 +206,7 @@ class TimmTower(Tower):
         if self.patch_shape() is None:
             raise ArchitectureError(f"timm model {self.arch!r} cannot encode a masked view (ViT-family only)")
         vit = self.model
-        tokens = vit.patch_embed(x)
+        tokens = vit.patch_embed(self._layout(x))
         if tokens.ndim == 4:  # NHWC output format
             tokens = tokens.flatten(1, 2)
         if mask.shape != tokens.shape[:2]:

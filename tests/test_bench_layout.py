@@ -35,6 +35,7 @@ def test_layout_rows_follow_from_the_runs(asterisk_data: Path, tmp_path: Path) -
     (["--trials", "1"], "--trials must be >= 2"),
     (["--only", "resnet9000"], "--only ['resnet9000']: not among the towers"),
     (["--repeat", "0"], "--repeat must be >= 1"),
+    (["--recipe", "nosuch"], "recipe not found: 'nosuch'"),
 ])
 def test_bad_layout_options_name_the_option(args: list[str], message: str) -> None:
     done = mmssl_in_process("bench", "layout", *args)

@@ -66,3 +66,21 @@ def test_a_channels_last_tower_convolves_nhwc_and_matches_the_nchw_pass() -> Non
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-4, atol=1e-5)
     for name, grad in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_a_vit_switched_on_encodes_masked_views_in_channels_last_too() -> None:
+    """``true`` switches a ViT as well: its masked forward (MAE's drop mode) sees the NHWC input at the patch
+    embedding and gives the NCHW pass's tokens within fp32 rounding."""
+    torch.manual_seed(0)
+    vit = TimmTower("vit_tiny_patch16_224", {**VIT, "in_chans": 3})
+    x, mask = torch.randn(2, 3, 32, 32), torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, ::2] = True
+    seen: list[bool] = []
+    vit.model.patch_embed.proj.register_forward_hook(lambda _, args, out: seen.append(args[0].stride(1) == 1))
+    out = {}
+    for enable in (False, True):
+        use_channels_last(vit, enable)
+        with torch.no_grad():
+            out[enable] = vit(x, mask=mask, visible=8).features
+    assert seen == [False, True] and out[True].shape == (2, 9, 32)
+    torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-5)

@@ -1,12 +1,12 @@
-"""The DeepSpeed engine's cost per step: mmssl's own task stepped by plain torch, for ``mmssl bench --compare
-open_clip --bare`` (fp32).
+"""The DeepSpeed engine's cost per step: mmssl's own task stepped by plain torch, for ``mmssl bench --compare open_clip
+--bare`` (fp32).
 
 `BareTorchSide` shares the `PretrainTask` (model and objectives) of an `tools.bench.clip_sides.MmsslSide` and runs
 what its step computes without the engine: the trainer's feed (the same padding cut and copy), ``task(batch)``,
-``loss.backward()``, ``clip_grad_norm_`` at ``train.grad_clip`` and a fused torch AdamW over the engine's own
-parameter groups (the same weight-decay split, the learning rate the engine's schedule is at). No non-finite
-guard, no DeepSpeed hooks or gradient bookkeeping; so ``mmssl / bare`` is what DeepSpeed's ZeRO-0 engine (and
-mmssl's one-all-reduce guard) cost, the engine staying mmssl's training path.
+``loss.backward()``, ``clip_grad_norm_`` at ``train.grad_clip`` and torch AdamW with the engine's kernels
+(``train.optimizer_impl``) over the engine's own parameter groups (the same weight-decay split, the learning rate
+the engine's schedule is at). No non-finite guard, no DeepSpeed hooks or gradient bookkeeping; so ``mmssl / bare``
+is what DeepSpeed's ZeRO-0 engine (and mmssl's one-all-reduce guard) cost, the engine staying mmssl's training path.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mmssl.pretrain.engine import OPTIMIZER_IMPLS
 from mmssl.tools.bench.device import timed
 
 
@@ -29,7 +30,7 @@ class BareTorchSide:
         self.engine_groups = trainer.engine.optimizer.param_groups
         groups = [{"params": list(g["params"]), "weight_decay": g["weight_decay"]} for g in self.engine_groups]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                           fused=self.device.type in ("cpu", "cuda"))
+                                           **OPTIMIZER_IMPLS[cfg.optimizer_impl])  # the engine's kernels
 
     def step(self, batch: Any) -> torch.Tensor:
         [(_, moved)] = self.feed.take([batch])

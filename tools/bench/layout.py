@@ -165,6 +165,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     check_counts(args, ("repeat", "steps", "threads"))
+    if not args.no_step:  # a bad --recipe fails here, not after the towers' rows
+        from mmssl.pretrain.recipe import load_recipe
+
+        load_recipe(args.recipe)
     known = sorted({c.arch for c in CASES})
     if args.only and set(args.only) - set(known):
         raise ToolError(f"--only {sorted(set(args.only) - set(known))}: not among the towers {known}")
